@@ -1,0 +1,213 @@
+"""A real Open WebUI server on 127.0.0.1, started from a cached venv, and its bootstrap."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from .provision import openwebui_bin, provision
+
+STARTUP_TIMEOUT = 180.0
+PASSWORD = "Correct-Horse-Battery-9"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+@dataclass
+class Account:
+    name: str
+    email: str
+    role: str
+    id: str = ""
+    jwt: str = ""
+    api_key: str = ""
+
+
+@dataclass
+class OpenWebUI:
+    """One Open WebUI process. `start()` launches it; `stop()` always ends it."""
+
+    version: str
+    data_dir: Path
+    backend_url: str
+    port: int = field(default_factory=free_port)
+    extra_env: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def modern(self) -> bool:
+        """0.9+ reads the custom API key header and has per-user key permissions."""
+        return version_tuple(self.version) >= (0, 9, 0)
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WEBUI_", "API_KEY_GUARD_"))}
+        env.update(
+            DATA_DIR=str(self.data_dir),
+            WEBUI_SECRET_KEY=self.data_dir.name + "-secret-for-tests-only",
+            OFFLINE_MODE="true",
+            HF_HUB_OFFLINE="1",
+            ENABLE_OLLAMA_API="false",
+            OPENAI_API_BASE_URL=self.backend_url,
+            OPENAI_API_KEY="backend-key-not-secret",
+            RAG_EMBEDDING_ENGINE="openai",
+            RAG_OPENAI_API_BASE_URL=self.backend_url,
+            RAG_OPENAI_API_KEY="backend-key-not-secret",
+            RAG_EMBEDDING_MODEL="test-model",
+            ENABLE_API_KEY="true",
+            ENABLE_API_KEYS="true",
+            BYPASS_MODEL_ACCESS_CONTROL="true",
+            ENABLE_PERSISTENT_CONFIG="false",
+            ENABLE_VERSION_UPDATE_CHECK="false",
+            WEBUI_ADMIN_EMAIL="admin@example.com",
+            WEBUI_ADMIN_PASSWORD=PASSWORD,
+            WEBUI_ADMIN_NAME="Admin",
+            GLOBAL_LOG_LEVEL="INFO",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> "OpenWebUI":
+        provision(self.version)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(openwebui_bin(self.version)), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env(),
+            cwd=self.data_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Open WebUI {self.version} exited during startup; see {self.log_path}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"Open WebUI {self.version} not healthy after {STARTUP_TIMEOUT}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    # -- REST helpers -------------------------------------------------------
+    def call(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 60)
+        return requests.request(method, self.url + path, headers=headers, allow_redirects=False, **kwargs)
+
+    def ok(self, method: str, path: str, token: str | None = None, **kwargs):
+        response = self.call(method, path, token, **kwargs)
+        if response.status_code >= 300:
+            raise RuntimeError(f"{method} {path} -> {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+
+class Bootstrap:
+    """Creates, through the real REST API, the people every scenario uses."""
+
+    GROUP = "automation"
+
+    def __init__(self, server: OpenWebUI):
+        self.server = server
+        self.admin = Account("Admin", "admin@example.com", "admin")
+        self.alice = Account("Alice", "alice@example.com", "user")  # ordinary user with a key
+        self.gina = Account("Gina", "gina@example.com", "user")  # member of the automation group
+        self.group_id = ""
+
+    @property
+    def accounts(self) -> list[Account]:
+        return [self.admin, self.alice, self.gina]
+
+    def signin(self, account: Account) -> None:
+        data = self.server.ok("POST", "/api/v1/auths/signin", json={"email": account.email, "password": PASSWORD})
+        account.id, account.jwt = data["id"], data["token"]
+
+    def run(self) -> "Bootstrap":
+        s = self.server
+        if s.modern:
+            self.signin(self.admin)
+        else:  # 0.6: the first sign-up becomes the admin
+            data = s.ok(
+                "POST", "/api/v1/auths/signup", json={"name": "Admin", "email": self.admin.email, "password": PASSWORD}
+            )
+            self.admin.id, self.admin.jwt = data["id"], data["token"]
+        if s.modern:  # 0.9+: ordinary users need the api_keys permission to hold a key
+            perms = s.ok("GET", "/api/v1/users/default/permissions", self.admin.jwt)
+            perms.setdefault("features", {})["api_keys"] = True
+            s.ok("POST", "/api/v1/users/default/permissions", self.admin.jwt, json=perms)
+        for account in (self.alice, self.gina):
+            s.ok(
+                "POST",
+                "/api/v1/auths/add",
+                self.admin.jwt,
+                json={"name": account.name, "email": account.email, "password": PASSWORD, "role": account.role},
+            )
+            self.signin(account)
+        for account in self.accounts:
+            account.api_key = s.ok("POST", "/api/v1/auths/api_key", account.jwt)["api_key"]
+        group = s.ok(
+            "POST", "/api/v1/groups/create", self.admin.jwt, json={"name": self.GROUP, "description": "keys for CI"}
+        )
+        self.group_id = group["id"]
+        self.add_group_member(self.gina.id)
+        return self
+
+    def add_group_member(self, user_id: str) -> None:
+        self._change_group("add", user_id)
+
+    def remove_group_member(self, user_id: str) -> None:
+        self._change_group("remove", user_id)
+
+    def _change_group(self, action: str, user_id: str) -> None:
+        s, path = self.server, f"/api/v1/groups/id/{self.group_id}"
+        if s.modern:
+            s.ok("POST", f"{path}/users/{action}", self.admin.jwt, json={"user_ids": [user_id]})
+            return
+        group = s.ok("GET", path, self.admin.jwt)  # 0.6: the whole member list is replaced
+        members = set(group.get("user_ids") or [])
+        members = members | {user_id} if action == "add" else members - {user_id}
+        body = {"name": group["name"], "description": group["description"], "user_ids": sorted(members)}
+        s.ok("POST", f"{path}/update", self.admin.jwt, json=body)
