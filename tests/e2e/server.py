@@ -135,8 +135,10 @@ class OpenWebUI:
         headers = kwargs.pop("headers", {})
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        kwargs.setdefault("timeout", 60)
-        return requests.request(method, self.url + path, headers=headers, allow_redirects=False, **kwargs)
+        timeout = kwargs.pop("timeout", 60)
+        return requests.request(
+            method, self.url + path, headers=headers, allow_redirects=False, timeout=timeout, **kwargs
+        )
 
     def ok(self, method: str, path: str, token: str | None = None, **kwargs):
         response = self.call(method, path, token, **kwargs)
