@@ -64,6 +64,7 @@ REASON_TEXT = {
 }
 
 ROLES = ("admin", "user", "pending")
+DEFAULT_BLOCK_MESSAGE = "API Key Guard: {reason}"
 ENV_PREFIX = "API_KEY_GUARD_"
 # The names used in the original feature request; accepted as env defaults.
 LEGACY_ENV = {
@@ -417,7 +418,7 @@ def judge(
 
 
 def describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def block_text(template: str, decision: Decision) -> str:
@@ -498,7 +499,7 @@ class Valves(BaseModel):
         description="Also enforce roles and endpoint lists on every route that accepts an API key.",
     )
     block_message: str = Field(
-        default=env_default("block_message", "API Key Guard: {reason}"),
+        default=env_default("block_message", DEFAULT_BLOCK_MESSAGE),
         description="Text returned on a deny; {reason} is replaced by the reason.",
     )
     audit_log: Literal["deny", "all", "off"] = Field(
@@ -660,7 +661,7 @@ def make_route_check(function_state: FunctionState) -> Callable:
     async def route_check(user: Any, api_key: str, scope: dict | None) -> str | None:
         """None to let the request through, else the 403 detail."""
         facts, error = Facts(is_api_key=True), None
-        enforce, audit, template = True, "deny", REASON_TEXT[REASON_GUARD_ERROR]
+        enforce, audit, template = True, "deny", DEFAULT_BLOCK_MESSAGE
         try:
             active, valves = await function_state.current()
             if not active:

@@ -1,0 +1,297 @@
+"""The policy decision: a pure function of (request facts, policy), tested as tables."""
+
+import pytest
+from guard_loader import load_guard
+from pydantic import ValidationError
+
+g = load_guard()
+
+ADMIN = {"user_id": "u-admin", "email": "root@example.com", "role": "admin"}
+ALICE = {"user_id": "u-alice", "email": "Alice@Example.com", "role": "user"}
+GINA = {"user_id": "u-gina", "email": "gina@example.com", "role": "user", "group_names": frozenset({"Automation"})}
+GINA_BY_ID = {"user_id": "u-gina", "email": "gina@example.com", "role": "user", "group_ids": frozenset({"g-42"})}
+PENDING = {"user_id": "u-pen", "email": "pen@example.com", "role": "pending"}
+NO_ROLE = {"user_id": "u-nobody", "email": "nobody@example.com", "role": ""}
+CHAT = "/api/chat/completions"
+
+
+def facts(who: dict, path: str = CHAT, model: str | None = "test-model", api_key: bool = True):
+    return g.Facts(is_api_key=api_key, path=path, model=model, **who)
+
+
+def policy(**valves):
+    return g.policy_from_valves(g.Valves(**valves))
+
+
+ALLOWED = [
+    pytest.param(facts(ALICE, api_key=False), {}, g.REASON_SESSION, id="session-never-judged"),
+    pytest.param(facts(ALICE, "/api/v1/files", api_key=False), {}, g.REASON_SESSION, id="session-on-any-route"),
+    pytest.param(facts(ADMIN), {}, g.REASON_ALLOWED, id="admin-key-default-chat"),
+    pytest.param(facts(ADMIN, "/api/v1/functions/", None), {}, g.REASON_ALLOWED, id="admin-key-default-any-route"),
+    pytest.param(facts(ALICE), {"api_key_roles": "admin, User"}, g.REASON_ALLOWED, id="user-role-admitted-chat"),
+    pytest.param(
+        facts(ALICE, "/api/models/test-model", None),
+        {"api_key_roles": "admin,user"},
+        g.REASON_ALLOWED,
+        id="user-prefix-at-slash-boundary",
+    ),
+    pytest.param(facts(GINA), {"api_key_groups": "automation"}, g.REASON_ALLOWED, id="group-name-any-case"),
+    pytest.param(facts(GINA_BY_ID), {"api_key_groups": "g-42"}, g.REASON_ALLOWED, id="group-id"),
+    pytest.param(facts(ALICE), {"api_key_users": " alice@example.com "}, g.REASON_ALLOWED, id="user-email-any-case"),
+    pytest.param(facts(ALICE), {"api_key_users": "u-alice"}, g.REASON_ALLOWED, id="user-id"),
+    pytest.param(
+        facts(ALICE, "/openai/chat/completions", None),
+        {"api_key_users": "u-alice", "api_key_allowed_endpoints_user": "*"},
+        g.REASON_ALLOWED,
+        id="user-endpoints-star",
+    ),
+    pytest.param(
+        facts(ALICE, model="gpt-4o-mini"),
+        {"api_key_users": "u-alice", "api_key_allowed_models_user": "llama3, gpt-4*"},
+        g.REASON_ALLOWED,
+        id="user-model-glob",
+    ),
+    pytest.param(
+        facts(ADMIN, "/api/v1/functions/", None),
+        {"mode": "monitor", "api_key_allowed_endpoints_admin": ""},
+        g.REASON_ENDPOINT,
+        id="monitor-still-reports-the-deny-reason",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_facts", "valves", "reason"), ALLOWED)
+def test_allowed(request_facts, valves, reason):
+    decision = g.decide(request_facts, policy(**valves))
+    assert decision.reason == reason
+    assert decision.allowed is (reason != g.REASON_ENDPOINT)
+
+
+DENIED = [
+    pytest.param(facts(ALICE), {}, g.REASON_NOT_ADMITTED, id="user-key-default-admin-only"),
+    pytest.param(facts(GINA), {}, g.REASON_NOT_ADMITTED, id="group-not-listed"),
+    pytest.param(facts(PENDING), {"api_key_roles": "admin,user"}, g.REASON_NOT_ADMITTED, id="pending-role"),
+    pytest.param(facts(NO_ROLE), {"api_key_roles": "admin,user"}, g.REASON_NOT_ADMITTED, id="missing-role-not-admin"),
+    pytest.param(
+        facts(NO_ROLE, "/api/v1/functions/", None),
+        {"api_key_users": "u-nobody"},
+        g.REASON_ENDPOINT,
+        id="missing-role-gets-user-endpoints",
+    ),
+    pytest.param(
+        facts(ADMIN), {"api_key_blocked_users": "root@example.com"}, g.REASON_BLOCKED_USER, id="blocked-admin"
+    ),
+    pytest.param(
+        facts(ALICE),
+        {"api_key_users": "u-alice", "api_key_blocked_users": "U-ALICE"},
+        g.REASON_BLOCKED_USER,
+        id="blocked-wins-over-admitted",
+    ),
+    pytest.param(
+        facts(ALICE, "/openai/chat/completions", None),
+        {"api_key_roles": "admin,user"},
+        g.REASON_ENDPOINT,
+        id="user-direct-provider-route",
+    ),
+    pytest.param(
+        facts(ALICE, "/api/modelsX", None),
+        {"api_key_roles": "admin,user"},
+        g.REASON_ENDPOINT,
+        id="prefix-without-slash",
+    ),
+    pytest.param(
+        facts(ALICE, "/api/v1/tasks/title/completions", None),
+        {"api_key_roles": "admin,user"},
+        g.REASON_ENDPOINT,
+        id="user-task-route",
+    ),
+    pytest.param(
+        facts(ALICE, "/API/CHAT/COMPLETIONS", None), {"api_key_roles": "admin,user"}, g.REASON_ENDPOINT, id="path-case"
+    ),
+    pytest.param(
+        facts(ADMIN, "/api/v1/functions/", None),
+        {"api_key_allowed_endpoints_admin": ""},
+        g.REASON_ENDPOINT,
+        id="admin-empty-endpoint-list",
+    ),
+    pytest.param(
+        facts(ALICE, model="gpt-4o"),
+        {"api_key_users": "u-alice", "api_key_allowed_models_user": "llama3"},
+        g.REASON_MODEL,
+        id="user-model-not-listed",
+    ),
+    pytest.param(
+        facts(ADMIN, model="secret-model"),
+        {"api_key_allowed_models_admin": "test-*"},
+        g.REASON_MODEL,
+        id="admin-model-not-listed",
+    ),
+    pytest.param(
+        facts(ALICE, model=""),
+        {"api_key_users": "u-alice", "api_key_allowed_models_user": "llama3"},
+        g.REASON_MODEL,
+        id="empty-model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_facts", "valves", "reason"), DENIED)
+def test_denied(request_facts, valves, reason):
+    decision = g.decide(request_facts, policy(**valves))
+    assert (decision.allowed, decision.reason) == (False, reason)
+
+
+MESSAGES = [
+    pytest.param(
+        facts(ADMIN), {"api_key_blocked_users": "u-admin"}, g.REASON_TEXT[g.REASON_BLOCKED_USER], id="blocked"
+    ),
+    pytest.param(
+        facts(ALICE),
+        {},
+        "API keys are not enabled for role 'user' (api_key_roles), nor for this user's groups (api_key_groups) "
+        "or account (api_key_users)",
+        id="not-admitted",
+    ),
+    pytest.param(
+        facts(ALICE, "/api/v1/files/", None),
+        {"api_key_roles": "user"},
+        "API keys of role 'user' may not call /api/v1/files/ (api_key_allowed_endpoints_user)",
+        id="endpoint",
+    ),
+    pytest.param(
+        facts(ADMIN, model="m"),
+        {"api_key_allowed_models_admin": "x"},
+        "API keys of role 'admin' may not use model 'm' (api_key_allowed_models_admin)",
+        id="model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_facts", "valves", "message"), MESSAGES)
+def test_deny_messages_name_the_rule(request_facts, valves, message):
+    assert g.decide(request_facts, policy(**valves)).message == message
+
+
+# Credential order as Open WebUI core reads it: bearer (any case), token cookie,
+# any two-part Authorization value, the custom API key header.
+CREDENTIALS = [
+    pytest.param("Bearer sk-a", None, None, "sk-a", id="bearer"),
+    pytest.param("bearer sk-a", None, None, "sk-a", id="bearer-lower-case"),
+    pytest.param("BEARER sk-a", None, None, "sk-a", id="bearer-upper-case"),
+    pytest.param("Bearer  sk-a", None, None, " sk-a", id="double-space-not-a-key"),
+    pytest.param("Basic sk-a", None, None, "sk-a", id="basic-scheme-read-by-fallback"),
+    pytest.param("Bearer\tsk-a", None, None, None, id="tab-is-not-a-separator"),
+    pytest.param("sk-a", None, None, None, id="no-scheme"),
+    pytest.param(None, "sk-c", None, "sk-c", id="cookie"),
+    pytest.param(None, None, "sk-x", "sk-x", id="custom-header"),
+    pytest.param("Bearer jwt.a.b", "sk-c", "sk-x", "jwt.a.b", id="bearer-wins"),
+    pytest.param("Basic sk-a", "jwt.c", None, "jwt.c", id="cookie-before-fallback"),
+    pytest.param(None, "", "sk-x", "", id="empty-cookie-still-wins"),
+    pytest.param("Bearer", None, "sk-x", "sk-x", id="bearer-without-token"),
+    pytest.param(None, None, None, None, id="nothing"),
+]
+
+
+@pytest.mark.parametrize(("authorization", "cookie", "custom", "expected"), CREDENTIALS)
+def test_presented_credential(authorization, cookie, custom, expected):
+    assert g.presented_credential(authorization, cookie, custom) == expected
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        pytest.param("sk-0123456789abcdef", "sk-…cdef", id="key"),
+        pytest.param("sk-abc", "sk-…", id="short-key-shows-nothing"),
+        pytest.param("eyJhbGciOi.payload.sig", "session", id="jwt"),
+        pytest.param(None, "-", id="none"),
+    ],
+)
+def test_fingerprint(token, expected):
+    assert g.fingerprint(token) == expected
+
+
+INVALID_VALVES = [
+    pytest.param("mode", "block", "Input should be 'enforce' or 'monitor'", id="mode"),
+    pytest.param("audit_log", "some", "Input should be 'deny', 'all' or 'off'", id="audit-log"),
+    pytest.param("priority", "first", "Input should be a valid integer", id="priority"),
+    pytest.param("api_key_roles", "admins", "expected roles from admin, user, pending, got 'admins'", id="role-typo"),
+    pytest.param(
+        "api_key_allowed_endpoints_user",
+        "api/chat/completions",
+        "expected '*' or paths starting with '/', got 'api/chat/completions'",
+        id="endpoint-without-slash",
+    ),
+    pytest.param("api_key_allowed_endpoints_admin", "/api, https://x/api", "got 'https://x/api'", id="endpoint-url"),
+    pytest.param(
+        "block_message", "Denied: {who}", "only the placeholder {reason} is allowed", id="message-placeholder"
+    ),
+    pytest.param("route_guard", "maybe", "Input should be a valid boolean", id="route-guard"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), INVALID_VALVES)
+def test_invalid_valves_are_refused_with_the_valve_name(name, value, expected):
+    with pytest.raises(ValidationError) as error:
+        g.Valves(**{name: value})
+    text = str(error.value)
+    assert name in text
+    assert expected in text
+
+
+def test_defaults_are_the_restrictive_choice():
+    v = g.Valves()
+    assert (v.mode, v.api_key_roles, v.api_key_groups, v.api_key_users, v.route_guard) == (
+        "enforce",
+        "admin",
+        "",
+        "",
+        True,
+    )
+    assert v.priority < 0
+    assert (
+        v.api_key_allowed_endpoints_user == "/api/chat/completions,/api/v1/chat/completions,/api/models,/api/v1/models"
+    )
+
+
+ENV_DEFAULTS = [
+    pytest.param({"API_KEY_GUARD_API_KEY_ROLES": "admin,user"}, "api_key_roles", "admin,user", id="prefixed"),
+    pytest.param(
+        {"API_KEY_ALLOWED_ENDPOINTS_USER": "/api/models"},
+        "api_key_allowed_endpoints_user",
+        "/api/models",
+        id="legacy-user-endpoints",
+    ),
+    pytest.param(
+        {"API_KEY_ALLOWED_ENDPOINTS_ADMIN": "/api"},
+        "api_key_allowed_endpoints_admin",
+        "/api",
+        id="legacy-admin-endpoints",
+    ),
+    pytest.param(
+        {"API_KEY_GUARD_API_KEY_ALLOWED_ENDPOINTS_USER": "/a", "API_KEY_ALLOWED_ENDPOINTS_USER": "/b"},
+        "api_key_allowed_endpoints_user",
+        "/a",
+        id="prefixed-wins-over-legacy",
+    ),
+    pytest.param({"API_KEY_GUARD_PRIORITY": "-5"}, "priority", -5, id="int"),
+    pytest.param({"API_KEY_GUARD_PRIORITY": "first"}, "priority", -100, id="bad-int-keeps-default"),
+    pytest.param({"API_KEY_GUARD_ROUTE_GUARD": "false"}, "route_guard", False, id="route-guard-off"),
+    pytest.param({"API_KEY_GUARD_ROUTE_GUARD": "nope"}, "route_guard", True, id="unclear-bool-stays-on"),
+    pytest.param({"API_KEY_GUARD_MODE": "monitor"}, "mode", "monitor", id="mode"),
+]
+
+
+@pytest.mark.parametrize(("env", "name", "expected"), ENV_DEFAULTS)
+def test_environment_presets_defaults(monkeypatch, env, name, expected):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    module = load_guard()
+    assert getattr(module.Valves(), name) == expected
+    assert getattr(module.Valves(**{name: g.Valves().model_dump()[name]}), name) == g.Valves().model_dump()[name]
+
+
+def test_invalid_env_default_fails_closed_not_at_load(monkeypatch):
+    monkeypatch.setenv("API_KEY_GUARD_API_KEY_ROLES", "admins")
+    module = load_guard()  # loading never fails: Open WebUI would switch the guard off
+    with pytest.raises(ValueError, match="admins"):
+        module.policy_from_valves(module.Valves())

@@ -1,0 +1,159 @@
+"""Route hooks on stand-ins for Open WebUI's app, Users, Functions and auth modules.
+
+The real thing is proven in tests/e2e; these pin the mechanics: one set of hooks
+per process whatever the reloads, current valves read, every failure denies."""
+
+import asyncio
+import sys
+from types import SimpleNamespace
+
+import pytest
+from guard_loader import load_guard
+
+USERS = {
+    "sk-admin0000000000aaaa": SimpleNamespace(id="u-admin", email="admin@example.com", role="admin"),
+    "sk-alice000000000bbbb": SimpleNamespace(id="u-alice", email="alice@example.com", role="user"),
+}
+ADMIN_KEY, ALICE_KEY = USERS
+
+
+class HTTPException(Exception):
+    def __init__(self, status_code, detail):
+        super().__init__(detail)
+        self.status_code, self.detail = status_code, detail
+
+
+class App:
+    def __init__(self):
+        self.middleware_stack = None
+        self.served = []
+
+    def build_middleware_stack(self):
+        async def routed(scope, receive, send):
+            # what a route does: authenticate through core, then answer
+            user = await settle(sys.modules["open_webui.models.users"].Users.get_user_by_api_key(scope["key"]))
+            self.served.append((scope["path"], user.id))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+        return routed
+
+
+async def settle(value):
+    return await value if asyncio.iscoroutine(value) else value
+
+
+class AsyncUsers:
+    async def get_user_by_api_key(self, api_key):
+        return USERS.get(api_key)
+
+
+class SyncUsers:
+    def get_user_by_api_key(self, api_key):
+        return USERS.get(api_key)
+
+
+class Functions:
+    def __init__(self):
+        self.active, self.valves, self.reads = True, {}, 0
+
+    def get_function_by_id(self, function_id):
+        self.reads += 1
+        return SimpleNamespace(is_active=self.active) if function_id == "api_key_guard" else None
+
+    def get_function_valves_by_id(self, function_id):
+        return self.valves
+
+
+@pytest.fixture(params=[pytest.param(AsyncUsers, id="async-0.12"), pytest.param(SyncUsers, id="sync-0.6")])
+def server(request, monkeypatch):
+    app, functions = App(), Functions()
+    fakes = {
+        "open_webui.main": SimpleNamespace(app=app),
+        "open_webui.utils.auth": SimpleNamespace(HTTPException=HTTPException),
+        "open_webui.models.users": SimpleNamespace(Users=request.param()),
+        "open_webui.models.functions": SimpleNamespace(Functions=functions),
+        "open_webui.models.groups": SimpleNamespace(Groups=SimpleNamespace(get_groups_by_member_id=lambda uid: [])),
+    }
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return SimpleNamespace(app=app, functions=functions, users=fakes["open_webui.models.users"].Users)
+
+
+def call(app, key, path):
+    """One HTTP request through the app; returns (status, guard header) or the 403 detail."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "key": key}
+    try:
+        asyncio.run(app.middleware_stack(scope, None, send))
+    except HTTPException as denied:
+        return denied.status_code, denied.detail
+    return sent[0]["status"], dict(sent[0]["headers"]).get(b"x-api-key-guard")
+
+
+def test_reloads_never_stack_hooks(server):
+    first = load_guard()
+    hooks = getattr(server.app, first.HOOKS_ATTR)
+    stack, lookup = server.app.middleware_stack, server.users.get_user_by_api_key
+    for _ in range(3):
+        load_guard()
+    assert getattr(server.app, first.HOOKS_ATTR) is hooks
+    assert (server.app.middleware_stack, server.users.get_user_by_api_key) == (stack, lookup)
+    assert call(server.app, ADMIN_KEY, "/api/models") == (200, b"enforce")
+    assert server.app.served == [("/api/models", "u-admin")]
+
+
+NOT_ADMITTED = (
+    "API Key Guard: API keys are not enabled for role 'user' (api_key_roles), nor for this user's groups "
+    "(api_key_groups) or account (api_key_users)"
+)
+GUARD_ERROR = (
+    "API Key Guard: API Key Guard could not evaluate this API key request and denied it; "
+    "an administrator must check the server log"
+)
+
+CASES = [
+    pytest.param({}, True, ALICE_KEY, "/openai/chat/completions", (403, NOT_ADMITTED), id="user-key-denied"),
+    pytest.param({}, True, ADMIN_KEY, "/openai/chat/completions", (200, b"enforce"), id="admin-key-served"),
+    pytest.param({"mode": "monitor"}, True, ALICE_KEY, "/openai/responses", (200, b"monitor"), id="monitor-serves"),
+    pytest.param({}, False, ALICE_KEY, "/openai/chat/completions", (200, None), id="inactive-function-is-inert"),
+    pytest.param({"route_guard": False}, True, ALICE_KEY, "/api/embeddings", (200, None), id="route-guard-off"),
+    pytest.param(
+        {"api_key_roles": "user", "api_key_allowed_endpoints_user": "/api/models"},
+        True,
+        ALICE_KEY,
+        "/api/v1/tasks/title/completions",
+        (
+            403,
+            "API Key Guard: API keys of role 'user' may not call /api/v1/tasks/title/completions "
+            "(api_key_allowed_endpoints_user)",
+        ),
+        id="endpoint-list-applies-to-every-route",
+    ),
+    pytest.param({"api_key_roles": "admins"}, True, ADMIN_KEY, "/api/models", (403, GUARD_ERROR), id="invalid-valves"),
+    pytest.param({"priority": "first"}, True, ADMIN_KEY, "/api/models", (403, GUARD_ERROR), id="invalid-stored-type"),
+]
+
+
+@pytest.mark.parametrize(("valves", "active", "key", "path", "expected"), CASES)
+def test_route_check_reads_the_stored_state(server, valves, active, key, path, expected):
+    load_guard()
+    server.functions.valves, server.functions.active = valves, active
+    assert call(server.app, key, path) == expected
+
+
+def test_state_is_read_at_most_once_per_ttl(server):
+    load_guard()
+    for _ in range(20):
+        call(server.app, ADMIN_KEY, "/api/models")
+    assert server.functions.reads == 1
+
+
+def test_lookup_outside_a_request_is_denied(server):
+    load_guard()
+    with pytest.raises(HTTPException) as denied:
+        asyncio.run(settle(server.users.get_user_by_api_key(ADMIN_KEY)))
+    assert denied.value.detail == GUARD_ERROR
