@@ -1,0 +1,27 @@
+PYTHON ?= python3
+
+.PHONY: deps lint test unit e2e demo bench schema
+
+deps:
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+# Everything CI runs: lint, unit, installer and the end-to-end suite on every pinned Open WebUI.
+test: lint
+	$(PYTHON) -m tests.e2e.provision
+	$(PYTHON) -m pytest
+
+unit: deps
+	$(PYTHON) -m pytest -m "not e2e"
+
+demo: deps
+	$(PYTHON) -m tests.e2e.demo
+
+bench: deps
+	$(PYTHON) -m bench
+
+schema:
+	$(PYTHON) valves_schema/generate.py

@@ -1,0 +1,65 @@
+"""The route guard's lifecycle on real servers: off means out of the way, deactivation
+disarms it within seconds, and a restart is re-armed by the documented means."""
+
+import time
+
+import pytest
+
+from .conftest import VALVES_SETTLE_SECONDS, start_deployment
+from .provision import VERSIONS
+from .routes import CHAT_BODY
+
+ALICE_ON_PROVIDER = ("POST", "/openai/chat/completions")
+
+
+def alice(deployment, method="POST", path="/openai/chat/completions", body=CHAT_BODY):
+    before = deployment.backend.calls
+    response = deployment.server.call(method, path, deployment.people.alice.api_key, json=body)
+    return response.status_code, deployment.backend.calls - before, response.text
+
+
+def test_route_guard_off_is_out_of_the_way_but_inlet_still_judges_chat(deployment):
+    deployment.configure(route_guard=False)
+    status, calls, _ = alice(deployment)
+    assert (status, calls) == (200, 1), "with route_guard off the direct provider route is not guarded"
+    status, calls, text = alice(deployment, path="/api/chat/completions")
+    assert (status, calls) == (400, 0)
+    assert "API Key Guard: API keys are not enabled for role 'user'" in text
+
+
+def test_deactivating_the_function_disarms_within_seconds(deployment):
+    deployment.configure()
+    assert alice(deployment)[:2] == (403, 0)
+    toggle = f"/api/v1/functions/id/{'api_key_guard'}/toggle"
+    deployment.server.ok("POST", toggle, deployment.people.admin.jwt)
+    try:
+        time.sleep(VALVES_SETTLE_SECONDS)
+        assert alice(deployment)[:2] == (200, 1)
+    finally:
+        deployment.server.ok("POST", toggle, deployment.people.admin.jwt)
+    time.sleep(VALVES_SETTLE_SECONDS)
+    assert alice(deployment)[:2] == (403, 0)
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"owui-{v}" for v in VERSIONS])
+def restartable(request, tmp_path_factory):
+    return start_deployment(request.param, tmp_path_factory.mktemp(f"restart-{request.param}"), request)
+
+
+def test_restart_is_armed_by_a_model_listing(restartable, capsys):
+    restartable.server.restart()
+    # The window the README admits: until Open WebUI loads the function, nothing guards the routes.
+    assert restartable.installer("status") == 1
+    assert "route guard: NOT armed" in capsys.readouterr().out
+    restartable.server.ok("GET", "/api/models", restartable.people.admin.jwt)
+    assert alice(restartable)[:2] == (403, 0)
+    assert restartable.installer("status") == 0
+
+
+def test_restart_with_base_models_cache_is_armed_from_the_first_request(restartable):
+    restartable.server.extra_env["ENABLE_BASE_MODELS_CACHE"] = "true"
+    try:
+        restartable.server.restart()
+        assert alice(restartable)[:2] == (403, 0)
+    finally:
+        restartable.server.extra_env.pop("ENABLE_BASE_MODELS_CACHE")
