@@ -41,9 +41,9 @@ class Deployment:
     def version(self) -> tuple:
         return version_tuple(self.server.version)
 
-    def installer(self, *args: str, key: str | None = None) -> int:
+    def installer(self, command: str = "install", *args: str, key: str | None = None) -> int:
         """Run install.py against this server as its admin, the way an operator would."""
-        return install.main(["--url", self.server.url, "--api-key", key or self.people.admin.api_key, *args])
+        return install.main([command, "--url", self.server.url, "--api-key", key or self.people.admin.api_key, *args])
 
     def configure(self, **valves) -> None:
         """Put the guard's valves at their defaults plus `valves`, and wait until the route guard sees them."""
@@ -52,7 +52,7 @@ class Deployment:
             return
         path = self.server.data_dir.parent / "valves.json"
         path.write_text(json.dumps(DEFAULT_VALVES | valves))
-        assert self.installer("--valves", str(path)) == 0
+        assert self.installer("install", "--valves", str(path)) == 0
         time.sleep(VALVES_SETTLE_SECONDS)
         self.valves = wanted
 

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         print("\nBEFORE: API keys enabled, every user may hold one, no guard")
         print("\n".join(table(deployment)))
         print("\ninstalling the guard with install.py, valves: api_key_groups=automation")
-        deployment.installer("--set", "api_key_groups=automation")
+        deployment.installer("install", "--set", "api_key_groups=automation")
         print("\nAFTER: admin keys everywhere; the automation group on chat endpoints; everyone else denied")
         print("\n".join(table(deployment)))
     finally:

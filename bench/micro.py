@@ -1,0 +1,101 @@
+"""In-process figures: the policy decision alone, and the inlet as Open WebUI calls it."""
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from guard_loader import load_guard
+
+BATCHES = 200
+
+
+def per_call_us(fn, batch: int) -> dict:
+    """Median and p95 of the per-call time over BATCHES batches of `batch` calls."""
+    samples = []
+    for _ in range(BATCHES):
+        start = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter() - start) / batch * 1e6)
+    samples.sort()
+    return {"median_us": statistics.median(samples), "p95_us": samples[int(len(samples) * 0.95) - 1]}
+
+
+def decision_figures(g) -> dict:
+    typical = g.policy_from_valves(g.Valves(api_key_groups="automation"))
+    typical_facts = g.Facts(
+        is_api_key=True,
+        user_id="u-1",
+        email="a@example.com",
+        role="user",
+        group_names=frozenset({"automation"}),
+        path="/api/chat/completions",
+        model="test-model",
+    )
+    worst = g.policy_from_valves(
+        g.Valves(
+            api_key_roles="admin,user",
+            api_key_groups=",".join(f"group-{i}" for i in range(200)),
+            api_key_users=",".join(f"user{i}@example.com" for i in range(500)),
+            api_key_blocked_users=",".join(f"blocked{i}@example.com" for i in range(500)),
+            api_key_allowed_endpoints_user=",".join(f"/api/v1/route{i}" for i in range(200)) + ",/api/chat/completions",
+            api_key_allowed_models_user=",".join(f"family{i}-*" for i in range(100)) + ",test-*",
+        )
+    )
+    worst_facts = g.Facts(
+        is_api_key=True,
+        user_id="u-2",
+        email="z@example.com",
+        role="user",
+        group_ids=frozenset(f"gid-{i}" for i in range(50)),
+        group_names=frozenset(f"team-{i}" for i in range(50)),
+        path="/api/chat/completions",
+        model="test-model",
+    )
+    assert g.decide(typical_facts, typical).allowed and g.decide(worst_facts, worst).allowed
+    return {
+        "decision_typical": per_call_us(lambda: g.decide(typical_facts, typical), 2000),
+        "decision_worst_case": per_call_us(lambda: g.decide(worst_facts, worst), 500),
+    }
+
+
+def inlet_figures(g) -> dict:
+    class Headers(dict):
+        def get(self, key, default=None):
+            return super().get(key.lower(), default)
+
+    groups = [SimpleNamespace(id="g-1", name="automation")]
+    sys.modules["open_webui.models.groups"] = SimpleNamespace(
+        Groups=SimpleNamespace(get_groups_by_member_id=lambda uid: groups)
+    )
+    flt = g.Filter()
+    flt.valves = g.Valves(api_key_groups="automation")
+    request = SimpleNamespace(
+        headers=Headers({"authorization": "Bearer sk-0123456789abcdef0123456789abcdef"}),
+        cookies={},
+        state=SimpleNamespace(auth_type="api_key"),
+        scope={"path": "/api/chat/completions"},
+    )
+    user = {"id": "u-1", "email": "a@example.com", "name": "A", "role": "user"}
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+    loop = asyncio.new_event_loop()
+
+    async def many(n):
+        for _ in range(n):
+            await flt.inlet(body=body, __user__=user, __request__=request)
+
+    try:
+        loop.run_until_complete(many(100))  # warm the group cache
+        return {"inlet_warm": per_call_us(lambda: loop.run_until_complete(many(1)), 200)}
+    finally:
+        loop.close()
+
+
+def run() -> dict:
+    g = load_guard()
+    return decision_figures(g) | inlet_figures(g)
