@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 log = logging.getLogger("api_key_guard")
 
@@ -185,6 +185,8 @@ def compile_policy(
 
 
 def policy_from_valves(valves: Any) -> Policy:
+    if getattr(valves, "_invalid", None):
+        raise ValueError(f"stored valves are invalid: {valves._invalid}")
     return compile_policy(
         valves.mode,
         valves.api_key_roles,
@@ -528,6 +530,26 @@ class Valves(BaseModel):
             raise ValueError(f"only the placeholder {{reason}} is allowed ({exc!r})") from None
         return value
 
+    # Open WebUI rebuilds the valves from the database for every chat; if stored
+    # values are invalid (written behind the API, or by an older guard), raising
+    # here would break chat for everyone. Outside the valves save route, invalid
+    # stored valves become the defaults marked invalid: sessions keep working and
+    # every API-key request fails closed. Saving still refuses invalid values.
+    _invalid: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_sessions_working(cls, data: Any, handler: Callable) -> "Valves":
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            path = current_request_path()
+            if path is None or path.endswith("/valves/update"):
+                raise
+            marked = handler({})
+            marked._invalid = describe(exc)
+            return marked
+
 
 # ---------------------------------------------------------------------------
 # The filter: adapts Open WebUI's inlet arguments to the decision.
@@ -624,6 +646,13 @@ class RouteHooks:
     def stop_if_denied(self, message: str | None) -> None:
         if message is not None:
             raise self.http_exception(status_code=403, detail=message)
+
+
+def current_request_path() -> str | None:
+    """The routed path of the request being served in this context, when the hooks know it."""
+    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
+    scope = hooks.scope_var.get() if hooks is not None else None
+    return scope.get("path") if scope else None
 
 
 def function_id_from_module_name(name: str) -> str:

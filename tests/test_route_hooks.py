@@ -157,3 +157,28 @@ def test_lookup_outside_a_request_is_denied(server):
     with pytest.raises(HTTPException) as denied:
         asyncio.run(settle(server.users.get_user_by_api_key(ADMIN_KEY)))
     assert denied.value.detail == GUARD_ERROR
+
+
+STORED_VALVES = [
+    pytest.param("/api/chat/completions", True, id="chat-pipeline-keeps-serving"),
+    pytest.param("/api/v1/functions/id/api_key_guard/valves/update", False, id="save-route-refuses"),
+]
+
+
+@pytest.mark.parametrize(("path", "lenient"), STORED_VALVES)
+def test_invalid_stored_valves_never_break_the_chat_pipeline(server, path, lenient):
+    """Open WebUI rebuilds Valves from the database for every chat; a raise there breaks chat for everyone."""
+    module = load_guard()
+    hooks = getattr(server.app, module.HOOKS_ATTR)
+    reset = hooks.scope_var.set({"type": "http", "path": path})
+    try:
+        if not lenient:
+            with pytest.raises(module.ValidationError, match="api_key_roles"):
+                module.Valves(api_key_roles="admins")
+            return
+        valves = module.Valves(api_key_roles="admins", priority=-7)
+    finally:
+        hooks.scope_var.reset(reset)
+    assert valves.priority == -100, "defaults stand in for the whole invalid record"
+    with pytest.raises(ValueError, match="stored valves are invalid: ValidationError: 1 validation error for Valves"):
+        module.policy_from_valves(valves)
