@@ -420,6 +420,9 @@ def judge(
 
 
 def describe(exc: Exception) -> str:
+    """One log-friendly line; validation errors as `valve: problem`."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'valves'}: {e['msg']}" for e in exc.errors())
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
