@@ -1,0 +1,112 @@
+"""API Key Guard benchmark: `python -m bench [--quick]` (or `make bench`).
+
+Prints a table and writes bench/results/latest.json. Talks to 127.0.0.1 only; every
+server it starts is stopped at the end.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from tests.e2e.provision import VERSIONS
+
+from . import live, micro
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOALS = {
+    "decision_typical_median_us": 5.0,
+    "inlet_warm_median_us": 50.0,
+    "chat_latency_ratio": 1.03,
+    "get_latency_ratio": 1.05,
+}
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {mem_gb:.0f} GiB, {cpu}, Python {platform.python_version()}"
+
+
+def row(label: str, first: float | str = "", second: float | str = "", goal: str = "", ok: bool = True) -> str:
+    cells = [f"{v:10.3f}" if isinstance(v, float) else f"{v:>10}" for v in (first, second)]
+    verdict = f"  {goal} {'ok' if ok else 'MISSED'}" if goal else ""
+    return f"{label:60} {cells[0]} {cells[1]}{verdict}"
+
+
+def table(r: dict) -> list[str]:
+    m, chat, get, conc = r["micro"], r["live"]["chat_ab"], r["live"]["get_route_guard_ab"], r["live"]["concurrency"]
+    typical, inlet = m["decision_typical"]["median_us"], m["inlet_warm"]["median_us"]
+    rows = [
+        f"API Key Guard benchmark  {r['date']}  Open WebUI {r['live']['open_webui']}",
+        f"machine: {r['machine']}",
+        "",
+        row("figure", "median", "p95"),
+        row(
+            "policy decision, typical valves (us/call)", typical, m["decision_typical"]["p95_us"], "<5 us", typical < 5
+        ),
+        row("policy decision, worst-case valves (us/call)", *m["decision_worst_case"].values()),
+        row(
+            "inlet as Open WebUI calls it, warm cache (us/call)", inlet, m["inlet_warm"]["p95_us"], "<50 us", inlet < 50
+        ),
+        row("chat completion, guard installed (ms)", chat["guard"]["median_ms"], chat["guard"]["p95_ms"]),
+        row("chat completion, no guard (ms)", chat["no_guard"]["median_ms"], chat["no_guard"]["p95_ms"]),
+        row("chat latency ratio guard / no guard", chat["ratio_median"], "", "<=1.03", chat["ratio_median"] <= 1.03),
+    ]
+    for arm in ("route_guard_on", "route_guard_off"):
+        rows.append(
+            row(f"GET {live.CHEAP_GET}, {arm.replace('_', ' ')} (ms)", get[arm]["median_ms"], get[arm]["p95_ms"])
+        )
+    rows += [
+        row("GET latency ratio on / off", get["ratio_median"], "", "<=1.05", get["ratio_median"] <= 1.05),
+        row("DB statements per chat, guard | no guard", *map(float, list(chat["queries_per_request"].values())[:2])),
+        row("DB statements per chat, any no-op global filter", float(chat["queries_per_request"]["noop_filter"])),
+        row("DB statements per GET, route guard on | off", *map(float, get["queries_per_request"].values())),
+    ]
+    for arm in ("guard", "no_guard"):
+        best = max(conc["runs"][arm], key=lambda x: x["throughput_rps"])
+        rows.append(row(f"16 clients, {best['requests']} requests, {arm} (req/s)", best["throughput_rps"]))
+    rows += [
+        row("throughput ratio guard / no guard (best of 2 each)", conc["throughput_ratio"]),
+        row("errors | wrong decisions under concurrency", conc["errors"], conc["wrong_decisions"]),
+        row("server RSS after concurrency, guard | no guard (MiB)", *map(float, conc["rss_mb"].values())),
+        "guard caches: groups <= 4096 users (10 s TTL), function state 1 entry (2 s TTL), compiled policies <= 32",
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default=VERSIONS[0], help="Open WebUI release (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
+    args = parser.parse_args(argv)
+    sizes = (
+        dict(chat_n=60, get_blocks=2, get_block=100, concurrent_total=500)
+        if args.quick
+        else dict(chat_n=400, get_blocks=8, get_block=250, concurrent_total=2000)
+    )
+    results = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "micro": micro.run(),
+        "live": live.run(args.version, **sizes),
+    }
+    print("\n".join(table(results)))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
