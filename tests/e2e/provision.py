@@ -10,6 +10,7 @@ Venvs live outside the repository, under $API_KEY_GUARD_CACHE (default
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The supported releases the end-to-end suite runs against. Adding one is this one line.
@@ -64,13 +65,16 @@ def provision(version: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     versions = (argv if argv is not None else sys.argv[1:]) or list(VERSIONS)
-    try:
-        for version in versions:
-            print(f"Open WebUI {version}: {provision(version)}")
-    except ProvisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    with ThreadPoolExecutor(max_workers=len(versions)) as pool:  # each is mostly download and unpack
+        futures = {version: pool.submit(provision, version) for version in versions}
+    failed = False
+    for version, future in futures.items():
+        try:
+            print(f"Open WebUI {version}: {future.result()}")
+        except ProvisionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
