@@ -37,10 +37,11 @@ def decision_figures(g) -> dict:
         path="/api/chat/completions",
         model="test-model",
     )
+    # Admitted only through the last of 100 groups, on the last of 201 prefixes, by the last of 101 globs.
     worst = g.policy_from_valves(
         g.Valves(
-            api_key_roles="admin,user",
-            api_key_groups=",".join(f"group-{i}" for i in range(200)),
+            api_key_roles="admin",
+            api_key_groups=",".join(f"group-{i}" for i in range(200)) + ",team-99",
             api_key_users=",".join(f"user{i}@example.com" for i in range(500)),
             api_key_blocked_users=",".join(f"blocked{i}@example.com" for i in range(500)),
             api_key_allowed_endpoints_user=",".join(f"/api/v1/route{i}" for i in range(200)) + ",/api/chat/completions",
@@ -52,9 +53,9 @@ def decision_figures(g) -> dict:
         user_id="u-2",
         email="z@example.com",
         role="user",
-        group_ids=frozenset(f"gid-{i}" for i in range(50)),
-        group_names=frozenset(f"team-{i}" for i in range(50)),
-        path="/api/chat/completions",
+        group_ids=frozenset(f"gid-{i}" for i in range(100)),
+        group_names=frozenset(f"team-{i}" for i in range(100)),
+        path="/api/chat/completions/x",
         model="test-model",
     )
     assert g.decide(typical_facts, typical).allowed and g.decide(worst_facts, worst).allowed

@@ -91,7 +91,8 @@ class PathList:
     """Path prefixes matched at a `/` boundary; `*` admits every path."""
 
     admits_all: bool
-    prefixes: tuple[str, ...]
+    exact: frozenset
+    under: tuple[str, ...]  # each prefix + "/", for one str.startswith call
 
     @classmethod
     def parse(cls, text: str) -> "PathList":
@@ -99,14 +100,11 @@ class PathList:
         bad = [item for item in items if item != "*" and not item.startswith("/")]
         if bad:
             raise ValueError(f"expected '*' or paths starting with '/', got {bad[0]!r}")
-        admits_all = "*" in items or "/" in items
-        prefixes = tuple(sorted({item.rstrip("/") for item in items if item != "*"}))
-        return cls(admits_all, prefixes)
+        prefixes = sorted({item.rstrip("/") for item in items if item != "*"})
+        return cls("*" in items or "" in prefixes, frozenset(prefixes), tuple(p + "/" for p in prefixes))
 
     def admits(self, path: str) -> bool:
-        if self.admits_all:
-            return True
-        return any(path == p or path.startswith(p + "/") for p in self.prefixes)
+        return self.admits_all or path in self.exact or path.startswith(self.under)
 
 
 @dataclass(frozen=True)
@@ -226,18 +224,25 @@ def _decision(allowed: bool, reason: str, **fields: str) -> Decision:
     return Decision(allowed, reason, REASON_TEXT[reason].format(**fields))
 
 
+SESSION = _decision(True, REASON_SESSION)
+ALLOWED = _decision(True, REASON_ALLOWED)
+BLOCKED_USER = _decision(False, REASON_BLOCKED_USER)
+GUARD_ERROR = _decision(False, REASON_GUARD_ERROR)
+
+
 def decide(facts: Facts, policy: Policy) -> Decision:
     if not facts.is_api_key:
-        return _decision(True, REASON_SESSION)
+        return SESSION
     role = facts.role or ""
-    principal = {facts.user_id.casefold(), facts.email.casefold()} - {""}
-    if principal & policy.api_key_blocked_users:
-        return _decision(False, REASON_BLOCKED_USER)
-    groups = {g.casefold() for g in facts.group_ids | facts.group_names}
+    user_id, email = facts.user_id.casefold(), facts.email.casefold()
+    blocked = policy.api_key_blocked_users
+    if blocked and (user_id in blocked or email in blocked):
+        return BLOCKED_USER
+    users, groups = policy.api_key_users, policy.api_key_groups
     admitted = (
         role.casefold() in policy.api_key_roles
-        or bool(groups & policy.api_key_groups)
-        or bool(principal & policy.api_key_users)
+        or (users and (user_id in users or email in users))
+        or (groups and any(g.casefold() in groups for g in (*facts.group_ids, *facts.group_names)))
     )
     if not admitted:
         return _decision(False, REASON_NOT_ADMITTED, role=role)
@@ -250,10 +255,7 @@ def decide(facts: Facts, policy: Policy) -> Decision:
     models = policy.allowed_models_admin if kind == "admin" else policy.allowed_models_user
     if facts.model is not None and not models.admits(facts.model):
         return _decision(False, REASON_MODEL, role=role, model=facts.model, valve=f"api_key_allowed_models_{kind}")
-    return _decision(True, REASON_ALLOWED)
-
-
-GUARD_ERROR = _decision(False, REASON_GUARD_ERROR)
+    return ALLOWED
 
 
 # ---------------------------------------------------------------------------
