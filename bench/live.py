@@ -70,10 +70,9 @@ def summary(samples: list[float]) -> dict:
 
 def ab_chat(a: Server, b: Server, n: int) -> dict:
     """Non-streaming chat with an admin key, A and B interleaved request by request."""
-    arms = {"guard": [], "no_guard": []}
-    q = {"guard": 0, "no_guard": 0}
+    arms = {"guard": [], "baseline": []}
     sessions = {name: requests.Session() for name in arms}
-    for name, server in (("guard", a), ("no_guard", b)):
+    for name, server in (("guard", a), ("baseline", b)):
         for _ in range(20):  # warm-up: module loaded, caches filled, connections open
             timed(
                 sessions[name],
@@ -83,15 +82,15 @@ def ab_chat(a: Server, b: Server, n: int) -> dict:
                 server.deployment.people.admin.api_key,
                 CHAT_BODY,
             )
-    q0 = {"guard": a.queries(), "no_guard": b.queries()}
+    q0 = {"guard": a.queries(), "baseline": b.queries()}
     for i in range(n):
-        order = (("guard", a), ("no_guard", b)) if i % 2 == 0 else (("no_guard", b), ("guard", a))
+        order = (("guard", a), ("baseline", b)) if i % 2 == 0 else (("baseline", b), ("guard", a))
         for name, server in order:
             key = server.deployment.people.admin.api_key
             arms[name].append(timed(sessions[name], server, "POST", "/api/chat/completions", key, CHAT_BODY))
-    q = {"guard": (a.queries() - q0["guard"]) / n, "no_guard": (b.queries() - q0["no_guard"]) / n}
+    q = {"guard": (a.queries() - q0["guard"]) / n, "baseline": (b.queries() - q0["baseline"]) / n}
     result = {name: summary(samples) for name, samples in arms.items()}
-    result["ratio_median"] = result["guard"]["median_ms"] / result["no_guard"]["median_ms"]
+    result["ratio_median"] = result["guard"]["median_ms"] / result["baseline"]["median_ms"]
     result["queries_per_request"] = q
     return result
 
@@ -176,21 +175,28 @@ class Filter:
 '''
 
 
-def noop_filter_queries(b: Server, n: int) -> float:
-    """Statements per chat on B once it has a do-nothing global filter: Open WebUI's own cost of any filter."""
+def install_noop_filter(b: Server) -> None:
     s, jwt = b.owui, b.deployment.people.admin.jwt
     s.ok(
         "POST", "/api/v1/functions/create", jwt, json={"id": "noop", "name": "noop", "content": NOOP_FILTER, "meta": {}}
     )
     for flag in ("toggle", "toggle/global"):
         s.ok("POST", f"/api/v1/functions/id/noop/{flag}", jwt)
-    session, key = requests.Session(), b.deployment.people.admin.api_key
-    for _ in range(20):
-        timed(session, b, "POST", "/api/chat/completions", key, CHAT_BODY)
-    q0 = b.queries()
-    for _ in range(n):
-        timed(session, b, "POST", "/api/chat/completions", key, CHAT_BODY)
-    return (b.queries() - q0) / n
+
+
+def concurrency_ab(a: Server, b: Server, total: int) -> dict:
+    runs = {"guard": [], "baseline": []}
+    for _ in range(2):  # A, B, A, B: drift hits both
+        runs["guard"].append(concurrency(a, True, total))
+        runs["baseline"].append(concurrency(b, False, total))
+    best = {name: max(r, key=lambda x: x["throughput_rps"]) for name, r in runs.items()}
+    return {
+        "runs": runs,
+        "throughput_ratio": best["guard"]["throughput_rps"] / best["baseline"]["throughput_rps"],
+        "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+        "wrong_decisions": sum(r["wrong_decisions"] for rs in runs.values() for r in rs),
+        "rss_mb": {name: rs[-1]["rss_mb_after"] for name, rs in runs.items()},
+    }
 
 
 def run(version: str, chat_n: int, get_blocks: int, get_block: int, concurrent_total: int) -> dict:
@@ -202,22 +208,17 @@ def run(version: str, chat_n: int, get_blocks: int, get_block: int, concurrent_t
         b.start()
         a.deployment.installer("install")
         time.sleep(VALVES_SETTLE_SECONDS)
-        results = {"open_webui": version, "chat_ab": ab_chat(a, b, chat_n)}
-        results["get_route_guard_ab"] = ab_route_guard_get(a, get_blocks, get_block)
+        results = {"open_webui": version, "get_route_guard_ab": ab_route_guard_get(a, get_blocks, get_block)}
         time.sleep(VALVES_SETTLE_SECONDS)
-        runs = {"guard": [], "no_guard": []}
-        for _ in range(2):  # A, B, A, B: drift hits both
-            runs["guard"].append(concurrency(a, True, concurrent_total))
-            runs["no_guard"].append(concurrency(b, False, concurrent_total))
-        best = {name: max(r, key=lambda x: x["throughput_rps"]) for name, r in runs.items()}
-        results["concurrency"] = {
-            "runs": runs,
-            "throughput_ratio": best["guard"]["throughput_rps"] / best["no_guard"]["throughput_rps"],
-            "errors": sum(r["errors"] for rs in runs.values() for r in rs),
-            "wrong_decisions": sum(r["wrong_decisions"] for rs in runs.values() for r in rs),
-            "rss_mb": {name: rs[-1]["rss_mb_after"] for name, rs in runs.items()},
-        }
-        results["chat_ab"]["queries_per_request"]["noop_filter"] = noop_filter_queries(b, 100)
+        # Baseline 1: B never had a filter. Baseline 2: B with a do-nothing global filter, which
+        # isolates the guard's own cost from what Open WebUI's filter pipeline costs any filter.
+        for baseline in ("pristine", "noop_filter"):
+            if baseline == "noop_filter":
+                install_noop_filter(b)
+            results[f"vs_{baseline}"] = {
+                "chat_ab": ab_chat(a, b, chat_n),
+                "concurrency": concurrency_ab(a, b, concurrent_total),
+            }
         return results
     finally:
         a.owui.stop()
