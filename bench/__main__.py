@@ -40,7 +40,7 @@ def machine() -> str:
 
 BASELINES = {
     "pristine": "a second server that never had the guard",
-    "noop_filter": "that second server with a do-nothing global filter (Open WebUI's cost of any filter)",
+    "noop_filter": "that server with a do-nothing global filter with valves (what Open WebUI costs any filter)",
 }
 
 

@@ -165,11 +165,19 @@ def concurrency(server: Server, guarded: bool, total: int, clients: int = 16) ->
 
 
 NOOP_FILTER = '''"""
-title: No-op filter (benchmark baseline)
+title: No-op filter with valves (benchmark baseline)
 """
+
+from pydantic import BaseModel
 
 
 class Filter:
+    class Valves(BaseModel):
+        priority: int = 0
+
+    def __init__(self):
+        self.valves = self.Valves()
+
     def inlet(self, body: dict) -> dict:
         return body
 '''
