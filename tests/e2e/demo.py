@@ -22,6 +22,7 @@ REQUESTS = (
     ("alice", "API key", "GET", "/api/models"),
     ("alice", "API key", "GET", "/api/v1/chats/"),
     ("gina (automation group)", "API key", "POST", "/api/chat/completions"),
+    ("gina (automation group)", "API key", "POST", "/openai/chat/completions"),
     ("alice", "browser session", "POST", "/api/chat/completions"),
 )
 
@@ -33,8 +34,11 @@ def table(deployment: Deployment) -> list[str]:
         token = account.api_key if how == "API key" else account.jwt
         before = deployment.backend.calls
         response = deployment.server.call(method, path, token, json=CHAT_BODY if method == "POST" else None)
-        reached = "model called" if deployment.backend.calls > before else ""
-        rows.append(f"  {who:24} {how:16} {method:4} {path:28} -> {response.status_code} {reached}")
+        if deployment.backend.calls > before:
+            note = "(reached the model backend)"
+        else:
+            note = str(response.json().get("detail", ""))[:90] if response.status_code >= 400 else ""
+        rows.append(f"  {who:24} {how:16} {method:4} {path:26} -> {response.status_code} {note}")
     return rows
 
 
