@@ -225,8 +225,13 @@ class Client:
                 f"API Key Guard itself denied {where} (403); use an admin session token (JWT), or allow the path "
                 f"in the valve api_key_allowed_endpoints_admin.{said}"
             )
-        if status == 403 or (status == 401 and "permission" in detail.lower()):
-            return ServerError(f"the key is not an administrator's ({status}); use an admin's API key or token.{said}")
+        if status == 401 and "permission" in detail.lower():
+            return ServerError(f"the key is not an administrator's (401); use an admin's API key or token.{said}")
+        if status == 403:
+            return ServerError(
+                "the server refused the credential (403): API keys are disabled or restricted on this server; "
+                f"use an admin session token (JWT) or check its API key settings.{said}"
+            )
         if status == 401 and not says_not_found(detail):
             return ServerError(
                 f"the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY "

@@ -714,6 +714,8 @@ def make_route_check(function_state: FunctionState) -> Callable:
             decision = decide(facts, policy)
         except Exception as exc:  # fail closed for API-key traffic
             decision, error = GUARD_ERROR, describe(exc)
+            if scope is not None:
+                scope[HOOKS_ATTR] = "fail-closed"
         if judge(decision, facts, api_key, "route", enforce, audit, error):
             return block_text(template, decision)
         return None

@@ -919,7 +919,8 @@ ERROR_CASES = [
         ARGS,
         None,
         [answer(403, json={"detail": "Use of API key is not enabled in the environment."})],
-        "error: the key is not an administrator's (403); use an admin's API key or token. "
+        "error: the server refused the credential (403): API keys are disabled or restricted on this server; "
+        "use an admin session token (JWT) or check its API key settings. "
         "Server said: Use of API key is not enabled in the environment.",
         3,
         id="403-forbidden",
