@@ -3,7 +3,7 @@
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,25 @@ DEFAULT_VALVES = load_guard().Valves().model_dump()
 VALVES_SETTLE_SECONDS = 2.5
 
 
+ATTACK_RESULTS = {"run": 0, "passed": 0}
+
+
+def pytest_runtest_logreport(report):
+    if "test_attacks.py" in report.nodeid and (report.when == "call" or report.failed):
+        ATTACK_RESULTS["run"] += report.when == "call"
+        ATTACK_RESULTS["passed"] += report.when == "call" and report.passed
+
+
+def pytest_terminal_summary(terminalreporter):
+    attacks = sys.modules.get("tests.e2e.test_attacks")
+    if ATTACK_RESULTS["run"] and attacks is not None:
+        terminalreporter.write_line(
+            f"adversarial: {ATTACK_RESULTS['run']} cases run, {ATTACK_RESULTS['passed']} passed, "
+            f"bypasses found = {len(attacks.BYPASSES)}"
+            + (f" ({', '.join(attacks.BYPASSES)})" if attacks.BYPASSES else "")
+        )
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "/e2e/" in str(item.fspath):
@@ -36,14 +55,24 @@ class Deployment:
     backend: CountingBackend
     people: Bootstrap
     valves: str = ""
+    extra_secrets: list = field(default_factory=list)  # keys and tokens of accounts tests add
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every credential this server has been sent: none may ever appear in its log."""
+        own = [s for account in self.people.accounts for s in (account.api_key, account.jwt)]
+        return [s for s in own + self.extra_secrets if s]
 
     @property
     def version(self) -> tuple:
         return version_tuple(self.server.version)
 
     def installer(self, command: str = "install", *args: str, key: str | None = None) -> int:
-        """Run install.py against this server as its admin, the way an operator would."""
-        return install.main([command, "--url", self.server.url, "--api-key", key or self.people.admin.api_key, *args])
+        """Run install.py against this server as its admin, the way an operator would.
+
+        By default with the admin's session token, which no guard policy can lock out; pass the
+        admin's API key where the armed probe (an API-key request) is the point."""
+        return install.main([command, "--url", self.server.url, "--api-key", key or self.people.admin.jwt, *args])
 
     def configure(self, **valves) -> None:
         """Put the guard's valves at their defaults plus `valves`, and wait until the route guard sees them."""
@@ -57,11 +86,25 @@ class Deployment:
         self.valves = wanted
 
 
+def leaked(deployment: Deployment) -> list[str]:
+    """Fingerprints of the credentials whose secret part shows up in the server's log."""
+    text = deployment.server.log_path.read_text(errors="replace") if deployment.server.log_path.exists() else ""
+    # the secret part: a key without its sk- prefix, a JWT's signature
+    return [s[:6] + "…" + s[-4:] for s in deployment.secrets if (s[3:] if s.startswith("sk-") else s[-20:]) in text]
+
+
 def start_deployment(version: str, workdir: Path, request, **extra_env) -> Deployment:
     backend = CountingBackend().start()
     request.addfinalizer(backend.stop)
     server = OpenWebUI(version, workdir / "data", backend.url, extra_env=extra_env)
-    request.addfinalizer(server.stop)
+    deployment = None
+
+    def stop_and_scan_logs():
+        server.stop()
+        if deployment is not None:
+            assert leaked(deployment) == [], f"credentials leaked into {server.log_path}"
+
+    request.addfinalizer(stop_and_scan_logs)
     server.start()
     deployment = Deployment(server, backend, Bootstrap(server).run())
     deployment.configure()

@@ -7,7 +7,7 @@ VERSION = "0.1.0"
 
 
 def run(deployment, capsys, *args) -> tuple[int, list[str]]:
-    code = deployment.installer(*args)
+    code = deployment.installer(*args, key=deployment.people.admin.api_key)
     out = capsys.readouterr().out
     return code, out.splitlines()
 

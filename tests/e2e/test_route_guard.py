@@ -48,11 +48,11 @@ def restartable(request, tmp_path_factory):
 def test_restart_is_armed_by_a_model_listing(restartable, capsys):
     restartable.server.restart()
     # The window the README admits: until Open WebUI loads the function, nothing guards the routes.
-    assert restartable.installer("status") == 1
+    assert restartable.installer("status", key=restartable.people.admin.api_key) == 1
     assert "route guard: NOT armed" in capsys.readouterr().out
     restartable.server.ok("GET", "/api/models", restartable.people.admin.jwt)
     assert alice(restartable)[:2] == (403, False)
-    assert restartable.installer("status") == 0
+    assert restartable.installer("status", key=restartable.people.admin.api_key) == 0
 
 
 def test_restart_with_base_models_cache_is_armed_from_the_first_request(restartable):
