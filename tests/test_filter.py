@@ -213,3 +213,22 @@ def test_bounded_cache_never_exceeds_its_size():
         cache.put(i, i)
     assert len(cache) == 3
     assert cache.get(9) == 9 and cache.get(0) is None
+
+
+AUDIT = [
+    pytest.param("deny", 0, 1, id="deny-logs-denials-only"),
+    pytest.param("all", 1, 1, id="all-logs-everything"),
+    pytest.param("off", 0, 0, id="off-logs-nothing"),
+]
+
+
+@pytest.mark.parametrize(("audit_log", "allow_lines", "deny_lines"), AUDIT)
+def test_audit_log_valve(groups, caplog, audit_log, allow_lines, deny_lines):
+    groups()
+    module = load_guard()
+    with caplog.at_level(logging.INFO, logger="api_key_guard"):
+        run_inlet(module, KEY_REQUEST, ADMIN, audit_log=audit_log)
+        allowed = len(caplog.records)
+        with pytest.raises(Exception, match="not enabled"):
+            run_inlet(module, make_request({"Authorization": f"Bearer {ALICE_KEY}"}), ALICE, audit_log=audit_log)
+    assert (allowed, len(caplog.records) - allowed) == (allow_lines, deny_lines)
