@@ -24,22 +24,27 @@ DEFAULT_VALVES = load_guard().Valves().model_dump()
 VALVES_SETTLE_SECONDS = 2.5
 
 
-ATTACK_RESULTS = {"run": 0, "passed": 0}
+ATTACK_RESULTS = {"run": 0, "passed": 0, "xfailed": 0}
+ADVERSARIAL_FILES = ("test_attacks.py", "test_route_table.py", "test_adversarial.py")
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and any(name in report.nodeid for name in ("test_attacks.py", "test_route_table.py")):
+    if report.when == "call" and any(name in report.nodeid for name in ADVERSARIAL_FILES):
         ATTACK_RESULTS["run"] += 1
         ATTACK_RESULTS["passed"] += report.passed
+        ATTACK_RESULTS["xfailed"] += hasattr(report, "wasxfail") and report.skipped
 
 
 def pytest_terminal_summary(terminalreporter):
-    attacks = sys.modules.get("tests.e2e.test_attacks")
-    if ATTACK_RESULTS["run"] and attacks is not None:
+    bypasses = []
+    for name in ("tests.e2e.test_attacks", "tests.e2e.attacks"):  # each suite records the cases whose invariant broke
+        module = sys.modules.get(name)
+        bypasses += getattr(module, "BYPASSES", []) if module is not None else []
+    if ATTACK_RESULTS["run"]:
+        known = f", {ATTACK_RESULTS['xfailed']} known bypasses (xfail)" if ATTACK_RESULTS["xfailed"] else ""
         terminalreporter.write_line(
-            f"adversarial: {ATTACK_RESULTS['run']} cases run, {ATTACK_RESULTS['passed']} passed, "
-            f"bypasses found = {len(attacks.BYPASSES)}"
-            + (f" ({', '.join(attacks.BYPASSES)})" if attacks.BYPASSES else "")
+            f"adversarial: {ATTACK_RESULTS['run']} cases run, {ATTACK_RESULTS['passed']} passed{known}, "
+            f"bypasses found = {len(bypasses)}" + (f" ({', '.join(bypasses)})" if bypasses else "")
         )
 
 
