@@ -114,11 +114,15 @@ def for_version(deployment, expected):
     return expected if not isinstance(expected, tuple) else expected[0 if deployment.server.modern else 1]
 
 
-def verdict(request, answer: Answer, expected: str, attack: bool, backend: bool = False) -> None:
-    """Pin the exact outcome and whether the backend was called; record a broken invariant as a bypass."""
+def verdict(request, answer: Answer, expected: str, attack: bool, backend: bool | None = False) -> None:
+    """Pin the exact outcome and whether the backend was called; record a broken invariant as a bypass.
+
+    `backend=None` only for a served model listing: Open WebUI 0.12 may answer it from a short-lived
+    cache instead of asking the backend again."""
     if attack and answer.breaks_invariant:
         BYPASSES.append(request.node.name)
-    assert (answer.outcome, answer.backend_calls > 0) == (expected, backend), str(answer)
+    called = answer.backend_calls > 0
+    assert (answer.outcome, called if backend is not None else None) == (expected, backend), str(answer)
 
 
 # --- placeholders in case tables, filled per deployment ------------------------------------
