@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The supported releases the end-to-end suite runs against. Adding one is this one line.
-VERSIONS = ("0.12.4", "0.6.22")
+VERSIONS = ("0.12.4", "0.10.2", "0.8.12", "0.6.22")
 # Installed first so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN = "torch==2.13.0"
 DONE_MARKER = ".provisioned"
