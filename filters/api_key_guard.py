@@ -20,7 +20,10 @@ description: Decide who may use API keys, and where: admin-only by default; role
 import contextvars
 import fnmatch
 import functools
+import hashlib
+import http.cookies
 import inspect
+import json
 import logging
 import os
 import re
@@ -45,6 +48,7 @@ REASON_BLOCKED_USER = "blocked_user"
 REASON_NOT_ADMITTED = "not_admitted"
 REASON_ENDPOINT = "endpoint_not_allowed"
 REASON_MODEL = "model_not_allowed"
+REASON_MODEL_UNREADABLE = "model_unreadable"
 REASON_GUARD_ERROR = "guard_error"
 
 REASON_TEXT = {
@@ -57,6 +61,10 @@ REASON_TEXT = {
     ),
     REASON_ENDPOINT: "API keys of role '{role}' may not call {path} ({valve})",
     REASON_MODEL: "API keys of role '{role}' may not use model '{model}' ({valve})",
+    REASON_MODEL_UNREADABLE: (
+        "API keys of role '{role}' may only use the models in {valve}, and the model of this request "
+        "cannot be checked: {problem}"
+    ),
     REASON_GUARD_ERROR: (
         "API Key Guard could not evaluate this API key request and denied it; "
         "an administrator must check the server log"
@@ -76,6 +84,10 @@ LEGACY_ENV = {
 # at most this many seconds later.
 GROUPS_TTL_SECONDS = 10.0
 FUNCTION_STATE_TTL_SECONDS = 2.0
+# Test harnesses only: one short lifetime for both caches, so a suite waits
+# for a change in fractions of a second instead of sleeping out the TTLs.
+if os.environ.get("API_KEY_GUARD_TEST_CACHE_SECONDS"):
+    GROUPS_TTL_SECONDS = FUNCTION_STATE_TTL_SECONDS = float(os.environ["API_KEY_GUARD_TEST_CACHE_SECONDS"])
 CACHE_MAX_ENTRIES = 4096
 
 
@@ -184,7 +196,7 @@ def compile_policy(
 
 def policy_from_valves(valves: Any) -> Policy:
     if getattr(valves, "_invalid", None):
-        raise ValueError(f"stored valves are invalid: {valves._invalid}")
+        raise ValueError(f"stored valves are unusable: {valves._invalid}")
     return compile_policy(
         valves.mode,
         valves.api_key_roles,
@@ -210,7 +222,8 @@ class Facts:
     group_ids: frozenset = frozenset()
     group_names: frozenset = frozenset()
     path: str = ""
-    model: str | None = None  # None where the route carries no model
+    model: str | None = None  # None where the route carries no model, or it could not be read
+    model_problem: str = ""  # why a model-bearing request's model could not be read
 
 
 @dataclass(frozen=True)
@@ -253,8 +266,13 @@ def decide(facts: Facts, policy: Policy) -> Decision:
     if not endpoints.admits(facts.path):
         return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=f"api_key_allowed_endpoints_{kind}")
     models = policy.allowed_models_admin if kind == "admin" else policy.allowed_models_user
+    if models.admits_all:
+        return ALLOWED
+    valve = f"api_key_allowed_models_{kind}"
+    if facts.model_problem:  # a model list that cannot be checked is not passed
+        return _decision(False, REASON_MODEL_UNREADABLE, role=role, valve=valve, problem=facts.model_problem)
     if facts.model is not None and not models.admits(facts.model):
-        return _decision(False, REASON_MODEL, role=role, model=facts.model, valve=f"api_key_allowed_models_{kind}")
+        return _decision(False, REASON_MODEL, role=role, model=facts.model, valve=valve)
     return ALLOWED
 
 
@@ -342,6 +360,10 @@ class TTLCache:
                     self._entries.pop(next(iter(self._entries)))
             self._entries[key] = (time.monotonic() + self.ttl, value)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -364,61 +386,6 @@ async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
         cached = (frozenset(g.id for g in groups), frozenset(g.name for g in groups))
         _group_cache.put(user_id, cached)
     return cached
-
-
-async def facts_for(user: Any, path: str, model: str | None) -> Facts:
-    user_id = str(user["id"])
-    group_ids, group_names = await user_groups(user_id)
-    return Facts(
-        is_api_key=True,
-        user_id=user_id,
-        email=str(user.get("email") or ""),
-        role=str(user.get("role") or ""),
-        group_ids=group_ids,
-        group_names=group_names,
-        path=path,
-        model=model,
-    )
-
-
-# ---------------------------------------------------------------------------
-# The one place a decision becomes an outcome: the audit line, and whether the
-# request must be stopped.
-# ---------------------------------------------------------------------------
-def judge(
-    decision: Decision,
-    facts: Facts,
-    token: str | None,
-    where: str,
-    enforce: bool,
-    audit: str,
-    error: str | None = None,
-) -> bool:
-    """Write the one audit line the settings ask for; True when the request must be stopped."""
-    stop = not decision.allowed and enforce
-    if error is not None:
-        level = logging.ERROR
-    elif decision.allowed:
-        level = logging.INFO if audit == "all" else None
-    else:
-        level = logging.WARNING if audit != "off" else None
-    if level is not None:
-        verdict = "allow" if decision.allowed else ("deny" if stop else "would-deny")
-        log.log(
-            level,
-            "api_key_guard %s via=%s reason=%s key=%s user=%s role=%s path=%s model=%s: %s%s",
-            verdict,
-            where,
-            decision.reason,
-            fingerprint(token),
-            facts.user_id or "-",
-            facts.role or "-",
-            facts.path or "-",
-            facts.model or "-",
-            decision.message,
-            f" [{error}]" if error else "",
-        )
-    return stop
 
 
 def describe(exc: Exception) -> str:
@@ -557,7 +524,133 @@ class Valves(BaseModel):
 
 
 # ---------------------------------------------------------------------------
-# The filter: adapts Open WebUI's inlet arguments to the decision.
+# The one evaluation path. Both adapters (the inlet filter and the route guard)
+# hand over what they know and get back None or a Refusal; `_reject` is the one
+# place a decision becomes an audit line and a refusal.
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    detail: str
+    reason: str
+    headers: tuple = ()  # extra response headers, (name, value) pairs
+
+
+async def facts_for(user: dict, path: str, model: str | None, model_problem: str) -> Facts:
+    user_id = str(user["id"])
+    group_ids, group_names = await user_groups(user_id)
+    return Facts(
+        is_api_key=True,
+        user_id=user_id,
+        email=str(user.get("email") or ""),
+        role=str(user.get("role") or ""),
+        group_ids=group_ids,
+        group_names=group_names,
+        path=path,
+        model=model,
+        model_problem=model_problem,
+    )
+
+
+async def evaluate(
+    valves: Any,
+    user: dict | None,
+    token: str | None,
+    path: str | None,
+    model: str | None,
+    model_problem: str,
+    where: str,
+    quiet: bool = False,
+) -> Refusal | None:
+    """Judge one API-key request; None lets it through. `quiet` logs only a refusal."""
+    facts, policy, error = Facts(is_api_key=True, path=path or ""), None, None
+    try:
+        policy = policy_from_valves(valves)
+        if path is None:
+            raise ValueError("no request passed to the guard")
+        if not isinstance(user, dict):
+            raise ValueError("no user passed to the guard")
+        facts = await facts_for(user, path, model, model_problem)
+        decision = decide(facts, policy)
+    except Exception as exc:  # fail closed: an undecidable key request is denied
+        decision, error = GUARD_ERROR, describe(exc)
+    enforce = policy.enforce if policy is not None else True
+    return _reject(decision, facts, token, where, enforce, valves, error, quiet)
+
+
+def _reject(
+    decision: Decision,
+    facts: Facts,
+    token: str | None,
+    where: str,
+    enforce: bool,
+    valves: Any,
+    error: str | None,
+    quiet: bool,
+) -> Refusal | None:
+    """Write the one audit line the settings ask for; a Refusal when the request must be stopped."""
+    stop = not decision.allowed and enforce
+    audit = valves.audit_log
+    if error is not None:
+        level = logging.ERROR
+    elif decision.allowed:
+        level = logging.INFO if audit == "all" and not quiet else None
+    else:
+        level = logging.WARNING if audit != "off" and (stop or not quiet) else None
+    if level is not None:
+        verdict = "allow" if decision.allowed else ("deny" if stop else "would-deny")
+        log.log(
+            level,
+            "api_key_guard %s via=%s reason=%s key=%s user=%s role=%s path=%s model=%s: %s%s",
+            verdict,
+            where,
+            decision.reason,
+            fingerprint(token),
+            facts.user_id or "-",
+            facts.role or "-",
+            facts.path or "-",
+            facts.model or "-",
+            decision.message,
+            f" [{error}]" if error else "",
+        )
+    if not stop:
+        return None
+    return Refusal(403, block_text(valves.block_message, decision), decision.reason)
+
+
+def model_of(body: Any) -> tuple[str | None, str]:
+    """(model, problem): the model a request body names, or why none could be read."""
+    if not isinstance(body, dict):
+        return None, "the request body is not a JSON object"
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return None, "the request names no model"
+    return model, ""
+
+
+def policy_fingerprint(stored: Any) -> str:
+    """Short fingerprint of the stored valves, so an installer can see which policy is in force."""
+    text = json.dumps(stored or {}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stored_valves(stored: Any) -> "Valves":
+    """The Valves for a stored record; an invalid record becomes unusable valves (fail closed)."""
+    try:
+        return Valves(**(stored or {}))
+    except Exception as exc:
+        return unusable_valves(exc)
+
+
+def unusable_valves(exc: Exception) -> "Valves":
+    """Defaults marked unusable: every API-key request is refused with the guard-error message."""
+    marked = Valves()
+    marked._invalid = describe(exc)
+    return marked
+
+
+# ---------------------------------------------------------------------------
+# The filter: adapts Open WebUI's inlet arguments to the evaluation.
 # ---------------------------------------------------------------------------
 class Filter:
     Valves = Valves
@@ -566,41 +659,150 @@ class Filter:
         self.valves = self.Valves()
 
     async def inlet(self, body: dict, __user__: dict | None = None, __request__: Any = None) -> dict:
-        token, facts, policy, error = None, Facts(is_api_key=True), None, None
-        try:
-            if __request__ is None:
-                raise ValueError("no request passed to the filter")
+        token, path, judged = None, None, False
+        if __request__ is not None:
             token = request_credential(__request__)
             auth_type = getattr(__request__.state, "auth_type", None)
             if not (auth_type == "api_key" if auth_type is not None else is_api_key(token)):
                 return body
-            policy = policy_from_valves(self.valves)
-            if not isinstance(__user__, dict):
-                raise ValueError("no user passed to the filter")
-            model = body.get("model")
-            facts = await facts_for(__user__, __request__.scope["path"], str(model or ""))
-            decision = decide(facts, policy)
-        except Exception as exc:  # fail closed: an undecidable key request is denied
-            decision, error = GUARD_ERROR, describe(exc)
-        enforce = policy.enforce if policy is not None else True
-        if judge(decision, facts, token, "inlet", enforce, self.valves.audit_log, error):
-            raise Exception(block_text(self.valves.block_message, decision))
+            path, judged = __request__.scope["path"], SCOPE_MARKS in __request__.scope
+        model, problem = model_of(body)
+        # Defence in depth behind the route guard: when it already judged this request, a second
+        # audit line would double-count it, so only a refusal is logged here.
+        refusal = await evaluate(self.valves, __user__, token, path, model, problem, "inlet", quiet=judged)
+        if refusal is not None:
+            raise Exception(refusal.detail)
         return body
 
 
 # ---------------------------------------------------------------------------
 # Route guard. An inlet filter only sees the chat pipeline, yet the same key
-# reaches models through /openai/*, task and embedding routes, and the whole
-# REST API. Open WebUI authenticates every API key through one call,
-# Users.get_user_by_api_key (both 0.6 and 0.12), so the guard wraps that call:
-# it sees exactly the credential core accepted, from any transport, and the
-# user core resolved, and raises 403 before any route handler runs. A thin
-# ASGI wrapper only remembers which routed path (scope["path"]) the current
-# request is for. Both hooks are installed once per process and delegate to the
-# most recently loaded copy of this file, so edits and reloads never stack.
+# reaches models through /openai/*, /ollama/*, task and embedding routes, and
+# the whole REST API. Open WebUI authenticates every API key through one call,
+# Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
+# sees exactly the credential core accepted, from any transport, and the user
+# core resolved, and refuses before any route handler runs. A thin ASGI
+# wrapper remembers the request (scope) the lookup belongs to, reads the model
+# of model-bearing key requests before core does, marks judged responses and
+# trims model listings. Both hooks are installed once per process and delegate
+# to the most recently loaded copy of this file, so reloads never stack.
 # ---------------------------------------------------------------------------
 HOOKS_ATTR = "_api_key_guard_hooks"
 GUARD_HEADER = b"x-api-key-guard"
+POLICY_HEADER = b"x-api-key-guard-policy"
+SCOPE_MARKS = "api_key_guard.marks"  # response headers of a request the route guard judged
+SCOPE_MODEL = "api_key_guard.model"  # (model, problem) read from a model-bearing key request
+SCOPE_LISTING = "api_key_guard.listing"  # the ModelList a key's model listing is trimmed to
+
+# Routes whose request body names the model it reaches (route templates, every pinned release).
+# The route-table contract test fails when a release adds a model-bearing route missing here.
+MODEL_ROUTES = frozenset(
+    {
+        "/api/chat/completions",
+        "/api/v1/chat/completions",
+        "/api/chat/completed",
+        "/api/chat/actions/{action_id}",
+        "/api/embeddings",
+        "/api/v1/embeddings",
+        "/api/message",
+        "/api/v1/messages",
+        "/api/message/count_tokens",
+        "/api/v1/messages/count_tokens",
+        "/openai/chat/completions",
+        "/openai/responses",
+        "/openai/audio/speech",
+        "/openai/{path:path}",
+        "/ollama/api/generate",
+        "/ollama/api/generate/{url_idx}",
+        "/ollama/api/chat",
+        "/ollama/api/chat/{url_idx}",
+        "/ollama/api/embed",
+        "/ollama/api/embed/{url_idx}",
+        "/ollama/api/embeddings",
+        "/ollama/api/embeddings/{url_idx}",
+        "/ollama/v1/completions",
+        "/ollama/v1/completions/{url_idx}",
+        "/ollama/v1/embeddings",
+        "/ollama/v1/embeddings/{url_idx}",
+        "/ollama/v1/chat/completions",
+        "/ollama/v1/chat/completions/{url_idx}",
+        "/ollama/v1/messages",
+        "/ollama/v1/messages/{url_idx}",
+        *(
+            f"/api/v1/tasks/{task}/completions"
+            for task in ("title", "follow_up", "tags", "image_prompt", "queries", "auto", "emoji", "moa")
+        ),
+    }
+)
+# GET routes that list models; for a key limited to some models they list only those.
+MODEL_LISTINGS = frozenset(
+    {
+        "/api/models",
+        "/api/v1/models",
+        "/openai/models",
+        "/openai/models/{url_idx}",
+        "/ollama/api/tags",
+        "/ollama/api/tags/{url_idx}",
+        "/ollama/v1/models",
+        "/ollama/v1/models/{url_idx}",
+    }
+)
+# A model-bearing body is read only up to this size; a larger one cannot be checked and is
+# refused where a model list applies (chat bodies with images stay far below it).
+MAX_MODEL_BODY_BYTES = 8 * 2**20
+ROUTE_KIND_CACHE_ENTRIES = 4096
+MODEL_ROUTE, LISTING = "model", "listing"
+
+
+def scope_credential(scope: dict) -> str | None:
+    """The credential core will authenticate, read from the raw ASGI headers in core's order."""
+    authorization = cookie = custom = None
+    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"cookie":
+            cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
+        elif name == custom_name and custom is None:
+            custom = value.decode("latin-1")
+    return presented_credential(authorization, cookie_token(cookie), custom)
+
+
+def cookie_token(cookie: str | None) -> str | None:
+    """The `token` cookie as Starlette parses it (last one wins, quotes removed)."""
+    token = None
+    for chunk in (cookie or "").split(";"):
+        key, sep, value = chunk.partition("=")
+        if sep and key.strip() == "token":
+            token = http.cookies._unquote(value.strip())
+    return token
+
+
+def routed_template(app: Any, scope: dict) -> str | None:
+    """The path template of the route Starlette's router will dispatch this request to."""
+    routing = sys.modules.get("starlette.routing")
+    router = getattr(app, "router", None)
+    if routing is None or router is None:
+        return None
+    for route in router.routes:
+        match, _ = route.matches(scope)
+        if match is routing.Match.FULL:
+            return getattr(route, "path", None)
+    return None
+
+
+def listing_trimmed(body: bytes, models: ModelList) -> bytes:
+    """An OpenAI-style ({"data": [...]}) or Ollama-style ({"models": [...]}) listing, trimmed to `models`."""
+    listing = json.loads(body)
+    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
+        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and models.admits(str(m.get("id")))]
+    elif isinstance(listing, dict) and isinstance(listing.get("models"), list):
+        listing["models"] = [
+            m for m in listing["models"] if isinstance(m, dict) and models.admits(str(m.get("model") or m.get("name")))
+        ]
+    else:
+        raise ValueError("unknown model listing shape")
+    return json.dumps(listing).encode()
 
 
 class RouteHooks:
@@ -608,24 +810,19 @@ class RouteHooks:
 
     def __init__(self, app: Any, users: Any, http_exception: type):
         self.scope_var: contextvars.ContextVar = contextvars.ContextVar("api_key_guard_scope", default=None)
-        self.check: Callable | None = None  # async (user, token, scope) -> Optional[str]
+        self.guard: RouteGuard | None = None  # the most recently loaded copy
         self.http_exception = http_exception
         inner = app.middleware_stack
         original_lookup = users.get_user_by_api_key
         hooks = self
 
         async def asgi(scope, receive, send):
-            if scope["type"] not in ("http", "websocket"):
-                return await inner(scope, receive, send)
-
-            async def send_marked(message):
-                if message["type"] == "http.response.start" and HOOKS_ATTR in scope:
-                    message["headers"] = [*message.get("headers", []), (GUARD_HEADER, scope[HOOKS_ATTR].encode())]
-                await send(message)
-
             reset = hooks.scope_var.set(scope)
             try:
-                await inner(scope, receive, send_marked)
+                guard = hooks.guard
+                if guard is None or scope["type"] != "http":
+                    return await inner(scope, receive, send)
+                await guard.serve(scope, receive, send, inner)
             finally:
                 hooks.scope_var.reset(reset)
 
@@ -633,24 +830,26 @@ class RouteHooks:
 
             async def lookup(api_key, *args, **kwargs):
                 user = await original_lookup(api_key, *args, **kwargs)
-                if user is not None and hooks.check is not None:
-                    hooks.stop_if_denied(await hooks.check(user, api_key, hooks.scope_var.get()))
+                if user is not None and hooks.guard is not None:
+                    hooks.stop_if_refused(await hooks.guard.check(user, api_key, hooks.scope_var.get()))
                 return user
 
         else:
 
             def lookup(api_key, *args, **kwargs):
                 user = original_lookup(api_key, *args, **kwargs)
-                if user is not None and hooks.check is not None:
-                    hooks.stop_if_denied(drive(hooks.check(user, api_key, hooks.scope_var.get())))
+                if user is not None and hooks.guard is not None:
+                    hooks.stop_if_refused(drive(hooks.guard.check(user, api_key, hooks.scope_var.get())))
                 return user
 
         app.middleware_stack = asgi
         users.get_user_by_api_key = lookup
 
-    def stop_if_denied(self, message: str | None) -> None:
-        if message is not None:
-            raise self.http_exception(status_code=403, detail=message)
+    def stop_if_refused(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            raise self.http_exception(
+                status_code=refusal.status, detail=refusal.detail, headers=dict(refusal.headers) or None
+            )
 
 
 def current_request_path() -> str | None:
@@ -667,64 +866,154 @@ def function_id_from_module_name(name: str) -> str:
 
 
 class FunctionState:
-    """Whether this function is active and its stored valves, re-read every few seconds."""
+    """Whether this function is active, its stored valves and their fingerprint, re-read every few seconds."""
 
     def __init__(self, function_id: str):
         self.function_id = function_id
         self._cache = TTLCache(FUNCTION_STATE_TTL_SECONDS, max_entries=1)
 
-    async def current(self) -> tuple[bool, Any]:
-        """(active, valves or the exception that makes them unusable)."""
+    async def current(self) -> tuple[bool, Valves, str]:
         state = self._cache.get(self.function_id)
         if state is None:
             functions = openwebui_model("functions", "Functions")
             function = await settle(functions.get_function_by_id(self.function_id))
             active = bool(function is not None and function.is_active)
-            try:
-                stored = await settle(functions.get_function_valves_by_id(self.function_id)) if active else None
-                valves = Valves(**(stored or {}))
-                policy_from_valves(valves)
-            except Exception as exc:
-                valves = exc
-            state = (active, valves)
+            stored = await settle(functions.get_function_valves_by_id(self.function_id)) if active else None
+            state = (active, stored_valves(stored), policy_fingerprint(stored))
             self._cache.put(self.function_id, state)
         return state
 
+    def forget(self) -> None:
+        self._cache.clear()
 
-def make_route_check(function_state: FunctionState) -> Callable:
-    async def route_check(user: Any, api_key: str, scope: dict | None) -> str | None:
-        """None to let the request through, else the 403 detail."""
-        facts, error = Facts(is_api_key=True), None
-        enforce, audit, template = True, "deny", DEFAULT_BLOCK_MESSAGE
+
+class RouteGuard:
+    """This copy of the file as the route hooks use it: per-request work for API-key requests only."""
+
+    def __init__(self, app: Any, function_id: str):
+        self.app = app
+        self.state = FunctionState(function_id)
+        self.own_path = f"/api/v1/functions/id/{function_id}/"
+        self._kinds: dict = {}
+
+    def route_kind(self, scope: dict) -> str | None:
+        key = (scope["method"], scope["path"])
+        kind = self._kinds.get(key, "")
+        if kind == "":
+            template = routed_template(self.app, scope)
+            kind = MODEL_ROUTE if template in MODEL_ROUTES else None
+            if template in MODEL_LISTINGS and scope["method"] == "GET":
+                kind = LISTING
+            if len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
+                self._kinds[key] = kind
+        return kind
+
+    async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
+        if is_api_key(scope_credential(scope)):
+            kind = self.route_kind(scope)
+            if kind == MODEL_ROUTE:
+                receive = await self.read_model(scope, receive)
+            elif kind == LISTING:  # an uncompressed answer, so it can be trimmed
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
         try:
-            active, valves = await function_state.current()
-            if not active:
-                return None
-            if isinstance(valves, Exception):
-                raise valves
-            if not valves.route_guard:
-                return None
-            template, audit = valves.block_message, valves.audit_log
-            if scope is None:
-                raise ValueError("API key looked up outside an HTTP request")
-            scope[HOOKS_ATTR] = valves.mode
-            policy = policy_from_valves(valves)
-            enforce = policy.enforce
-            facts = await facts_for({"id": user.id, "email": user.email, "role": user.role}, scope["path"], None)
-            decision = decide(facts, policy)
-        except Exception as exc:  # fail closed for API-key traffic
-            decision, error = GUARD_ERROR, describe(exc)
-            if scope is not None:
-                scope[HOOKS_ATTR] = "fail-closed"
-        if judge(decision, facts, api_key, "route", enforce, audit, error):
-            return block_text(template, decision)
-        return None
+            await inner(scope, receive, self.marking(scope, send))
+        finally:
+            # An admin saving this function's valves (UI or API) is in force in this worker at once.
+            if scope["method"] != "GET" and scope["path"].startswith(self.own_path):
+                self.state.forget()
 
-    return route_check
+    async def read_model(self, scope: dict, receive: Callable) -> Callable:
+        """Read the body of a model-bearing key request once, note its model, hand it on byte for byte."""
+        try:
+            active, valves, _ = await self.state.current()
+            policy = policy_from_valves(valves)
+        except Exception:
+            return receive  # the lookup fails closed with the same error and logs it
+        if not (active and valves.route_guard) or (
+            policy.allowed_models_admin.admits_all and policy.allowed_models_user.admits_all
+        ):
+            return receive
+        messages, size, more = [], 0, True
+        while more and size <= MAX_MODEL_BODY_BYTES:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        if size > MAX_MODEL_BODY_BYTES:
+            scope[SCOPE_MODEL] = (None, f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
+        else:
+            try:
+                body = json.loads(b"".join(m.get("body", b"") for m in messages) or b"null")
+            except ValueError:
+                body = None
+            scope[SCOPE_MODEL] = model_of(body)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return replay
+
+    def marking(self, scope: dict, send: Callable) -> Callable:
+        held: list = []
+
+        async def send_marked(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *scope.get(SCOPE_MARKS, ())]
+                if scope.get(SCOPE_LISTING) is not None and message["status"] == 200:
+                    held.append(message)
+                    return
+            elif held and message["type"] == "http.response.body":
+                held.append(message)
+                if message.get("more_body", False):
+                    return
+                await self.send_trimmed(scope[SCOPE_LISTING], held, send)
+                return
+            await send(message)
+
+        return send_marked
+
+    async def send_trimmed(self, models: ModelList, held: list, send: Callable) -> None:
+        start, *chunks = held
+        try:
+            body = listing_trimmed(b"".join(m.get("body", b"") for m in chunks), models)
+        except Exception as exc:  # fail closed: an untrimmable listing lists nothing
+            log.error("api_key_guard could not trim a model listing: %s", describe(exc))
+            body = b'{"data": []}'
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def check(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
+        """Judge a key core just authenticated; None lets the request through."""
+        try:
+            active, valves, policy_id = await self.state.current()
+        except Exception as exc:  # the function's state cannot be read: fail closed for API-key traffic
+            active, valves, policy_id = True, unusable_valves(exc), "-"
+        if not active or not valves.route_guard:
+            return None
+        model, problem, kind = None, "", None
+        if scope is not None:
+            kind = self.route_kind(scope)
+            if kind == MODEL_ROUTE:
+                model, problem = scope.get(SCOPE_MODEL, (None, "the guard could not read the request body"))
+        person = {"id": user.id, "email": user.email, "role": user.role}
+        path = scope["path"] if scope is not None else None
+        refusal = await evaluate(valves, person, api_key, path, model, problem, "route")
+        if scope is not None:
+            mode = "fail-closed" if refusal is not None and refusal.reason == REASON_GUARD_ERROR else valves.mode
+            scope[SCOPE_MARKS] = ((GUARD_HEADER, mode.encode()), (POLICY_HEADER, policy_id.encode()))
+            if kind == LISTING and refusal is None:
+                models = models_for(policy_from_valves(valves), person["role"])
+                scope[SCOPE_LISTING] = None if models.admits_all else models
+        return refusal
+
+
+def models_for(policy: Policy, role: str) -> ModelList:
+    return policy.allowed_models_admin if role == "admin" else policy.allowed_models_user
 
 
 def arm_route_guard(module_name: str) -> RouteHooks | None:
-    """Install the hooks once per process and point them at this copy's check."""
+    """Install the hooks once per process and point them at this copy."""
     main = sys.modules.get("open_webui.main")
     auth = sys.modules.get("open_webui.utils.auth")
     users_module = sys.modules.get("open_webui.models.users")
@@ -737,7 +1026,7 @@ def arm_route_guard(module_name: str) -> RouteHooks | None:
             app.middleware_stack = app.build_middleware_stack()
         hooks = RouteHooks(app, users_module.Users, auth.HTTPException)
         setattr(app, HOOKS_ATTR, hooks)
-    hooks.check = make_route_check(FunctionState(function_id_from_module_name(module_name)))
+    hooks.guard = RouteGuard(app, function_id_from_module_name(module_name))
     return hooks
 
 

@@ -147,8 +147,8 @@ GUARD_ERROR = (
 KEY_REQUEST = make_request({"Authorization": f"Bearer {ADMIN_KEY}"})
 
 FAIL_CLOSED = [
-    pytest.param(None, ADMIN, {}, "ValueError: no request passed to the filter", id="no-request"),
-    pytest.param(KEY_REQUEST, None, {}, "ValueError: no user passed to the filter", id="no-user"),
+    pytest.param(None, ADMIN, {}, "ValueError: no request passed to the guard", id="no-request"),
+    pytest.param(KEY_REQUEST, None, {}, "ValueError: no user passed to the guard", id="no-user"),
     pytest.param(KEY_REQUEST, ADMIN, {"fail": True}, "RuntimeError: database is locked", id="groups-lookup-fails"),
     pytest.param(KEY_REQUEST, {"email": "x@example.com", "role": "admin"}, {}, "KeyError: 'id'", id="user-without-id"),
 ]

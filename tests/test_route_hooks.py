@@ -18,9 +18,9 @@ ADMIN_KEY, ALICE_KEY = USERS
 
 
 class HTTPException(Exception):
-    def __init__(self, status_code, detail):
+    def __init__(self, status_code, detail, headers=None):
         super().__init__(detail)
-        self.status_code, self.detail = status_code, detail
+        self.status_code, self.detail, self.headers = status_code, detail, headers
 
 
 class App:
@@ -86,7 +86,7 @@ def call(app, key, path):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "path": path, "key": key}
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "key": key}
     try:
         asyncio.run(app.middleware_stack(scope, None, send))
     except HTTPException as denied:
@@ -180,5 +180,5 @@ def test_invalid_stored_valves_never_break_the_chat_pipeline(server, path, lenie
     finally:
         hooks.scope_var.reset(reset)
     assert valves.priority == -100, "defaults stand in for the whole invalid record"
-    with pytest.raises(ValueError, match="stored valves are invalid: api_key_roles: Value error, expected roles"):
+    with pytest.raises(ValueError, match="stored valves are unusable: api_key_roles: Value error, expected roles"):
         module.policy_from_valves(valves)
