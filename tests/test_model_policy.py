@@ -1,0 +1,111 @@
+"""Model policy on every route: the pure pieces the route guard uses, as tables."""
+
+import json
+
+import pytest
+from guard_loader import load_guard
+
+g = load_guard()
+USER_OTHER = g.Valves(
+    api_key_roles="admin,user", api_key_allowed_endpoints_user="*", api_key_allowed_models_user="other-*"
+)
+UNREADABLE = (
+    "API keys of role 'user' may only use the models in api_key_allowed_models_user, and the model of this "
+    "request cannot be checked: {}"
+)
+
+
+def decided(model, problem, role="user", valves=USER_OTHER):
+    facts = g.Facts(
+        is_api_key=True, user_id="u", role=role, path="/openai/chat/completions", model=model, model_problem=problem
+    )
+    return g.decide(facts, g.policy_from_valves(valves)).message
+
+
+DECISIONS = [
+    pytest.param("other-1", "", "allowed by the API key policy", id="listed-model"),
+    pytest.param(
+        "gpt-premium",
+        "",
+        "API keys of role 'user' may not use model 'gpt-premium' (api_key_allowed_models_user)",
+        id="unlisted-model",
+    ),
+    pytest.param(None, "the request names no model", UNREADABLE.format("the request names no model"), id="no-model"),
+    pytest.param(
+        None,
+        "the request body is not a JSON object",
+        UNREADABLE.format("the request body is not a JSON object"),
+        id="not-json",
+    ),
+    pytest.param(None, "", "allowed by the API key policy", id="route-without-model"),
+]
+
+
+@pytest.mark.parametrize(("model", "problem", "message"), DECISIONS)
+def test_model_decision(model, problem, message):
+    assert decided(model, problem) == message
+
+
+def test_unreadable_model_passes_where_every_model_is_allowed():
+    assert decided(None, "the request names no model", role="admin") == "allowed by the API key policy"
+
+
+BODIES = [
+    pytest.param({"model": "m", "messages": []}, ("m", ""), id="model"),
+    pytest.param({"messages": []}, (None, "the request names no model"), id="missing"),
+    pytest.param({"model": ""}, (None, "the request names no model"), id="empty"),
+    pytest.param({"model": ["a", "b"]}, (None, "the request names no model"), id="not-a-string"),
+    pytest.param(["model", "m"], (None, "the request body is not a JSON object"), id="array"),
+    pytest.param(None, (None, "the request body is not a JSON object"), id="unparsable"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), BODIES)
+def test_model_of(body, expected):
+    assert g.model_of(body) == expected
+
+
+OTHER = g.ModelList.parse("other-*")
+LISTINGS = [
+    pytest.param({"data": [{"id": "gpt-premium"}, {"id": "other-1"}]}, {"data": [{"id": "other-1"}]}, id="openai"),
+    pytest.param({"data": [{"id": "a"}], "object": "list"}, {"data": [], "object": "list"}, id="openai-empty"),
+    pytest.param(
+        {"models": [{"model": "other-2", "name": "x"}, {"name": "llama"}]},
+        {"models": [{"model": "other-2", "name": "x"}]},
+        id="ollama",
+    ),
+]
+
+
+@pytest.mark.parametrize(("listing", "expected"), LISTINGS)
+def test_listing_trimmed(listing, expected):
+    assert json.loads(g.listing_trimmed(json.dumps(listing).encode(), OTHER)) == expected
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"data": 1}', b"not json"], ids=["list", "empty", "odd", "junk"])
+def test_untrimmable_listing_raises(body):
+    with pytest.raises(ValueError):
+        g.listing_trimmed(body, OTHER)
+
+
+HEADERS = [
+    pytest.param([(b"authorization", b"Bearer sk-a")], "sk-a", id="bearer"),
+    pytest.param([(b"cookie", b"a=1; token=sk-b; c=2")], "sk-b", id="cookie"),
+    pytest.param([(b"cookie", b'token="sk-c"')], "sk-c", id="quoted-cookie"),
+    pytest.param([(b"cookie", b"token=sk-x"), (b"cookie", b"token=sk-y")], "sk-y", id="last-cookie-wins"),
+    pytest.param([(b"x-api-key", b"sk-d")], "sk-d", id="custom-header"),
+    pytest.param([(b"authorization", b"Basic sk-e"), (b"cookie", b"token=jwt")], "jwt", id="cookie-beats-basic"),
+    pytest.param([(b"authorization", b"Bearer jwt"), (b"x-api-key", b"sk-f")], "jwt", id="bearer-beats-header"),
+    pytest.param([], None, id="none"),
+]
+
+
+@pytest.mark.parametrize(("headers", "expected"), HEADERS)
+def test_scope_credential_follows_cores_order(headers, expected):
+    assert g.scope_credential({"headers": headers}) == expected
+
+
+def test_policy_fingerprint_is_stable_and_short():
+    assert g.policy_fingerprint({"b": 1, "a": "x"}) == g.policy_fingerprint({"a": "x", "b": 1})
+    assert g.policy_fingerprint(None) == g.policy_fingerprint({}) != g.policy_fingerprint({"a": "x"})
+    assert len(g.policy_fingerprint({})) == 12
