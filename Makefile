@@ -24,4 +24,4 @@ bench: deps
 	$(PYTHON) -m bench
 
 schema:
-	$(PYTHON) valves_schema/generate.py
+	$(PYTHON) -m valves_schema.generate

@@ -4,12 +4,9 @@ import asyncio
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from guard_loader import load_guard
+from tests.guard_loader import load_guard
 
 BATCHES = 200
 

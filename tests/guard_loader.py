@@ -1,14 +1,11 @@
-"""Load the guard exactly the way Open WebUI's loader does (utils/plugin.py)."""
+"""The one way tests (and valves_schema/generate.py) load the guard: the way Open WebUI's loader does
+(utils/plugin.py), with install.py's copy of its import rewriting."""
 
 import sys
 import types
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from install import GUARD_FILE, as_stored  # noqa: E402  (the loader's import rewriting, in one place)
+from install import GUARD_FILE, as_stored
 
 
 def load_guard(function_id: str = "api_key_guard", source: str | None = None) -> types.ModuleType:

@@ -1,8 +1,9 @@
 """The policy decision: a pure function of (request facts, policy), tested as tables."""
 
 import pytest
-from guard_loader import load_guard
 from pydantic import ValidationError
+
+from tests.guard_loader import load_guard
 
 g = load_guard()
 

@@ -7,7 +7,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from guard_loader import GUARD_FILE, load_guard
+
+from tests.guard_loader import GUARD_FILE, load_guard
 
 ADMIN = {"id": "u-admin", "email": "admin@example.com", "name": "Admin", "role": "admin"}
 ALICE = {"id": "u-alice", "email": "alice@example.com", "name": "Alice", "role": "user"}

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from guard_loader import load_guard
+
+from tests.guard_loader import load_guard
 
 g = load_guard()
 USER_OTHER = g.Valves(

@@ -8,7 +8,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from guard_loader import load_guard
+
+from tests.guard_loader import load_guard
 
 USERS = {
     "sk-admin0000000000aaaa": SimpleNamespace(id="u-admin", email="admin@example.com", role="admin"),

@@ -1,23 +1,21 @@
 """valves_schema/ is generated from the code and must not drift; its examples must validate."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from guard_loader import load_guard
+
+from tests.guard_loader import load_guard
+from valves_schema import generate
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "valves_schema"))
-
-import generate  # noqa: E402
 
 EXAMPLES = sorted((ROOT / "valves_schema" / "examples").glob("*.json"))
 
 
 def test_checked_in_schema_matches_the_code():
     assert generate.SCHEMA_FILE.read_text(encoding="utf-8") == generate.render(), (
-        "valves_schema/valves.schema.json is out of date: run `python valves_schema/generate.py` and commit it"
+        "valves_schema/valves.schema.json is out of date: run `make schema` and commit it"
     )
 
 

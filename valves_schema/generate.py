@@ -1,6 +1,6 @@
 """Regenerate the checked-in JSON Schema of the guard's Valves.
 
-    python valves_schema/generate.py
+    python -m valves_schema.generate      (or `make schema`)
 
 The schema is generated with no API_KEY_GUARD_* environment presets, so it
 documents the built-in defaults.
@@ -9,11 +9,11 @@ documents the built-in defaults.
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
+from tests.guard_loader import load_guard
+
 ROOT = Path(__file__).resolve().parent.parent
-GUARD_FILE = ROOT / "filters" / "api_key_guard.py"
 SCHEMA_FILE = ROOT / "valves_schema" / "valves.schema.json"
 PRESET_NAMES = ("API_KEY_GUARD_", "API_KEY_ALLOWED_ENDPOINTS_")
 
@@ -21,11 +21,9 @@ PRESET_NAMES = ("API_KEY_GUARD_", "API_KEY_ALLOWED_ENDPOINTS_")
 def valves_model():
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(PRESET_NAMES)}
     try:
-        module = types.ModuleType("api_key_guard_schema")
-        exec(compile(GUARD_FILE.read_text(encoding="utf-8"), str(GUARD_FILE), "exec"), module.__dict__)  # noqa: S102
+        return load_guard().Valves
     finally:
         os.environ.update(saved)
-    return module.Valves
 
 
 def render() -> str:

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
+import install
+from tests.guard_loader import load_guard
+
 from .backend import CountingBackend
 from .provision import VERSIONS
 from .server import Bootstrap, OpenWebUI, version_tuple
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import install  # noqa: E402
-from tests.guard_loader import load_guard  # noqa: E402
 
 DEFAULT_VALVES = load_guard().Valves().model_dump()
 
