@@ -216,6 +216,31 @@ def test_bounded_cache_never_exceeds_its_size():
     assert cache.get(9) == 9 and cache.get(0) is None
 
 
+def test_cache_entry_expires_after_its_ttl(monkeypatch):
+    """A removed group member must lose access once the TTL is over: the entry is gone at ttl, not later."""
+    module, now = load_guard(), [1000.0]
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    cache = module.TTLCache(ttl=10)
+    cache.put("u-gina", "groups")
+    now[0] += 9.999
+    assert cache.get("u-gina") == "groups"
+    now[0] += 0.001
+    assert cache.get("u-gina") is None
+
+
+def test_monitor_mode_serves_and_logs_would_deny(groups, caplog):
+    """Monitor mode is a dry run: the request goes through, and the audit line says what enforce would do."""
+    groups()
+    with caplog.at_level(logging.INFO, logger="api_key_guard"):
+        body = run_inlet(load_guard(), make_request({"Authorization": f"Bearer {ALICE_KEY}"}), ALICE, mode="monitor")
+    assert body == BODY
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "api_key_guard would-deny via=inlet reason=not_admitted key=sk-…bbbb user=u-alice role=user "
+        "path=/api/chat/completions model=test-model"
+    ]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 AUDIT = [
     pytest.param("deny", 0, 1, id="deny-logs-denials-only"),
     pytest.param("all", 1, 1, id="all-logs-everything"),
