@@ -1,22 +1,34 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "pydantic>=2.7,<3",
+#     "requests>=2.31",
+# ]
+# ///
 """Install, check or remove API Key Guard on an Open WebUI server through its admin REST API.
 
-    python install.py [install] --url URL --api-key KEY [--valves FILE.json] [--set NAME=VALUE ...]
-                                [--id api_key_guard] [--dry-run] [--ca-bundle PATH]
-    python install.py status --url URL --api-key KEY [--json] [--id ID] [--ca-bundle PATH]
-    python install.py uninstall --url URL --api-key KEY [--id ID] [--ca-bundle PATH]
+    uv run install.py [install] --url URL --api-key KEY [--valves FILE.json] [--set NAME=VALUE ...]
+                                [--id api_key_guard] [--file GUARD.py] [--no-arm-at-startup] [--dry-run]
+                                [--ca-bundle PATH]
+    uv run install.py status --url URL --api-key KEY [--json] [--no-arm-at-startup] [--id ID] [--file GUARD.py]
+    uv run install.py uninstall --url URL --api-key KEY [--id ID] [--ca-bundle PATH]
 
+(`pipx run install.py ...`, or `python3 install.py ...` with requests and pydantic installed, work the same.)
 OPENWEBUI_URL and OPENWEBUI_API_KEY stand in for --url and --api-key. The credential is an
 administrator's API key (sk-...) or session token (JWT); both are sent as `Authorization: Bearer`,
-never printed, and never sent anywhere a redirect points to.
+never printed, and never sent anywhere a redirect points to. The guard file is --file, else
+api_key_guard.py next to this script, else filters/api_key_guard.py under it.
 
 Exit codes:
-    0  done; for status: installed, active, global, current, valves valid, route guard armed or not checkable
-    1  status found a problem, or install finished but the route guard is not armed
-    2  usage or input error (arguments, URL, valves file, valve values); nothing was written
+    0  done; for status: installed, active, global, current, valves valid, route guard armed (or not
+       checkable), the stored policy in force (or not checkable), armed at startup (or opted out)
+    1  status found a problem, or install finished but the guard is not armed or not armed at startup
+    2  usage or input error (arguments, URL, valves file, valve values, missing dependencies); nothing was written
     3  server, authentication, TLS or network error
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -29,18 +41,48 @@ from time import sleep
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-import requests
-from pydantic import BaseModel, TypeAdapter, ValidationError
+# On a bare laptop: one line saying what to run, exit 2, instead of a traceback at the first import below.
+DEPENDENCIES = ("requests", "pydantic")
+MISSING_DEPENDENCIES = (
+    "install.py needs {missing}: run it as 'uv run {script} ...' or 'pipx run {script} ...' "
+    "(both read the dependencies from the script), or install them with: "
+    '{python} -m pip install "requests>=2.31" "pydantic>=2.7,<3"'
+)
+if __name__ == "__main__":
+    if sys.version_info < (3, 11):  # noqa: UP036 - a laptop's python3 may be older than this script needs
+        print(
+            f"install.py needs Python 3.11 or newer (this is {sys.version.split()[0]}): "
+            f"run it as 'uv run {sys.argv[0]} ...', which fetches a suitable Python",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if missing := [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]:
+        print(
+            MISSING_DEPENDENCIES.format(missing=" and ".join(missing), script=sys.argv[0], python=sys.executable),
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
-GUARD_FILE = Path(__file__).resolve().parent / "filters" / "api_key_guard.py"
+import requests  # noqa: E402
+from pydantic import BaseModel, TypeAdapter, ValidationError  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# An admin who downloaded just the two files keeps them side by side; a clone of the repository has filters/.
+GUARD_CANDIDATES = (HERE / "api_key_guard.py", HERE / "filters" / "api_key_guard.py")
+GUARD_FILE = next((path for path in GUARD_CANDIDATES if path.is_file()), GUARD_CANDIDATES[-1])
 DEFAULT_ID = "api_key_guard"
 FUNCTIONS_API = "/api/v1/functions/"
+CONNECTIONS_API = "/api/v1/configs/connections"
+BASE_MODELS_CACHE = "ENABLE_BASE_MODELS_CACHE"
 GUARD_HEADER = "X-API-Key-Guard"
+POLICY_HEADER = "X-API-Key-Guard-Policy"
+COUNTERS_HEADER = "X-API-Key-Guard-Counters"
 TIMEOUT_SECONDS = 30
-# The guard re-reads its own active flag and valves every 2 s (FUNCTION_STATE_TTL_SECONDS), so right after an
-# install it may still act on the state it cached before activation: probe a few times before calling it unarmed.
-PROBE_ATTEMPTS = 7
-PROBE_INTERVAL_SECONDS = 0.5
+# Right after a write a worker may still act on the function state it cached before (the guard's TTL, 2 s;
+# the worker that saved drops it at once): install probes until the guard shows the policy it wrote, bounded.
+PROBE_INTERVAL_SECONDS = 0.2
+INSTALL_WAIT_SECONDS = 10.0
+STATUS_WAIT_SECONDS = 2.5
 # Open WebUI's replace_imports (utils/plugin.py) rewrites these substrings in the content it stores.
 IMPORT_REWRITES = {
     "from utils": "from open_webui.utils",
@@ -53,8 +95,22 @@ MISSING = object()
 NOT_FOUND_DETAILS = ("not found", "could not find")
 NOT_ARMED_HELP = (
     "Open WebUI loads the guard on the first model listing or chat after a restart; "
-    "run `python install.py --url ...` again or call GET /api/models, or set ENABLE_BASE_MODELS_CACHE=true"
+    "run `install.py --url ...` again or call GET /api/models"
 )
+COUNTERS = {
+    "redis": "shared (Redis)",
+    "per-worker": "per worker",
+    "degraded": "degraded (Redis is configured but failing; counting per worker meanwhile)",
+}
+ARM_AT_STARTUP = (
+    f"Open WebUI's base models cache ({BASE_MODELS_CACHE}), "
+    "so every worker loads the guard before it serves its first request after a restart"
+)
+UNARMED_AFTER_RESTART = (
+    "the guard is in force now, but after every restart each worker serves API keys unguarded "
+    "until something lists models there"
+)
+NO_CACHE_SETTING = f"this Open WebUI has no base models cache ({BASE_MODELS_CACHE} came with 0.6.16)"
 
 
 class InstallError(Exception):
@@ -108,27 +164,52 @@ def as_stored(content: str) -> str:
 class LocalGuard:
     content: str
     manifest: dict[str, str]
-    valves_model: type[BaseModel]
+    module: types.ModuleType
 
     @property
     def version(self) -> str:
         return self.manifest["version"]
 
     @property
+    def valves_model(self) -> type[BaseModel]:
+        return self.module.Valves
+
+    @property
     def valve_names(self) -> list[str]:
         return list(self.valves_model.model_fields)
 
+    @property
+    def refresh_seconds(self) -> float:
+        """How long a worker other than the one that saved may act on the valves it cached before."""
+        return self.module.FUNCTION_STATE_TTL_SECONDS
 
-def load_local_guard() -> LocalGuard:
-    content = GUARD_FILE.read_text(encoding="utf-8")
+    def policy(self, stored: dict | None) -> str | None:
+        """The guard's own fingerprint of these stored valves; None for a guard file older than fingerprints."""
+        fingerprint_of = getattr(self.module, "policy_fingerprint", None)
+        return fingerprint_of(stored) if fingerprint_of else None
+
+
+def load_local_guard(path: Path = GUARD_FILE) -> LocalGuard:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read the guard file {path}: {exc.strerror}; put api_key_guard.py next to install.py "
+            "or pass --file PATH"
+        ) from exc
     manifest = frontmatter(content)
     missing = [key for key in ("title", "version", "description") if key not in manifest]
     if missing:
-        raise UsageError(f"{GUARD_FILE} lacks frontmatter {', '.join(missing)} in its leading docstring")
+        raise UsageError(f"{path} lacks frontmatter {', '.join(missing)} in its leading docstring")
     module = types.ModuleType("api_key_guard_local")
-    # The guard's module code only arms its route hooks inside Open WebUI; here it just defines Valves.
-    exec(compile(content, str(GUARD_FILE), "exec"), module.__dict__)  # noqa: S102 - our own file, as Open WebUI runs it
-    return LocalGuard(content, manifest, module.Valves)
+    try:
+        # The guard's module code only arms its route hooks inside Open WebUI; here it just defines Valves.
+        exec(compile(content, str(path), "exec"), module.__dict__)  # noqa: S102 - the admin's guard file, as Open WebUI runs it
+    except Exception as exc:
+        raise UsageError(f"the guard file {path} does not load: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(getattr(module, "Valves", None), type):
+        raise UsageError(f"{path} is not API Key Guard: it defines no Valves")
+    return LocalGuard(content, manifest, module)
 
 
 def valve_errors(exc: ValidationError) -> list[str]:
@@ -148,7 +229,10 @@ class ServerFunction(BaseModel):
 
 class Reply(NamedTuple):
     data: Any
-    guard: str | None  # the X-API-Key-Guard response header: set when the armed guard judged this request
+    # The guard's response headers, set when the armed guard judged this (API-key) request.
+    guard: str | None = None  # mode: enforce, monitor or fail-closed
+    policy: str | None = None  # fingerprint of the stored valves it acted on
+    counters: str | None = None  # where its rate-limit counters live
 
 
 def says_not_found(detail: str) -> bool:
@@ -173,13 +257,24 @@ class Client:
             self.session.verify = ca_bundle
 
     def call(
-        self, method: str, path: str, body: Any = None, *, shape: Any = Any, absent_ok: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        shape: Any = Any,
+        absent_ok: bool = False,
+        fresh: bool = False,
     ) -> Reply | None:
-        """The answer's JSON validated as `shape`, in a Reply; None for a missing function when absent_ok."""
+        """The answer's JSON validated as `shape`, in a Reply; None for a missing function when absent_ok.
+
+        `fresh` sends the request on a new connection, so that with several workers probes reach more
+        than the one worker a kept-alive connection is bound to."""
         where = f"{method} {path}"
+        headers = {"Connection": "close"} if fresh else None
         try:
             response = self.session.request(
-                method, self.url + path, json=body, timeout=TIMEOUT_SECONDS, allow_redirects=False
+                method, self.url + path, json=body, headers=headers, timeout=TIMEOUT_SECONDS, allow_redirects=False
             )
         except requests.exceptions.SSLError as exc:
             raise ServerError(
@@ -208,13 +303,15 @@ class Client:
                 f"{where} answered {status} with a non-JSON body ({content_type}); is --url the Open WebUI address?"
             ) from exc
         try:
-            return Reply(TypeAdapter(shape).validate_python(data), response.headers.get(GUARD_HEADER))
+            data = TypeAdapter(shape).validate_python(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ServerError(
                 f"{where} answered unexpected JSON ({'.'.join(map(str, first['loc']))}: {first['msg']}); "
                 "is --url the Open WebUI address?"
             ) from exc
+        headers = response.headers
+        return Reply(data, headers.get(GUARD_HEADER), headers.get(POLICY_HEADER), headers.get(COUNTERS_HEADER))
 
     def failure(self, where: str, path: str, response: requests.Response, detail: str) -> ServerError:
         """The error for a 4xx/5xx answer: what it means and what to do, the server's own words last."""
@@ -237,6 +334,8 @@ class Client:
                 f"the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY "
                 f"(got {fingerprint(self.credential)}).{said}"
             )
+        if status == 404 and path == CONNECTIONS_API:
+            return ServerError(f"{NO_CACHE_SETTING} ({where} gave 404)")
         if status == 404 and path.startswith(FUNCTIONS_API):
             return ServerError(f"functions API not found: Open WebUI too old, or functions disabled ({where} gave 404)")
         return ServerError(f"the server answered {where} with {status} {response.reason}.{said}")
@@ -255,17 +354,21 @@ def function_path(function_id: str, action: str = "") -> str:
     return f"{FUNCTIONS_API}id/{function_id}{action}"
 
 
-def read_function(client: Client, function_id: str) -> Reply | None:
-    return client.call("GET", function_path(function_id), shape=ServerFunction, absent_ok=True)
+def read_function(client: Client, function_id: str, *, fresh: bool = False) -> Reply | None:
+    return client.call("GET", function_path(function_id), shape=ServerFunction, absent_ok=True, fresh=fresh)
 
 
 def read_stored_valves(client: Client, function_id: str) -> dict:
     return client.call("GET", function_path(function_id, "/valves"), shape=dict[str, Any] | None).data or {}
 
 
+def is_api_key(credential: str) -> bool:
+    return credential.startswith("sk-")
+
+
 class RouteGuardState(NamedTuple):
     armed: bool | None
-    verdict: str  # how the OK verdict ends
+    verdict: str  # how the OK verdict names it
     line: str  # the status line after "route guard: "
 
 
@@ -273,7 +376,7 @@ def route_guard_state(credential: str, header: str | None, stored_valves: dict) 
     """What the X-API-Key-Guard header on an API-key request says about route-level enforcement."""
     if stored_valves.get("route_guard") is False:
         return RouteGuardState(None, "route guard switched off", "switched off by the valve route_guard")
-    if not credential.startswith("sk-"):
+    if not is_api_key(credential):
         return RouteGuardState(
             None,
             "route guard not checked (session token)",
@@ -282,6 +385,149 @@ def route_guard_state(credential: str, header: str | None, stored_valves: dict) 
     if header is None:
         return RouteGuardState(False, "route guard not armed", f"NOT armed - {NOT_ARMED_HELP}")
     return RouteGuardState(True, "route guard armed", f"armed (mode {header})")
+
+
+class PolicyState(NamedTuple):
+    in_force: bool | None
+    verdict: str  # how the OK verdict names it
+    line: str  # the status line after "policy in force: "
+
+
+def policy_state(credential: str, live: str | None, stored: dict, expected: str | None, refresh: float) -> PolicyState:
+    """Whether the policy the guard acts on (its X-API-Key-Guard-Policy header) is the stored valves'."""
+    if stored.get("route_guard") is False:
+        return PolicyState(
+            None,
+            "policy not checked (route guard off)",
+            f"cannot tell: with route_guard off no request shows the guard's policy; the inlet filter applies the "
+            f"stored valves within {refresh:g} s",
+        )
+    if not is_api_key(credential):
+        return PolicyState(
+            None,
+            "policy not checked (session token)",
+            f"cannot tell with a session token (the worker that saved the valves applies them at once, the others "
+            f"within {refresh:g} s); run status with an admin API key",
+        )
+    if expected is None:
+        return PolicyState(
+            None,
+            "policy not checked (old guard file)",
+            "cannot tell: the local guard file has no policy_fingerprint; use the guard file of this release",
+        )
+    if live is None:
+        return PolicyState(None, "policy not checked", f"cannot tell: the guard sent no {POLICY_HEADER} header")
+    if live == expected:
+        return PolicyState(True, "policy in force", f"yes (policy {expected})")
+    return PolicyState(False, "", f"no - the guard acts on policy {live}, the stored valves are policy {expected}")
+
+
+def counters_line(credential: str, header: str | None) -> str:
+    """Where the guard keeps its rate-limit counters, from its X-API-Key-Guard-Counters header."""
+    if header in COUNTERS:
+        return COUNTERS[header]
+    if not is_api_key(credential):
+        return "unknown (a session token sees no guard headers; run status with an admin API key)"
+    return f"unknown (the guard sent no {COUNTERS_HEADER} header)" if header is None else f"unknown ({header!r})"
+
+
+class Live(NamedTuple):
+    """What one read of the function with the credential shows of the guard at work."""
+
+    reply: Reply | None
+    route: RouteGuardState | None
+    policy: PolicyState | None
+    settled: bool  # probing again cannot change the outcome (or nothing is left to wait for)
+
+
+def live_state(credential: str, guard: LocalGuard, reply: Reply | None, stored: dict) -> Live:
+    if reply is None or not (reply.data.is_active and reply.data.is_global):
+        return Live(reply, None, None, True)
+    expected = guard.policy(stored)
+    route = route_guard_state(credential, reply.guard, stored)
+    policy = policy_state(credential, reply.policy, stored, expected, guard.refresh_seconds)
+    settled = route.armed is None or (route.armed and (policy.in_force is True or expected is None))
+    return Live(reply, route, policy, settled)
+
+
+def watch(client: Client, guard: LocalGuard, function_id: str, stored: dict, reply: Reply | None, wait: float) -> Live:
+    """Probe, each time on a new connection, until the guard is armed and acts on `stored`, for `wait` s at most."""
+    live = live_state(client.credential, guard, reply, stored)
+    for _ in range(round(wait / PROBE_INTERVAL_SECONDS)):
+        if live.settled:
+            break
+        sleep(PROBE_INTERVAL_SECONDS)
+        live = live_state(client.credential, guard, read_function(client, function_id, fresh=True), stored)
+    return live
+
+
+# ---------------------------------------------------------------------------
+# Armed at startup: Open WebUI's base models cache makes every worker list models (and so load the guard)
+# during startup, before it accepts a connection.
+# ---------------------------------------------------------------------------
+class StartupArming(NamedTuple):
+    form: dict[str, bool] | None  # the connections form as read, when it carries the setting
+    armed: bool | None
+    problem: str  # why it cannot be read or switched on; "" when it can
+
+
+def connections_form_problem(form: Any) -> str:
+    """What is wrong with the shape of the connections form ("" when nothing): every field is a boolean."""
+    if not isinstance(form, dict):
+        return f"expected a JSON object of settings, got {type(form).__name__}"
+    wrong = [f"{name}={value!r}" for name, value in form.items() if not isinstance(value, bool)]
+    return f"expected true or false, got {', '.join(wrong)}" if wrong else ""
+
+
+def judge_connections_form(form: Any) -> StartupArming:
+    if problem := connections_form_problem(form):
+        return StartupArming(None, None, f"GET {CONNECTIONS_API} answered an unexpected shape ({problem})")
+    if BASE_MODELS_CACHE not in form:
+        return StartupArming(None, False, NO_CACHE_SETTING)
+    return StartupArming(form, form[BASE_MODELS_CACHE], "")
+
+
+def read_startup_arming(client: Client) -> StartupArming:
+    try:
+        return judge_connections_form(client.call("GET", CONNECTIONS_API).data)
+    except ServerError as exc:
+        return StartupArming(None, None, str(exc))
+
+
+def switch_on_startup_arming(client: Client, form: dict[str, bool]) -> str:
+    """Send the form back exactly as read but for the cache switched on; the problem, or "" when it took."""
+    try:
+        answer = client.call("POST", CONNECTIONS_API, {**form, BASE_MODELS_CACHE: True}).data
+    except ServerError as exc:
+        return str(exc)
+    if not (isinstance(answer, dict) and answer.get(BASE_MODELS_CACHE) is True):
+        return f"POST {CONNECTIONS_API} answered without {BASE_MODELS_CACHE}: true"
+    return ""
+
+
+def unarmed_at_startup(problem: str) -> str:
+    fix = (
+        "upgrade Open WebUI"
+        if problem == NO_CACHE_SETTING
+        else f"switch on Admin Panel > Settings > Connections > Cache Base Model List ({BASE_MODELS_CACHE})"
+    )
+    return (
+        f"not armed at startup: {problem}. This means {UNARMED_AFTER_RESTART}; {fix}, "
+        "or pass --no-arm-at-startup to accept that"
+    )
+
+
+def startup_line(arming: StartupArming, opted_out: bool) -> str:
+    """The status line after "armed at startup: "."""
+    if arming.armed:
+        return f"yes ({BASE_MODELS_CACHE} is on: every worker loads the guard before its first request)"
+    if arming.armed is None:
+        return f"cannot tell - {arming.problem}"
+    why = arming.problem or f"{BASE_MODELS_CACHE} is off"
+    if opted_out:
+        return f"no ({why}; --no-arm-at-startup)"
+    fix = "upgrade Open WebUI" if arming.problem == NO_CACHE_SETTING else "run install.py to switch it on"
+    return f"no - {why}: {UNARMED_AFTER_RESTART}; {fix}"
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +560,7 @@ def requested_valves(guard: LocalGuard, valves_file: Path | None, assignments: l
 
 
 def install(client: Client, args: argparse.Namespace) -> int:
-    guard = load_local_guard()
+    guard = load_local_guard(args.file)
     function_id, version = args.id, guard.version
     requested = requested_valves(guard, args.valves, args.set)
     found = read_function(client, function_id)
@@ -324,6 +570,7 @@ def install(client: Client, args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UsageError(f"invalid valves: {'; '.join(valve_errors(exc))}") from exc
     changed = [name for name in {**valves, **stored} if stored.get(name, MISSING) != valves.get(name, MISSING)]
+    arming = None if args.no_arm_at_startup else read_startup_arming(client)
     # Open WebUI creates a function inactive and not global; the read-back at the end checks the outcome.
     function = found.data if found else ServerFunction(is_active=False, is_global=False)
     body = {
@@ -352,6 +599,14 @@ def install(client: Client, args: argparse.Namespace) -> int:
             function_path(function_id, "/update"),
             body,
         )
+    # Before the valves: a policy that keeps admin keys off /api/v1/configs takes effect with them.
+    startup_problem = arming.problem if arming else ""
+    if arming and arming.form is not None and not arming.armed:
+        writes += 1
+        if args.dry_run:
+            print(f"would arm at startup: switch on {ARM_AT_STARTUP}")
+        elif not (startup_problem := switch_on_startup_arming(client, arming.form)):
+            print(f"armed at startup: switched on {ARM_AT_STARTUP}")
     if changed:
         names = ", ".join(changed)
         write(
@@ -366,28 +621,40 @@ def install(client: Client, args: argparse.Namespace) -> int:
         write("made global", "would make global", function_path(function_id, "/toggle/global"))
     if not writes:
         print(f"{function_id} {version} is installed and current; nothing changed")
-    if args.dry_run:
-        return 0
+    if not args.dry_run:
+        verify_in_force(client, guard, function_id, announce=bool(writes))
+    if startup_problem:
+        raise NotArmedError(unarmed_at_startup(startup_problem))
+    return 0
 
+
+def verify_in_force(client: Client, guard: LocalGuard, function_id: str, announce: bool) -> None:
+    """Return once the guard is active, global, armed and acting on the stored valves; or say why not."""
     client.call("GET", "/api/models")  # makes Open WebUI load global filters, which arms the route guard
-    for attempt in range(PROBE_ATTEMPTS):
-        if attempt:
-            sleep(PROBE_INTERVAL_SECONDS)
-        after = read_function(client, function_id)
-        if after is None or not after.data.is_active:
-            raise ServerError(
-                f"function {function_id} is not active after install; Open WebUI switches a function off "
-                "when its module fails to load: check the server log"
-            )
-        if not after.data.is_global:
-            raise ServerError(f"function {function_id} is still not global after /toggle/global; check the server log")
-        if route_guard_state(client.credential, after.guard, valves).armed is not False:
-            return 0
-    raise NotArmedError(
-        f"route guard is not armed {PROBE_INTERVAL_SECONDS * (PROBE_ATTEMPTS - 1):g} s after GET /api/models; "
-        "look in the server log for 'api_key_guard could not arm the route guard' (with several workers, "
-        "each arms on its own first model listing)"
+    stored = read_stored_valves(client, function_id)  # exactly what the guard reads
+    live = watch(
+        client, guard, function_id, stored, read_function(client, function_id, fresh=True), INSTALL_WAIT_SECONDS
     )
+    if live.reply is None or not live.reply.data.is_active:
+        raise ServerError(
+            f"function {function_id} is not active after install; Open WebUI switches a function off "
+            "when its module fails to load: check the server log"
+        )
+    if not live.reply.data.is_global:
+        raise ServerError(f"function {function_id} is still not global after /toggle/global; check the server log")
+    if live.route.armed is False:
+        raise NotArmedError(
+            f"route guard is not armed {INSTALL_WAIT_SECONDS:g} s after GET /api/models; look in the server log for "
+            "'api_key_guard could not arm the route guard' (with several workers, each arms on its own first model "
+            "listing)"
+        )
+    if not live.settled:
+        raise NotArmedError(
+            f"the guard does not act on the stored valves {INSTALL_WAIT_SECONDS:g} s after install wrote them "
+            f"(policy in force: {live.policy.line}); check the server log for api_key_guard errors"
+        )
+    if announce and live.policy.in_force is None:
+        print(f"policy in force: {live.policy.line}")
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +693,7 @@ def api_key_posture(client: Client) -> tuple[dict, list[str]]:
 
 
 def status(client: Client, args: argparse.Namespace) -> int:
-    guard = load_local_guard()
+    guard = load_local_guard(args.file)
     function_id = args.id
     found = read_function(client, function_id)
     function = found.data if found else None
@@ -436,9 +703,13 @@ def status(client: Client, args: argparse.Namespace) -> int:
         errors = []
     except ValidationError as exc:
         errors = valve_errors(exc)
-    route = route_guard_state(client.credential, found.guard, stored) if found else None
+    live = watch(client, guard, function_id, stored, found, STATUS_WAIT_SECONDS)
+    route, policy, reply = live.route, live.policy, live.reply
+    arming = read_startup_arming(client)
+    opted_out = args.no_arm_at_startup
     server_version = frontmatter(function.content or "").get("version") if function else None
     current = bool(function and function.content == as_stored(guard.content))
+    counters = reply.counters if reply else None
     posture, posture_lines = api_key_posture(client)
     facts = {
         "installed": function is not None,
@@ -450,6 +721,11 @@ def status(client: Client, args: argparse.Namespace) -> int:
         "valves_valid": not errors if function else None,
         "valves_errors": errors,
         "route_guard_armed": route.armed if route else None,
+        "policy_in_force": policy.in_force if policy else None,
+        "stored_policy": guard.policy(stored) if function else None,
+        "live_policy": reply.policy if reply else None,
+        "rate_limit_counters": counters,
+        "armed_at_startup": arming.armed,
         **posture,
     }
     versions = f"server {server_version or 'unknown'}, local {guard.version}"
@@ -461,13 +737,19 @@ def status(client: Client, args: argparse.Namespace) -> int:
             (function.is_global, "function is not global"),
             (current, f"server copy differs from the local file ({versions})"),
             (not errors, "stored valves do not validate"),
-            (route.armed is not False, "route guard is not armed"),
+            (route is None or route.armed is not False, "route guard is not armed"),
+            (policy is None or policy.in_force is not False, "the guard does not act on the stored valves"),
+            (counters != "degraded", "rate-limit counters degraded (Redis failing)"),
         )
         problems = [problem for passed, problem in checks if not passed]
+    if not opted_out and not arming.armed:
+        problems.append("not armed at startup" if arming.armed is False else "cannot tell if armed at startup")
     ok = not problems
     if ok:
+        startup = "armed at startup" if arming.armed else "not armed at startup (opted out)"
         verdict = (
-            f"OK - {guard.manifest['title']} {guard.version} is installed, active, global and current; {route.verdict}"
+            f"OK - {guard.manifest['title']} {guard.version} is installed, active, global and current; "
+            f"{route.verdict}; {policy.verdict}; {startup}"
         )
     else:
         verdict = f"NOT OK - {'; '.join(problems)}"
@@ -488,7 +770,11 @@ def status(client: Client, args: argparse.Namespace) -> int:
         print(f"valves: {'invalid' if errors else 'valid'}")
         for error in errors:
             print(f"  {error}")
+    if route:
         print(f"route guard: {route.line}")
+        print(f"policy in force: {policy.line}")
+        print(f"rate-limit counters: {counters_line(client.credential, counters)}")
+    print(f"armed at startup: {startup_line(arming, opted_out)}")
     for line in posture_lines:
         print(line)
     return 0 if ok else 1
@@ -534,12 +820,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--id", type=function_id_argument, default=DEFAULT_ID, help="function id (default %(default)s)")
     common.add_argument("--ca-bundle", help="CA bundle (PEM) to verify the server's TLS certificate")
+    guard_file = argparse.ArgumentParser(add_help=False)
+    guard_file.add_argument(
+        "--file",
+        type=Path,
+        default=GUARD_FILE,
+        metavar="GUARD.py",
+        help="the guard file (default: api_key_guard.py next to install.py, else filters/api_key_guard.py)",
+    )
+    guard_file.add_argument(
+        "--no-arm-at-startup",
+        action="store_true",
+        help=f"leave Open WebUI's {BASE_MODELS_CACHE} alone (the guard then arms on the first model listing "
+        "after each restart)",
+    )
     parser = argparse.ArgumentParser(
         prog="install.py", description="Install, check or remove API Key Guard on an Open WebUI server."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     install_parser = commands.add_parser(
-        "install", parents=[common], help="install or update the guard (default command)"
+        "install", parents=[common, guard_file], help="install or update the guard (default command)"
     )
     install_parser.add_argument("--valves", type=Path, metavar="FILE.json", help="JSON object of valve values")
     install_parser.add_argument(
@@ -550,7 +850,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="set one valve (repeatable; wins over --valves)",
     )
     install_parser.add_argument("--dry-run", action="store_true", help="read everything, print what would change")
-    status_parser = commands.add_parser("status", parents=[common], help="report whether the guard is in force")
+    status_parser = commands.add_parser(
+        "status", parents=[common, guard_file], help="report whether the guard is in force"
+    )
     status_parser.add_argument("--json", action="store_true", help="print one JSON object")
     commands.add_parser("uninstall", parents=[common], help="delete the function")
     return parser

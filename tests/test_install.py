@@ -2,13 +2,19 @@
 
 import importlib.util
 import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import requests
 import responses
 
-INSTALL_PY = Path(__file__).resolve().parent.parent / "install.py"
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL_PY = ROOT / "install.py"
 
 URL = "http://owui.test"
 KEY = "sk-RECOGNISABLE-test-key-0123456789wxyz"  # must never appear in any output
@@ -19,9 +25,31 @@ CREATE = f"{URL}/api/v1/functions/create"
 MODELS = f"{URL}/api/models"
 CONFIG = f"{URL}/api/v1/auths/admin/config"
 PERMISSIONS = f"{URL}/api/v1/users/default/permissions"
+CONNECTIONS_PATH = "/api/v1/configs/connections"
+CONNECTIONS = URL + CONNECTIONS_PATH
 NOT_FOUND = {"detail": "We could not find what you're looking for :/"}
 OLD_CONTENT = '"""\ntitle: API Key Guard\nversion: 0.0.9\n"""\n'
 ARGS = ("--url", URL, "--api-key", KEY)
+
+# The connections form as 0.11+ answers it (0.6.16-0.10 lack ENABLE_DIRECT_INTEGRATIONS).
+CACHE_OFF = {"ENABLE_DIRECT_CONNECTIONS": True, "ENABLE_DIRECT_INTEGRATIONS": False, "ENABLE_BASE_MODELS_CACHE": False}
+CACHE_ON = CACHE_OFF | {"ENABLE_BASE_MODELS_CACHE": True}
+ARMED_AT_STARTUP = (
+    "armed at startup: switched on Open WebUI's base models cache (ENABLE_BASE_MODELS_CACHE), "
+    "so every worker loads the guard before it serves its first request after a restart"
+)
+WOULD_ARM_AT_STARTUP = (
+    "would arm at startup: switch on Open WebUI's base models cache (ENABLE_BASE_MODELS_CACHE), "
+    "so every worker loads the guard before it serves its first request after a restart"
+)
+UNARMED_AFTER_RESTART = (
+    "This means the guard is in force now, but after every restart each worker serves API keys unguarded until "
+    "something lists models there"
+)
+SESSION_POLICY_LINE = (
+    "policy in force: cannot tell with a session token (the worker that saved the valves applies them at once, "
+    "the others within 2 s); run status with an admin API key"
+)
 
 CONFIG_012 = {"ENABLE_API_KEYS": True, "ENABLE_API_KEYS_ENDPOINT_RESTRICTIONS": False, "API_KEYS_ALLOWED_ENDPOINTS": ""}
 PERMISSIONS_012 = {"features": {"api_keys": False, "web_search": True}}
@@ -32,7 +60,7 @@ POSTURE_012_LINES = [
 ]
 NOT_ARMED_LINE = (
     "route guard: NOT armed - Open WebUI loads the guard on the first model listing or chat after a restart; "
-    "run `python install.py --url ...` again or call GET /api/models, or set ENABLE_BASE_MODELS_CACHE=true"
+    "run `install.py --url ...` again or call GET /api/models"
 )
 
 
@@ -62,7 +90,7 @@ def no_openwebui_env(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def slept(install, monkeypatch) -> list[float]:
-    """The pauses between armed probes, recorded instead of waited for."""
+    """The pauses between probes, recorded instead of waited for."""
     pauses: list[float] = []
     monkeypatch.setattr(install, "sleep", pauses.append)
     return pauses
@@ -90,7 +118,12 @@ def expand(local, defaults, tmp_path):
     names = ", ".join(defaults)
 
     def fill(text: str) -> str:
-        return text.replace("{version}", local.version).replace("{all}", names).replace("{tmp}", str(tmp_path))
+        return (
+            text.replace("{version}", local.version)
+            .replace("{all}", names)
+            .replace("{tmp}", str(tmp_path))
+            .replace("{policy}", local.policy(defaults))
+        )
 
     return fill
 
@@ -115,8 +148,22 @@ def json_body(data) -> dict:
     return {"body": json.dumps(data), "content_type": "application/json"}
 
 
-def guard_header(mode: str | None) -> dict:
-    return {"X-API-Key-Guard": mode} if mode else {}
+def guard_headers(mode: str | None, policy: str | None = None, counters: str | None = "per-worker") -> dict:
+    """What the armed guard adds to an API-key request it judged (nothing when it is not armed)."""
+    if mode is None:
+        return {}
+    named = {"X-API-Key-Guard-Policy": policy, "X-API-Key-Guard-Counters": counters}
+    return {"X-API-Key-Guard": mode} | {name: value for name, value in named.items() if value is not None}
+
+
+def in_force(server, local, stored, *, mode: str | None = "enforce", policy: str = "stored", **flags) -> None:
+    """The read-back after install's writes: one model listing, the stored valves re-read, the probe.
+
+    `policy` is what the guard says it acts on: "stored" for the fingerprint of `stored`."""
+    server.get(MODELS, json={"data": []})
+    server.get(f"{FN}/valves", **json_body(stored))
+    live = local.policy(stored) if policy == "stored" else policy
+    server.get(FN, json=function(local.content, **flags), headers=guard_headers(mode, live))
 
 
 def sent(server) -> list[tuple[str, str]]:
@@ -132,49 +179,57 @@ def body(server, index: int):
 # install
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "credential, final_header",
+    "credential, mode, last_lines",
     [
-        pytest.param(KEY, "enforce", id="api-key-probe-armed"),
-        pytest.param(JWT, None, id="session-token-probe-skipped"),
+        pytest.param(KEY, "enforce", [], id="api-key-waits-for-the-policy"),
+        pytest.param(JWT, None, [SESSION_POLICY_LINE], id="session-token-cannot-probe-says-so"),
     ],
 )
-def test_fresh_install_creates_stores_valves_activates_and_verifies(
-    server, cli, local, defaults, credential, final_header
+def test_fresh_install_creates_arms_stores_valves_activates_and_verifies(
+    server, cli, local, defaults, credential, mode, last_lines
 ):
     server.get(FN, status=401, json=NOT_FOUND)
+    server.get(CONNECTIONS, json=CACHE_OFF)
     server.post(CREATE, json=function(local.content, active=False, is_global=False))
+    server.post(CONNECTIONS, json=CACHE_ON)
     server.post(f"{FN}/valves/update", json=defaults)
     server.post(f"{FN}/toggle", json=function(local.content, active=True, is_global=False))
     server.post(f"{FN}/toggle/global", json=function(local.content))
-    server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content), headers=guard_header(final_header))
+    in_force(server, local, defaults, mode=mode)
 
     code, out, err = cli("--url", URL, "--api-key", credential)
 
     assert (code, err) == (0, [])
     assert out == [
         f"created function api_key_guard (version {local.version})",
+        ARMED_AT_STARTUP,
         f"valves updated: {', '.join(defaults)}",
         "activated",
         "made global",
+        *last_lines,
     ]
     assert sent(server) == [
         ("GET", FN_PATH),
+        ("GET", CONNECTIONS_PATH),
         ("POST", "/api/v1/functions/create"),
+        ("POST", CONNECTIONS_PATH),
         ("POST", f"{FN_PATH}/valves/update"),
         ("POST", f"{FN_PATH}/toggle"),
         ("POST", f"{FN_PATH}/toggle/global"),
         ("GET", "/api/models"),
+        ("GET", f"{FN_PATH}/valves"),
         ("GET", FN_PATH),
     ]
-    assert body(server, 1) == {
+    assert body(server, 2) == {
         "id": "api_key_guard",
         "name": "API Key Guard",
         "content": local.content,
         "meta": {"description": local.manifest["description"], "manifest": local.manifest},
     }
-    assert body(server, 2) == defaults
+    assert body(server, 3) == CACHE_ON
+    assert body(server, 4) == defaults
     assert all(call.request.headers["Authorization"] == f"Bearer {credential}" for call in server.calls)
+    assert server.calls[-1].request.headers["Connection"] == "close"  # the probe may reach another worker
 
 
 @pytest.mark.parametrize(
@@ -190,37 +245,42 @@ def test_second_run_changes_nothing(server, cli, local, defaults, monkeypatch, a
         monkeypatch.setenv(name, value)
     server.get(FN, json=function(local.content))
     server.get(f"{FN}/valves", json=defaults)
-    server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content), headers=guard_header("enforce"))
+    server.get(CONNECTIONS, json=CACHE_ON)
+    in_force(server, local, defaults)
 
     code, out, err = cli(*argv)
 
     assert (code, out, err) == (0, [f"api_key_guard {local.version} is installed and current; nothing changed"], [])
-    assert [method for method, _ in sent(server)] == ["GET", "GET", "GET", "GET"]
+    assert {method for method, _ in sent(server)} == {"GET"}
 
 
 DROPPED = "<not stored>"
 
 
 @pytest.mark.parametrize(
-    "stored, argv, valves_file, changed, sent_valves",
+    "stored, argv, valves_file, changed, sent_valves, last_lines",
     [
-        pytest.param(None, [], None, "{all}", {}, id="server-never-stored-valves"),
+        pytest.param(None, [], None, "{all}", {}, [], id="server-never-stored-valves"),
         pytest.param(
             {},
             ["--set", "api_key_roles=admin,user"],
             None,
             "api_key_roles",
             {"api_key_roles": "admin,user"},
+            [],
             id="set-string",
         ),
-        pytest.param({}, ["--set", "priority=-5"], None, "priority", {"priority": -5}, id="set-int-converted"),
+        pytest.param({}, ["--set", "priority=-5"], None, "priority", {"priority": -5}, [], id="set-int-converted"),
         pytest.param(
             {},
             ["--set", "route_guard=false"],
             None,
             "route_guard",
             {"route_guard": False},
+            [
+                "policy in force: cannot tell: with route_guard off no request shows the guard's policy; the inlet "
+                "filter applies the stored valves within 2 s"
+            ],
             id="set-bool-converted-route-guard-off-no-probe",
         ),
         pytest.param(
@@ -229,10 +289,11 @@ DROPPED = "<not stored>"
             {"mode": "monitor", "priority": 7},
             "mode, priority",
             {"mode": "monitor", "priority": 7},
+            [],
             id="valves-file",
         ),
         pytest.param(
-            {}, ["--set", "priority=8"], {"priority": 7}, "priority", {"priority": 8}, id="set-wins-over-file"
+            {}, ["--set", "priority=8"], {"priority": 7}, "priority", {"priority": 8}, [], id="set-wins-over-file"
         ),
         pytest.param(
             {"api_key_groups": "ops"},
@@ -240,30 +301,33 @@ DROPPED = "<not stored>"
             None,
             "mode",
             {"api_key_groups": "ops", "mode": "monitor"},
+            [],
             id="stored-values-kept",
         ),
-        pytest.param({"priority": DROPPED}, [], None, "priority", {}, id="stored-without-priority-gets-it"),
-        pytest.param({"legacy_valve": "x"}, [], None, "legacy_valve", {}, id="obsolete-stored-valve-dropped"),
+        pytest.param({"priority": DROPPED}, [], None, "priority", {}, [], id="stored-without-priority-gets-it"),
+        pytest.param({"legacy_valve": "x"}, [], None, "legacy_valve", {}, [], id="obsolete-stored-valve-dropped"),
     ],
 )
-def test_valve_changes(server, cli, local, defaults, tmp_path, expand, stored, argv, valves_file, changed, sent_valves):
+def test_valve_changes(
+    server, cli, local, defaults, tmp_path, expand, stored, argv, valves_file, changed, sent_valves, last_lines
+):
     """`stored` is what the server holds on top of the defaults (None: the server answers null)."""
     if valves_file is not None:
         (tmp_path / "valves.json").write_text(json.dumps(valves_file))
         argv = [*argv, "--valves", str(tmp_path / "valves.json")]
     held = None if stored is None else {name: v for name, v in (defaults | stored).items() if v != DROPPED}
-    armed = sent_valves.get("route_guard", True)
+    written = defaults | sent_valves
     server.get(FN, json=function(local.content))
     server.get(f"{FN}/valves", **json_body(held))
+    server.get(CONNECTIONS, json=CACHE_ON)
     server.post(f"{FN}/valves/update", json={})
-    server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content), headers=guard_header("enforce" if armed else None))
+    in_force(server, local, written, mode=None if written["route_guard"] is False else "enforce")
 
     code, out, err = cli(*ARGS, *argv)
 
-    assert (code, out, err) == (0, [expand(f"valves updated: {changed}")], [])
-    assert sent(server)[2] == ("POST", f"{FN_PATH}/valves/update")
-    assert body(server, 2) == defaults | sent_valves
+    assert (code, out, err) == (0, [expand(f"valves updated: {changed}"), *last_lines], [])
+    assert sent(server)[3] == ("POST", f"{FN_PATH}/valves/update")
+    assert body(server, 3) == written
 
 
 @pytest.mark.parametrize(
@@ -290,27 +354,29 @@ def test_update_writes_only_what_differs(
     stored_content = local.content if content == "current" else OLD_CONTENT
     server.get(FN, json=function(stored_content, active=active, is_global=is_global))
     server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_ON)
     for action in writes:
         server.post(f"{FN}{action}", json=function(local.content))
-    server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content), headers=guard_header("enforce"))
+    in_force(server, local, defaults)
 
     code, out, err = cli(*ARGS)
 
     assert (code, out, err) == (0, [expand(line) for line in lines], [])
     assert [path for method, path in sent(server) if method == "POST"] == [f"{FN_PATH}{a}" for a in writes]
     if "/update" in writes:
-        assert body(server, 2)["content"] == local.content
+        assert body(server, 3)["content"] == local.content
 
 
 @pytest.mark.parametrize(
-    "content, argv, lines",
+    "content, form, argv, lines",
     [
         pytest.param(
             None,
+            CACHE_OFF,
             [],
             [
                 "would create function api_key_guard (version {version})",
+                WOULD_ARM_AT_STARTUP,
                 "would update valves: {all}",
                 "would activate",
                 "would make global",
@@ -319,22 +385,32 @@ def test_update_writes_only_what_differs(
         ),
         pytest.param(
             "old",
+            CACHE_ON,
             ["--set", "mode=monitor"],
             ["would update function content (0.0.9 -> {version})", "would update valves: mode"],
             id="outdated-valve-change",
         ),
         pytest.param(
-            "current", [], ["api_key_guard {version} is installed and current; nothing changed"], id="current"
+            "current", CACHE_OFF, [], [WOULD_ARM_AT_STARTUP], id="current-only-arming-at-startup-would-change"
+        ),
+        pytest.param(
+            "current",
+            None,
+            ["--no-arm-at-startup"],
+            ["api_key_guard {version} is installed and current; nothing changed"],
+            id="current-opted-out",
         ),
     ],
 )
-def test_dry_run_reads_and_writes_nothing(server, cli, local, defaults, expand, content, argv, lines):
+def test_dry_run_reads_and_writes_nothing(server, cli, local, defaults, expand, content, form, argv, lines):
     """`content`: None when the function is absent, else what the server holds ("current" or "old")."""
     if content is None:
         server.get(FN, status=401, json=NOT_FOUND)
     else:
         server.get(FN, json=function(local.content if content == "current" else OLD_CONTENT))
         server.get(f"{FN}/valves", json=defaults)
+    if form is not None:
+        server.get(CONNECTIONS, json=form)
 
     code, out, err = cli(*ARGS, "--dry-run", *argv)
 
@@ -343,13 +419,172 @@ def test_dry_run_reads_and_writes_nothing(server, cli, local, defaults, expand, 
     assert ("GET", "/api/models") not in sent(server)
 
 
+def form_answer(status: int = 200, method: str = "GET", url: str = CONNECTIONS, **kwargs) -> dict:
+    return {"method": method, "url": url, "status": status, **kwargs}
+
+
+ARMING_CASES = [
+    # what the server answers for the connections form and its update: exact request, exact line, exit code
+    pytest.param(
+        [form_answer(json=CACHE_OFF), form_answer(method="POST", json=CACHE_ON)],
+        [],
+        CACHE_ON,
+        0,
+        [ARMED_AT_STARTUP],
+        [],
+        id="0.11+-form-with-direct-integrations-sent-back-whole",
+    ),
+    pytest.param(
+        [
+            form_answer(json={"ENABLE_DIRECT_CONNECTIONS": False, "ENABLE_BASE_MODELS_CACHE": False}),
+            form_answer(method="POST", json={"ENABLE_DIRECT_CONNECTIONS": False, "ENABLE_BASE_MODELS_CACHE": True}),
+        ],
+        [],
+        {"ENABLE_DIRECT_CONNECTIONS": False, "ENABLE_BASE_MODELS_CACHE": True},
+        0,
+        [ARMED_AT_STARTUP],
+        [],
+        id="0.6.16-0.10-form-of-two",
+    ),
+    pytest.param(
+        [form_answer(json=CACHE_ON)],
+        [],
+        None,
+        0,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [],
+        id="already-on-left-alone",
+    ),
+    pytest.param(
+        [],
+        ["--no-arm-at-startup"],
+        None,
+        0,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [],
+        id="opted-out-not-even-read",
+    ),
+    pytest.param(
+        [form_answer(json={"ENABLE_DIRECT_CONNECTIONS": True})],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [
+            "error: not armed at startup: this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came "
+            f"with 0.6.16). {UNARMED_AFTER_RESTART}; upgrade Open WebUI, or pass --no-arm-at-startup to accept that"
+        ],
+        id="before-0.6.16-form-without-the-setting",
+    ),
+    pytest.param(
+        [form_answer(404, json={"detail": "Not Found"})],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [
+            "error: not armed at startup: this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came "
+            "with 0.6.16) (GET /api/v1/configs/connections gave 404). "
+            f"{UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > Connections > Cache Base Model List "
+            "(ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept that"
+        ],
+        id="no-connections-endpoint",
+    ),
+    pytest.param(
+        [form_answer(403, json={"detail": "API Key Guard: no"}, headers={"X-API-Key-Guard": "enforce"})],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [
+            "error: not armed at startup: API Key Guard itself denied GET /api/v1/configs/connections (403); use an "
+            "admin session token (JWT), or allow the path in the valve api_key_allowed_endpoints_admin. Server said: "
+            f"API Key Guard: no. {UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > Connections > Cache "
+            "Base Model List (ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept that"
+        ],
+        id="refused-by-the-guard-policy",
+    ),
+    pytest.param(
+        [form_answer(json={"ENABLE_DIRECT_CONNECTIONS": True, "ENABLE_BASE_MODELS_CACHE": "yes"})],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [
+            "error: not armed at startup: GET /api/v1/configs/connections answered an unexpected shape (expected "
+            f"true or false, got ENABLE_BASE_MODELS_CACHE='yes'). {UNARMED_AFTER_RESTART}; switch on Admin Panel > "
+            "Settings > Connections > Cache Base Model List (ENABLE_BASE_MODELS_CACHE), or pass "
+            "--no-arm-at-startup to accept that"
+        ],
+        id="unexpected-shape-string-changes-nothing",
+    ),
+    pytest.param(
+        [form_answer(json=[True])],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [
+            "error: not armed at startup: GET /api/v1/configs/connections answered an unexpected shape (expected a "
+            f"JSON object of settings, got list). {UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > "
+            "Connections > Cache Base Model List (ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept "
+            "that"
+        ],
+        id="unexpected-shape-list-changes-nothing",
+    ),
+    pytest.param(
+        [form_answer(json=CACHE_OFF), form_answer(500, method="POST", json={"detail": "database is locked"})],
+        [],
+        CACHE_ON,
+        1,
+        [],
+        [
+            "error: not armed at startup: the server answered POST /api/v1/configs/connections with 500 Internal "
+            f"Server Error. Server said: database is locked. {UNARMED_AFTER_RESTART}; switch on Admin Panel > "
+            "Settings > Connections > Cache Base Model List (ENABLE_BASE_MODELS_CACHE), or pass "
+            "--no-arm-at-startup to accept that"
+        ],
+        id="update-refused",
+    ),
+    pytest.param(
+        [form_answer(json=CACHE_OFF), form_answer(method="POST", json=CACHE_OFF)],
+        [],
+        CACHE_ON,
+        1,
+        [],
+        [
+            "error: not armed at startup: POST /api/v1/configs/connections answered without "
+            f"ENABLE_BASE_MODELS_CACHE: true. {UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > "
+            "Connections > Cache Base Model List (ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept "
+            "that"
+        ],
+        id="update-not-kept",
+    ),
+]
+
+
+@pytest.mark.parametrize("answers, argv, update, code, lines, errors", ARMING_CASES)
+def test_arming_at_startup(server, cli, local, defaults, expand, answers, argv, update, code, lines, errors):
+    """A guard installed and current; what install does with Open WebUI's base models cache."""
+    server.get(FN, json=function(local.content))
+    server.get(f"{FN}/valves", json=defaults)
+    for reply in answers:
+        server.add(**reply)
+    in_force(server, local, defaults)
+
+    assert cli(*ARGS, *argv) == (code, [expand(line) for line in lines], errors)
+    posted = [call.request for call in server.calls if call.request.method == "POST"]
+    assert [json.loads(request.body) for request in posted] == ([update] if update else [])
+
+
 @pytest.mark.parametrize(
-    "active, is_global, header, code, error, probes",
+    "active, is_global, mode, policy, code, error, probes",
     [
         pytest.param(
             False,
             True,
             None,
+            "stored",
             3,
             "error: function api_key_guard is not active after install; Open WebUI switches a function off when its "
             "module fails to load: check the server log",
@@ -360,6 +595,7 @@ def test_dry_run_reads_and_writes_nothing(server, cli, local, defaults, expand, 
             True,
             False,
             "enforce",
+            "stored",
             3,
             "error: function api_key_guard is still not global after /toggle/global; check the server log",
             1,
@@ -369,44 +605,102 @@ def test_dry_run_reads_and_writes_nothing(server, cli, local, defaults, expand, 
             True,
             True,
             None,
+            "stored",
             1,
-            "error: route guard is not armed 3 s after GET /api/models; look in the server log for 'api_key_guard "
+            "error: route guard is not armed 10 s after GET /api/models; look in the server log for 'api_key_guard "
             "could not arm the route guard' (with several workers, each arms on its own first model listing)",
-            7,
+            51,
             id="route-guard-never-armed",
+        ),
+        pytest.param(
+            True,
+            True,
+            "enforce",
+            "0123456789ab",
+            1,
+            "error: the guard does not act on the stored valves 10 s after install wrote them (policy in force: no - "
+            "the guard acts on policy 0123456789ab, the stored valves are policy {policy}); check the server log "
+            "for api_key_guard errors",
+            51,
+            id="policy-never-in-force",
+        ),
+        pytest.param(
+            True,
+            True,
+            "enforce",
+            None,
+            1,
+            "error: the guard does not act on the stored valves 10 s after install wrote them (policy in force: "
+            "cannot tell: the guard sent no X-API-Key-Guard-Policy header); check the server log for api_key_guard "
+            "errors",
+            51,
+            id="armed-guard-never-shows-a-policy",
         ),
     ],
 )
 def test_install_verifies_the_outcome(
-    server, cli, local, defaults, slept, active, is_global, header, code, error, probes
+    server, cli, local, defaults, expand, slept, active, is_global, mode, policy, code, error, probes
 ):
     """What the read-back after GET /api/models shows of a function that was installed and current."""
     server.get(FN, json=function(local.content))
     server.get(f"{FN}/valves", json=defaults)
-    server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content, active=active, is_global=is_global), headers=guard_header(header))
+    server.get(CONNECTIONS, json=CACHE_ON)
+    in_force(server, local, defaults, mode=mode, policy=policy, active=active, is_global=is_global)
 
     assert cli(*ARGS) == (
         code,
         [f"api_key_guard {local.version} is installed and current; nothing changed"],
-        [error],
+        [expand(error)],
     )
-    assert sent(server)[2:] == [("GET", "/api/models")] + [("GET", FN_PATH)] * probes
-    assert slept == [0.5] * (probes - 1)
+    assert sent(server)[3:] == [("GET", "/api/models"), ("GET", f"{FN_PATH}/valves")] + [("GET", FN_PATH)] * probes
+    assert slept == [0.2] * (probes - 1)
 
 
-def test_install_probes_again_while_the_guard_still_acts_on_its_cached_state(server, cli, local, defaults, slept):
-    """The guard re-reads its active flag every 2 s: right after activation it may not mark requests yet."""
-    server.get(FN, json=function(local.content, active=False))
+@pytest.mark.parametrize(
+    "probes, slept_for",
+    [
+        pytest.param([(None, None)] * 2, [0.2] * 2, id="not-armed-until-the-cached-inactive-state-expires"),
+        pytest.param([("enforce", "0123456789ab")] * 3, [0.2] * 3, id="old-policy-until-the-cached-valves-expire"),
+        pytest.param([], [], id="in-force-at-once"),
+    ],
+)
+def test_install_waits_until_the_guard_acts_on_what_it_wrote(server, cli, local, defaults, slept, probes, slept_for):
+    """A worker other than the one that saved may act on what it cached before, for up to 2 s."""
+    wanted = defaults | {"mode": "monitor"}
+    server.get(FN, json=function(local.content))
     server.get(f"{FN}/valves", json=defaults)
-    server.post(f"{FN}/toggle", json=function(local.content))
+    server.get(CONNECTIONS, json=CACHE_ON)
+    server.post(f"{FN}/valves/update", json=wanted)
     server.get(MODELS, json={"data": []})
-    server.get(FN, json=function(local.content))
-    server.get(FN, json=function(local.content))
-    server.get(FN, json=function(local.content), headers=guard_header("enforce"))
+    server.get(f"{FN}/valves", json=wanted)
+    for mode, policy in probes:
+        server.get(FN, json=function(local.content), headers=guard_headers(mode, policy))
+    server.get(FN, json=function(local.content), headers=guard_headers("monitor", local.policy(wanted)))
 
-    assert cli(*ARGS) == (0, ["activated"], [])
-    assert slept == [0.5, 0.5]
+    assert cli(*ARGS, "--set", "mode=monitor") == (0, ["valves updated: mode"], [])
+    assert slept == slept_for
+
+
+def test_install_from_an_old_guard_file_cannot_check_the_policy(server, cli, local, defaults, tmp_path):
+    """A guard file from before policy fingerprints: install still works and says what it cannot check."""
+    old = tmp_path / "api_key_guard.py"
+    old.write_text(local.content.replace("def policy_fingerprint(", "def _no_fingerprint("))
+    server.get(FN, json=function(local.content))
+    server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_ON)
+    server.post(f"{FN}/update", json=function(old.read_text()))
+    in_force(server, local, defaults)
+
+    assert cli(*ARGS, "--file", str(old)) == (
+        0,
+        [
+            f"updated function content ({local.version} -> {local.version})",
+            "policy in force: cannot tell: the local guard file has no policy_fingerprint; use the guard file of "
+            "this release",
+        ],
+        [],
+    )
+    assert body(server, 3)["content"] == old.read_text()
 
 
 # ---------------------------------------------------------------------------
@@ -419,62 +713,85 @@ OK_FUNCTION_LINES = [
     "content: same as the local file (server {version}, local {version})",
     "valves: valid",
 ]
+OK_VERDICT = (
+    "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard armed; "
+    "policy in force; armed at startup"
+)
+ROUTE_ARMED = "route guard: armed (mode enforce)"
+POLICY_YES = "policy in force: yes (policy {policy})"
+PER_WORKER = "rate-limit counters: per worker"
+LIVE_OK = [ROUTE_ARMED, POLICY_YES, PER_WORKER]
+STARTUP_YES = (
+    "armed at startup: yes (ENABLE_BASE_MODELS_CACHE is on: every worker loads the guard before its first request)"
+)
+ARMED = ("enforce", "stored", "per-worker")  # what the guard's headers say: mode, policy, counters
+SESSION_LINES = [
+    "route guard: cannot tell with a session token; run status with an admin API key",
+    "policy in force: cannot tell with a session token (the worker that saved the valves applies them at once, "
+    "the others within 2 s); run status with an admin API key",
+    "rate-limit counters: unknown (a session token sees no guard headers; run status with an admin API key)",
+]
+ON = form_answer(json=CACHE_ON)
 
 
 @pytest.mark.parametrize(
-    "credential, state, stored, header, code, lines",
+    "credential, state, stored, probe, form, argv, code, lines",
     [
         pytest.param(
-            KEY,
-            {},
-            "defaults",
-            "enforce",
-            0,
-            [
-                "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard armed",
-                *OK_FUNCTION_LINES,
-                "route guard: armed (mode enforce)",
-            ],
-            id="ok-armed",
+            KEY, {}, "defaults", ARMED, ON, [], 0, [OK_VERDICT, *OK_FUNCTION_LINES, *LIVE_OK, STARTUP_YES], id="ok"
         ),
         pytest.param(
             KEY,
             {},
             None,
-            "monitor",
+            ("monitor", "stored", "redis"),
+            ON,
+            [],
             0,
             [
-                "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard armed",
+                OK_VERDICT,
                 *OK_FUNCTION_LINES,
                 "route guard: armed (mode monitor)",
+                "policy in force: yes (policy {empty})",
+                "rate-limit counters: shared (Redis)",
+                STARTUP_YES,
             ],
-            id="ok-valves-never-stored-monitor-mode",
+            id="ok-valves-never-stored-monitor-mode-redis",
         ),
         pytest.param(
             JWT,
             {},
             "defaults",
-            None,
+            (None, None, None),
+            ON,
+            [],
             0,
             [
-                "verdict: OK - API Key Guard {version} is installed, active, global and current; "
-                "route guard not checked (session token)",
+                "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard not "
+                "checked (session token); policy not checked (session token); armed at startup",
                 *OK_FUNCTION_LINES,
-                "route guard: cannot tell with a session token; run status with an admin API key",
+                *SESSION_LINES,
+                STARTUP_YES,
             ],
-            id="ok-session-token-armed-unknown",
+            id="ok-session-token-sees-no-guard-headers",
         ),
         pytest.param(
             KEY,
             {},
             {"route_guard": False},
-            None,
+            (None, None, None),
+            ON,
+            [],
             0,
             [
-                "verdict: OK - API Key Guard {version} is installed, active, global and current; "
-                "route guard switched off",
+                "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard "
+                "switched off; policy not checked (route guard off); armed at startup",
                 *OK_FUNCTION_LINES,
                 "route guard: switched off by the valve route_guard",
+                "policy in force: cannot tell: with route_guard off no request shows the guard's policy; the inlet "
+                "filter applies the stored valves within 2 s",
+                "rate-limit counters: unknown (the guard sent no X-API-Key-Guard-Counters header)",
+                STARTUP_YES,
             ],
             id="ok-route-guard-valve-off",
         ),
@@ -482,23 +799,34 @@ OK_FUNCTION_LINES = [
             KEY,
             {},
             "defaults",
-            None,
+            (None, None, None),
+            ON,
+            [],
             1,
-            ["verdict: NOT OK - route guard is not armed", *OK_FUNCTION_LINES, NOT_ARMED_LINE],
+            [
+                "verdict: NOT OK - route guard is not armed",
+                *OK_FUNCTION_LINES,
+                NOT_ARMED_LINE,
+                "policy in force: cannot tell: the guard sent no X-API-Key-Guard-Policy header",
+                "rate-limit counters: unknown (the guard sent no X-API-Key-Guard-Counters header)",
+                STARTUP_YES,
+            ],
             id="not-armed",
         ),
         pytest.param(
             KEY,
             {"active": False},
             "defaults",
-            None,
+            (None, None, None),
+            ON,
+            [],
             1,
             [
-                "verdict: NOT OK - function is not active; route guard is not armed",
+                "verdict: NOT OK - function is not active",
                 "installed: yes (id api_key_guard)",
                 "active: no",
                 *OK_FUNCTION_LINES[2:],
-                NOT_ARMED_LINE,
+                STARTUP_YES,
             ],
             id="not-active",
         ),
@@ -506,14 +834,16 @@ OK_FUNCTION_LINES = [
             KEY,
             {"is_global": False},
             "defaults",
-            "enforce",
+            ARMED,
+            ON,
+            [],
             1,
             [
                 "verdict: NOT OK - function is not global",
                 *OK_FUNCTION_LINES[:2],
                 "global: no",
                 *OK_FUNCTION_LINES[3:],
-                "route guard: armed (mode enforce)",
+                STARTUP_YES,
             ],
             id="not-global",
         ),
@@ -521,14 +851,17 @@ OK_FUNCTION_LINES = [
             KEY,
             {"content": OLD_CONTENT},
             "defaults",
-            "enforce",
+            ARMED,
+            ON,
+            [],
             1,
             [
                 "verdict: NOT OK - server copy differs from the local file (server 0.0.9, local {version})",
                 *OK_FUNCTION_LINES[:3],
                 "content: differs from the local file (server 0.0.9, local {version})",
                 "valves: valid",
-                "route guard: armed (mode enforce)",
+                *LIVE_OK,
+                STARTUP_YES,
             ],
             id="outdated-content",
         ),
@@ -536,7 +869,9 @@ OK_FUNCTION_LINES = [
             KEY,
             {},
             {"api_key_roles": "root", "priority": "high"},
-            "enforce",
+            ("fail-closed", "stored", "per-worker"),
+            ON,
+            [],
             1,
             [
                 "verdict: NOT OK - stored valves do not validate",
@@ -544,37 +879,208 @@ OK_FUNCTION_LINES = [
                 "valves: invalid",
                 "  valve priority: Input should be a valid integer, unable to parse string as an integer",
                 "  valve api_key_roles: Value error, expected roles from admin, user, pending, got 'root'",
-                "route guard: armed (mode enforce)",
+                "route guard: armed (mode fail-closed)",
+                "policy in force: yes (policy {invalid})",
+                PER_WORKER,
+                STARTUP_YES,
             ],
-            id="invalid-stored-valves",
+            id="invalid-stored-valves-fail-closed",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ("enforce", "0123456789ab", "per-worker"),
+            ON,
+            [],
+            1,
+            [
+                "verdict: NOT OK - the guard does not act on the stored valves",
+                *OK_FUNCTION_LINES,
+                ROUTE_ARMED,
+                "policy in force: no - the guard acts on policy 0123456789ab, the stored valves are policy {policy}",
+                PER_WORKER,
+                STARTUP_YES,
+            ],
+            id="policy-not-in-force",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ("enforce", "stored", "degraded"),
+            ON,
+            [],
+            1,
+            [
+                "verdict: NOT OK - rate-limit counters degraded (Redis failing)",
+                *OK_FUNCTION_LINES,
+                ROUTE_ARMED,
+                POLICY_YES,
+                "rate-limit counters: degraded (Redis is configured but failing; counting per worker meanwhile)",
+                STARTUP_YES,
+            ],
+            id="counters-degraded",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ("enforce", "stored", None),
+            ON,
+            [],
+            0,
+            [
+                OK_VERDICT,
+                *OK_FUNCTION_LINES,
+                ROUTE_ARMED,
+                POLICY_YES,
+                "rate-limit counters: unknown (the guard sent no X-API-Key-Guard-Counters header)",
+                STARTUP_YES,
+            ],
+            id="counters-header-missing-is-unknown",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ARMED,
+            form_answer(json=CACHE_OFF),
+            [],
+            1,
+            [
+                "verdict: NOT OK - not armed at startup",
+                *OK_FUNCTION_LINES,
+                *LIVE_OK,
+                "armed at startup: no - ENABLE_BASE_MODELS_CACHE is off: the guard is in force now, but after every "
+                "restart each worker serves API keys unguarded until something lists models there; run install.py "
+                "to switch it on",
+            ],
+            id="not-armed-at-startup",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ARMED,
+            form_answer(json=CACHE_OFF),
+            ["--no-arm-at-startup"],
+            0,
+            [
+                "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard armed; "
+                "policy in force; not armed at startup (opted out)",
+                *OK_FUNCTION_LINES,
+                *LIVE_OK,
+                "armed at startup: no (ENABLE_BASE_MODELS_CACHE is off; --no-arm-at-startup)",
+            ],
+            id="not-armed-at-startup-opted-out",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ARMED,
+            form_answer(json={"ENABLE_DIRECT_CONNECTIONS": True}),
+            [],
+            1,
+            [
+                "verdict: NOT OK - not armed at startup",
+                *OK_FUNCTION_LINES,
+                *LIVE_OK,
+                "armed at startup: no - this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came with "
+                "0.6.16): the guard is in force now, but after every restart each worker serves API keys unguarded "
+                "until something lists models there; upgrade Open WebUI",
+            ],
+            id="before-0.6.16",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
+            ARMED,
+            form_answer(403, json={"detail": "API Key Guard: no"}, headers={"X-API-Key-Guard": "enforce"}),
+            [],
+            1,
+            [
+                "verdict: NOT OK - cannot tell if armed at startup",
+                *OK_FUNCTION_LINES,
+                *LIVE_OK,
+                "armed at startup: cannot tell - API Key Guard itself denied GET /api/v1/configs/connections (403); "
+                "use an admin session token (JWT), or allow the path in the valve api_key_allowed_endpoints_admin. "
+                "Server said: API Key Guard: no",
+            ],
+            id="armed-at-startup-unreadable",
         ),
         pytest.param(
             KEY,
             None,
             None,
             None,
+            ON,
+            [],
             1,
-            ["verdict: NOT OK - function api_key_guard is not installed", "installed: no (id api_key_guard)"],
+            [
+                "verdict: NOT OK - function api_key_guard is not installed",
+                "installed: no (id api_key_guard)",
+                STARTUP_YES,
+            ],
             id="not-installed",
         ),
     ],
 )
-def test_status(server, cli, local, defaults, expand, credential, state, stored, header, code, lines):
+def test_status(server, cli, local, defaults, expand, slept, credential, state, stored, probe, form, argv, code, lines):
+    held = defaults if stored == "defaults" else stored
     if state is None:
         server.get(FN, status=401, json=NOT_FOUND)
     else:
+        mode, policy, counters = probe
+        live = local.policy(held) if policy == "stored" else policy
         flags = {name: value for name, value in state.items() if name != "content"}
-        server.get(FN, json=function(state.get("content", local.content), **flags), headers=guard_header(header))
-        server.get(f"{FN}/valves", **json_body(defaults if stored == "defaults" else stored))
+        server.get(
+            FN,
+            json=function(state.get("content", local.content), **flags),
+            headers=guard_headers(mode, live, counters),
+        )
+        server.get(f"{FN}/valves", **json_body(held))
+    server.add(**form)
     server.get(CONFIG, json=CONFIG_012)
     server.get(PERMISSIONS, json=PERMISSIONS_012)
 
-    assert cli("status", "--url", URL, "--api-key", credential) == (
-        code,
-        [expand(line) for line in lines] + POSTURE_012_LINES,
-        [],
-    )
+    expected = [
+        expand(line).replace("{empty}", local.policy({})).replace("{invalid}", local.policy(held)) for line in lines
+    ]
+    assert cli("status", "--url", URL, "--api-key", credential, *argv) == (code, expected + POSTURE_012_LINES, [])
     assert {method for method, _ in sent(server)} == {"GET"}
+
+
+STALE = ("enforce", "0123456789ab")  # a worker still acting on the valves it cached before the save
+IN_FORCE = ("enforce", "stored")
+
+
+@pytest.mark.parametrize(
+    "probes, slept_for, code",
+    [
+        pytest.param([STALE, STALE, IN_FORCE], [0.2] * 2, 0, id="stale-worker-catches-up-within-the-ttl"),
+        pytest.param([STALE] * 13, [0.2] * 12, 1, id="never-catches-up-in-2.5-s"),
+        pytest.param([(None, None)] * 13, [0.2] * 12, 1, id="never-armed"),
+    ],
+)
+def test_status_gives_a_stale_worker_the_guards_refresh_time(
+    server, cli, local, defaults, slept, probes, slept_for, code
+):
+    """Right after a save, a worker may still act on the valves it cached (2 s): status probes before judging."""
+    headers = [guard_headers(mode, local.policy(defaults) if policy == "stored" else policy) for mode, policy in probes]
+    server.get(FN, json=function(local.content), headers=headers[0])
+    server.get(f"{FN}/valves", json=defaults)
+    for probe in headers[1:]:
+        server.get(FN, json=function(local.content), headers=probe)
+    server.get(CONNECTIONS, json=CACHE_ON)
+    server.get(CONFIG, json=CONFIG_012)
+    server.get(PERMISSIONS, json=PERMISSIONS_012)
+
+    assert cli("status", *ARGS)[0] == code
+    assert slept == slept_for
+    assert [call.request.headers.get("Connection") for call in server.calls[2:-3]] == ["close"] * len(slept_for)
 
 
 def posture(enabled: bool, users: bool, restricted: bool = False, allowed: str = "") -> dict:
@@ -631,8 +1137,9 @@ def posture(enabled: bool, users: bool, restricted: bool = False, allowed: str =
     ],
 )
 def test_status_reports_server_api_key_posture(server, cli, local, defaults, config, permissions, lines, facts):
-    server.get(FN, json=function(local.content), headers=guard_header("enforce"))
+    server.get(FN, json=function(local.content), headers=guard_headers("enforce", local.policy(defaults)))
     server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_ON)
     server.get(CONFIG, json=config)
     server.get(PERMISSIONS, json=permissions)
 
@@ -645,11 +1152,12 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
 
 
 @pytest.mark.parametrize(
-    "installed, header, code, facts",
+    "installed, probe, form, code, facts",
     [
         pytest.param(
             True,
-            "enforce",
+            ARMED,
+            CACHE_ON,
             0,
             {
                 "installed": True,
@@ -660,14 +1168,21 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "valves_valid": True,
                 "valves_errors": [],
                 "route_guard_armed": True,
+                "policy_in_force": True,
+                "stored_policy": "{policy}",
+                "live_policy": "{policy}",
+                "rate_limit_counters": "per-worker",
+                "armed_at_startup": True,
                 "ok": True,
-                "verdict": "OK - API Key Guard {version} is installed, active, global and current; route guard armed",
+                "verdict": "OK - API Key Guard {version} is installed, active, global and current; route guard armed; "
+                "policy in force; armed at startup",
             },
             id="ok",
         ),
         pytest.param(
             True,
-            None,
+            (None, None, None),
+            CACHE_OFF,
             1,
             {
                 "installed": True,
@@ -678,14 +1193,20 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "valves_valid": True,
                 "valves_errors": [],
                 "route_guard_armed": False,
+                "policy_in_force": None,
+                "stored_policy": "{policy}",
+                "live_policy": None,
+                "rate_limit_counters": None,
+                "armed_at_startup": False,
                 "ok": False,
-                "verdict": "NOT OK - route guard is not armed",
+                "verdict": "NOT OK - route guard is not armed; not armed at startup",
             },
-            id="not-armed",
+            id="not-armed-now-nor-at-startup",
         ),
         pytest.param(
             False,
             None,
+            CACHE_ON,
             1,
             {
                 "installed": False,
@@ -696,6 +1217,11 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "valves_valid": None,
                 "valves_errors": [],
                 "route_guard_armed": None,
+                "policy_in_force": None,
+                "stored_policy": None,
+                "live_policy": None,
+                "rate_limit_counters": None,
+                "armed_at_startup": True,
                 "ok": False,
                 "verdict": "NOT OK - function api_key_guard is not installed",
             },
@@ -703,19 +1229,21 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
         ),
     ],
 )
-def test_status_json(server, cli, local, defaults, expand, installed, header, code, facts):
+def test_status_json(server, cli, local, defaults, expand, installed, probe, form, code, facts):
     if installed:
-        server.get(FN, json=function(local.content), headers=guard_header(header))
+        mode, _, counters = probe
+        server.get(FN, json=function(local.content), headers=guard_headers(mode, local.policy(defaults), counters))
         server.get(f"{FN}/valves", json=defaults)
     else:
         server.get(FN, status=401, json=NOT_FOUND)
+    server.get(CONNECTIONS, json=form)
     server.get(CONFIG, json=CONFIG_012)
     server.get(PERMISSIONS, json=PERMISSIONS_012)
 
     json_code, out, err = cli("status", "--json", "--url", URL, "--api-key", KEY)
 
     expected = {name: expand(value) if isinstance(value, str) else value for name, value in facts.items()}
-    assert (json_code, err) == (code, [])
+    assert (json_code, err) == (0 if code == 0 else 1, [])
     assert json.loads("\n".join(out)) == {**expected, "local_version": local.version, **posture(True, False)}
 
 
@@ -963,7 +1491,7 @@ ERROR_CASES = [
     pytest.param(
         ARGS,
         None,
-        [ABSENT, answer(500, "POST", CREATE, json={"detail": "boom"})],
+        [ABSENT, answer(url=CONNECTIONS, json=CACHE_ON), answer(500, "POST", CREATE, json={"detail": "boom"})],
         "error: the server answered POST /api/v1/functions/create with 500 Internal Server Error. Server said: boom",
         3,
         id="500-on-create",
@@ -1043,3 +1571,89 @@ def test_errors_never_show_the_key(server, cli, tmp_path, expand, argv, valves_f
     shown = "\n".join(out + err)
     for secret in (KEY, JWT):
         assert secret[:-4] not in shown  # the whole credential, and all but the 4 characters a fingerprint shows
+
+
+# ---------------------------------------------------------------------------
+# The admin's laptop: just install.py and the guard file, maybe no requests or pydantic
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """A Python with nothing installed: no requests, no pydantic, not even pip."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["status", "--url", "http://127.0.0.1:9", "--api-key", "sk-x"], id="status"),
+        pytest.param(["--help"], id="help"),
+        pytest.param(["install", "--help"], id="install-help"),
+        pytest.param(["--url", "http://127.0.0.1:9", "--api-key", "sk-x"], id="install"),
+        pytest.param(["uninstall"], id="uninstall"),
+    ],
+)
+def test_without_dependencies_one_line_says_what_to_run(bare_python, argv):
+    done = subprocess.run([bare_python, str(INSTALL_PY), *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (done.returncode, done.stdout, done.stderr.splitlines()) == (
+        2,
+        "",
+        [
+            f"install.py needs requests and pydantic: run it as 'uv run {INSTALL_PY} ...' or 'pipx run "
+            f"{INSTALL_PY} ...' (both read the dependencies from the script), or install them with: {bare_python} "
+            '-m pip install "requests>=2.31" "pydantic>=2.7,<3"'
+        ],
+    )
+
+
+def script_metadata(text: str) -> dict:
+    """The PEP 723 `script` block, read the way the PEP's reference implementation reads it."""
+    block = re.search(r"(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$", text)
+    content = "".join(line[2:] if line.startswith("# ") else line[1:] for line in block["content"].splitlines(True))
+    return tomllib.loads(content)
+
+
+def test_inline_script_metadata_matches_the_projects_bounds():
+    metadata = script_metadata(INSTALL_PY.read_text())
+    pinned = [
+        line
+        for line in (ROOT / "requirements-dev.txt").read_text().split()
+        if line.startswith(("requests", "pydantic"))
+    ]
+    assert (metadata["requires-python"], sorted(metadata["dependencies"])) == (">=3.11", sorted(pinned))
+
+
+@pytest.mark.parametrize(
+    "guard_at, argv",
+    [
+        pytest.param("api_key_guard.py", [], id="downloaded-side-by-side"),
+        pytest.param("filters/api_key_guard.py", [], id="repository-layout"),
+        pytest.param("elsewhere/guard.py", ["--file", "{dir}/elsewhere/guard.py"], id="file-flag"),
+    ],
+)
+def test_finds_the_guard_file_the_admin_downloaded(server, capsys, tmp_path, local, guard_at, argv):
+    """A dry run from a copy of install.py: the guard it would create is the file found in that layout."""
+    shutil.copy(INSTALL_PY, tmp_path / "install.py")
+    (tmp_path / guard_at).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / guard_at).write_text(local.content.replace(f"version: {local.version}", "version: 9.9.9"))
+    spec = importlib.util.spec_from_file_location("install_copy", tmp_path / "install.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    server.get(FN, status=401, json=NOT_FOUND)
+    server.get(CONNECTIONS, json=CACHE_ON)
+
+    code = copy.main(["install", *ARGS, "--dry-run", *(arg.replace("{dir}", str(tmp_path)) for arg in argv)])
+
+    assert (code, capsys.readouterr().out.splitlines()[0]) == (0, "would create function api_key_guard (version 9.9.9)")
+
+
+def test_a_missing_guard_file_is_a_usage_error(server, cli, tmp_path):
+    assert cli(*ARGS, "--file", str(tmp_path / "nothing.py")) == (
+        2,
+        [],
+        [
+            f"error: cannot read the guard file {tmp_path}/nothing.py: No such file or directory; put "
+            "api_key_guard.py next to install.py or pass --file PATH"
+        ],
+    )
