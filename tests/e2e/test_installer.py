@@ -1,15 +1,49 @@
-"""install.py against the real servers: install, a second run that changes nothing, a valve
-change, status on a deactivated guard, uninstall."""
+"""install.py against the real servers: install, a second run that changes nothing, a valve change in
+force when install returns, arming at startup and what status proves of it, a deactivated guard, uninstall.
+
+The test servers run with ENABLE_PERSISTENT_CONFIG=false. There Open WebUI's connections endpoint still
+answers and switches the base models cache in the memory of the process that served the request (0.6-0.8:
+app.state.config, also written to the database but ignored at the next start; 0.10+: Config.DEFAULTS, not
+written at all), and a restart takes it back to the environment's value. So these tests prove what install
+writes and what status reads on a running server; that a restart then arms every worker before its first
+request is the restart suite's to prove, on servers whose config persists.
+"""
+
+import json
 
 import pytest
 
-VERSION = "0.1.0"
+import install
+
+from .conftest import FUNCTION_ID, GUARD
+
+VERSION = install.load_local_guard().version
+CONNECTIONS = install.CONNECTIONS_API
+VALVES = f"/api/v1/functions/id/{FUNCTION_ID}/valves"
+STARTUP_OFF = (
+    "armed at startup: no - ENABLE_BASE_MODELS_CACHE is off: the guard is in force now, but after every restart "
+    "each worker serves API keys unguarded until something lists models there; run install.py to switch it on"
+)
 
 
 def run(deployment, capsys, *args) -> tuple[int, list[str]]:
     code = deployment.installer(*args, key=deployment.people.admin.api_key)
     out = capsys.readouterr().out
     return code, out.splitlines()
+
+
+def status_json(deployment, capsys, *args) -> tuple[int, dict]:
+    code, lines = run(deployment, capsys, "status", "--json", *args)
+    return code, json.loads("\n".join(lines))
+
+
+def base_models_cache(deployment, on: bool | None = None) -> bool:
+    """Open WebUI's own view of the setting (read, or switched first), through the admin's session."""
+    server, jwt = deployment.server, deployment.people.admin.jwt
+    form = server.ok("GET", CONNECTIONS, jwt)
+    if on is not None:
+        form = server.ok("POST", CONNECTIONS, jwt, json=form | {install.BASE_MODELS_CACHE: on})
+    return form[install.BASE_MODELS_CACHE]
 
 
 @pytest.fixture
@@ -27,17 +61,60 @@ def test_second_run_changes_nothing(installed, capsys):
     )
 
 
-def test_valve_change_is_written_and_enforced(installed, capsys):
+def test_valve_change_is_in_force_when_install_returns(installed, capsys):
+    """No wait after install: the very next key request is judged by the valves it wrote."""
+    alice = installed.people.alice.api_key
+    assert installed.server.call("GET", "/api/models", alice).status_code == 403  # default: admin keys only
+
     assert run(installed, capsys, "install", "--set", "api_key_users=alice@example.com") == (
         0,
         ["valves updated: api_key_users"],
     )
-    stored = installed.server.ok("GET", "/api/v1/functions/id/api_key_guard/valves", installed.people.admin.jwt)
-    assert stored["api_key_users"] == "alice@example.com"
+
+    stored = installed.server.ok("GET", VALVES, installed.people.admin.jwt)
+    allowed = installed.server.call("GET", "/api/models", alice)
+    elsewhere = installed.server.call("GET", "/api/v1/chats/", alice)
+    assert (stored["api_key_users"], allowed.status_code, elsewhere.status_code) == ("alice@example.com", 200, 403)
+    assert allowed.headers[install.POLICY_HEADER] == GUARD.policy_fingerprint(stored)
+    assert "may not call /api/v1/chats/" in elsewhere.json()["detail"]
+
+
+def test_install_arms_at_startup_and_status_proves_it(installed, capsys):
+    code, facts = status_json(installed, capsys)
+    assert (code, base_models_cache(installed)) == (0, True)
+    assert {name: facts[name] for name in ("armed_at_startup", "route_guard_armed", "policy_in_force")} == {
+        "armed_at_startup": True,
+        "route_guard_armed": True,
+        "policy_in_force": True,
+    }
+    assert (
+        facts["live_policy"]
+        == facts["stored_policy"]
+        == GUARD.policy_fingerprint(installed.server.ok("GET", VALVES, installed.people.admin.jwt))
+    )
+
+
+def test_no_arm_at_startup_leaves_the_setting_alone_and_status_says_no(installed, capsys):
+    base_models_cache(installed, on=False)
+    try:
+        assert run(installed, capsys, "install", "--no-arm-at-startup") == (
+            0,
+            [f"api_key_guard {VERSION} is installed and current; nothing changed"],
+        )
+        assert base_models_cache(installed) is False
+        code, lines = run(installed, capsys, "status")
+        assert (code, lines[0], STARTUP_OFF in lines) == (1, "verdict: NOT OK - not armed at startup", True)
+        code, facts = status_json(installed, capsys, "--no-arm-at-startup")
+        assert (code, facts["armed_at_startup"], facts["ok"]) == (0, False, True)
+
+        assert run(installed, capsys, "install") == (0, [f"armed at startup: switched on {install.ARM_AT_STARTUP}"])
+        assert base_models_cache(installed) is True
+    finally:
+        base_models_cache(installed, on=True)
 
 
 def test_status_on_a_deactivated_guard_exits_non_zero(installed, capsys):
-    installed.server.ok("POST", "/api/v1/functions/id/api_key_guard/toggle", installed.people.admin.jwt)
+    installed.server.ok("POST", f"/api/v1/functions/id/{FUNCTION_ID}/toggle", installed.people.admin.jwt)
     code, lines = run(installed, capsys, "status")
     assert code == 1
     assert lines[0].startswith("verdict: NOT OK - function is not active")
@@ -56,5 +133,35 @@ def test_status_of_a_healthy_install(installed, capsys):
     code, lines = run(installed, capsys, "status")
     assert (code, lines[0]) == (
         0,
-        f"verdict: OK - API Key Guard {VERSION} is installed, active, global and current; route guard armed",
+        f"verdict: OK - API Key Guard {VERSION} is installed, active, global and current; route guard armed; "
+        "policy in force; armed at startup",
     )
+
+
+@pytest.mark.xfail(
+    install.COUNTERS_HEADER.lower() not in install.GUARD_FILE.read_text().lower(),
+    reason="the guard does not send X-API-Key-Guard-Counters yet",
+    strict=True,
+)
+def test_status_reports_where_the_rate_limit_counters_live(installed, capsys):
+    code, lines = run(installed, capsys, "status")
+    assert (code, "rate-limit counters: per worker" in lines) == (0, True)  # no REDIS_URL on these servers
+
+
+def test_without_persistent_config_a_restart_forgets_the_setting(installed, capsys):
+    """ENABLE_PERSISTENT_CONFIG=false: the environment's value comes back at every start, and status says so."""
+    assert base_models_cache(installed) is True
+    installed.server.restart()
+    try:
+        code, lines = run(installed, capsys, "status")
+        assert (code, lines[0], STARTUP_OFF in lines) == (
+            1,
+            "verdict: NOT OK - route guard is not armed; not armed at startup",
+            True,
+        )
+    finally:
+        if installed.server.key_permission:  # forgotten too: the users' key permission the bootstrap granted
+            server, jwt = installed.server, installed.people.admin.jwt
+            permissions = server.ok("GET", "/api/v1/users/default/permissions", jwt)
+            permissions["features"]["api_keys"] = True
+            server.ok("POST", "/api/v1/users/default/permissions", jwt, json=permissions)
