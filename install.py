@@ -127,6 +127,10 @@ class ServerError(InstallError):
     exit_code = 3
 
 
+class NotAnApiRoute(ServerError):
+    """404, or a 2xx page that is not JSON: Open WebUI's web app answers paths its API lacks with its HTML page."""
+
+
 class NotArmedError(InstallError):
     exit_code = 1
 
@@ -299,7 +303,7 @@ class Client:
             data = response.json()
         except ValueError as exc:
             content_type = response.headers.get("Content-Type", "no content type")
-            raise ServerError(
+            raise NotAnApiRoute(
                 f"{where} answered {status} with a non-JSON body ({content_type}); is --url the Open WebUI address?"
             ) from exc
         try:
@@ -334,11 +338,12 @@ class Client:
                 f"the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY "
                 f"(got {fingerprint(self.credential)}).{said}"
             )
-        if status == 404 and path == CONNECTIONS_API:
-            return ServerError(f"{NO_CACHE_SETTING} ({where} gave 404)")
         if status == 404 and path.startswith(FUNCTIONS_API):
-            return ServerError(f"functions API not found: Open WebUI too old, or functions disabled ({where} gave 404)")
-        return ServerError(f"the server answered {where} with {status} {response.reason}.{said}")
+            return NotAnApiRoute(
+                f"functions API not found: Open WebUI too old, or functions disabled ({where} gave 404)"
+            )
+        error = NotAnApiRoute if status == 404 else ServerError
+        return error(f"the server answered {where} with {status} {response.reason}.{said}")
 
     def detail(self, response: requests.Response) -> str:
         """The `detail` of Open WebUI's error answer, credential masked should it be echoed; "" when none."""
@@ -490,6 +495,8 @@ def judge_connections_form(form: Any) -> StartupArming:
 def read_startup_arming(client: Client) -> StartupArming:
     try:
         return judge_connections_form(client.call("GET", CONNECTIONS_API).data)
+    except NotAnApiRoute:  # before 0.6.16 (the function API answered JSON, so this is no proxy's page)
+        return StartupArming(None, False, NO_CACHE_SETTING)
     except ServerError as exc:
         return StartupArming(None, None, str(exc))
 

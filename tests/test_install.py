@@ -423,6 +423,10 @@ def form_answer(status: int = 200, method: str = "GET", url: str = CONNECTIONS, 
     return {"method": method, "url": url, "status": status, **kwargs}
 
 
+NO_CACHE_ERROR = (
+    "error: not armed at startup: this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came with "
+    f"0.6.16). {UNARMED_AFTER_RESTART}; upgrade Open WebUI, or pass --no-arm-at-startup to accept that"
+)
 ARMING_CASES = [
     # what the server answers for the connections form and its update: exact request, exact line, exit code
     pytest.param(
@@ -470,10 +474,7 @@ ARMING_CASES = [
         None,
         1,
         ["api_key_guard {version} is installed and current; nothing changed"],
-        [
-            "error: not armed at startup: this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came "
-            f"with 0.6.16). {UNARMED_AFTER_RESTART}; upgrade Open WebUI, or pass --no-arm-at-startup to accept that"
-        ],
+        [NO_CACHE_ERROR],
         id="before-0.6.16-form-without-the-setting",
     ),
     pytest.param(
@@ -482,13 +483,17 @@ ARMING_CASES = [
         None,
         1,
         ["api_key_guard {version} is installed and current; nothing changed"],
-        [
-            "error: not armed at startup: this Open WebUI has no base models cache (ENABLE_BASE_MODELS_CACHE came "
-            "with 0.6.16) (GET /api/v1/configs/connections gave 404). "
-            f"{UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > Connections > Cache Base Model List "
-            "(ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept that"
-        ],
-        id="no-connections-endpoint",
+        [NO_CACHE_ERROR],
+        id="no-connections-endpoint-404",
+    ),
+    pytest.param(
+        [form_answer(body="<!doctype html><html></html>", content_type="text/html")],
+        [],
+        None,
+        1,
+        ["api_key_guard {version} is installed and current; nothing changed"],
+        [NO_CACHE_ERROR],
+        id="0.6.15-answers-the-web-app-page",
     ),
     pytest.param(
         [form_answer(403, json={"detail": "API Key Guard: no"}, headers={"X-API-Key-Guard": "enforce"})],
