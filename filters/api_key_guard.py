@@ -17,20 +17,24 @@ description: Decide who may use API keys, and where: admin-only by default; role
 # admin names may use keys at all, and each only on the endpoints and models
 # listed for its role. Browser sessions are never judged here.
 
+import asyncio
+import collections
 import contextvars
 import fnmatch
 import functools
 import hashlib
 import http.cookies
 import inspect
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,6 +93,448 @@ FUNCTION_STATE_TTL_SECONDS = 2.0
 if os.environ.get("API_KEY_GUARD_TEST_CACHE_SECONDS"):
     GROUPS_TTL_SECONDS = FUNCTION_STATE_TTL_SECONDS = float(os.environ["API_KEY_GUARD_TEST_CACHE_SECONDS"])
 CACHE_MAX_ENTRIES = 4096
+
+
+# ---------------------------------------------------------------------------
+# Rate limits. A leaked key is also a cost problem: a script looping on
+# /openai/chat/completions spends the owner's model budget at machine speed.
+# The valves api_key_rate_limit_admin / _user cap admitted API-key requests per
+# user, on every route the guard sees, in one or more windows.
+# ---------------------------------------------------------------------------
+REASON_RATE_LIMITED = "rate_limited"
+RATE_LIMITED_TEXT = "API keys of role '{role}' are limited to {limit} per {unit} ({valve}); retry in {seconds} s"
+
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+RATE_LIMIT_FORM = (
+    "expected comma-separated N/second, N/minute, N/hour or N/day with N a positive integer "
+    "(e.g. '60/minute,1000/day'), or empty for no limit"
+)
+_RATE_ITEM = re.compile(r"([0-9]+)\s*/\s*([A-Za-z]+)")
+
+# Where the counters live; sent as X-API-Key-Guard-Counters and shown by `install.py status`.
+COUNTERS_REDIS = "redis"  # shared by every worker and replica
+COUNTERS_PER_WORKER = "per-worker"  # no Redis configured: each process counts alone
+COUNTERS_DEGRADED = "degraded"  # Redis configured but failing: per process until it answers again
+
+# Longest the guard waits for Redis before counting in process instead. A stalled
+# Redis must not turn the limiter into an outage for admitted keys.
+REDIS_TIMEOUT_SECONDS = 0.5
+# After a failure, Redis is tried again at most this often (one probing request per
+# worker); every other request meanwhile counts in process at memory speed.
+REDIS_RETRY_SECONDS = 5.0
+DEGRADED_LOG_SECONDS = 60.0
+# Users whose request times are kept per process; the least recently seen user is
+# forgotten first (its counters restart from zero if it comes back).
+RATE_MAX_USERS = 10_000
+
+
+@dataclass(frozen=True)
+class Window:
+    limit: int
+    unit: str
+    seconds: int
+    text: str  # "5/minute", as written in the audit log
+    policy_item: str  # '"minute";q=5;w=60', one RateLimit-Policy item
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The windows of one rate-limit valve, parsed once; no windows = unlimited."""
+
+    windows: tuple[Window, ...]
+    policy: str  # RateLimit-Policy header value
+    redis_args: tuple[str, ...]  # (limit, window in µs) per window, the Lua script's ARGV
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def parse(cls, text: str) -> "RateLimit":
+        windows: dict[str, Window] = {}
+        for item in split_list(text):
+            match = _RATE_ITEM.fullmatch(item)
+            unit = match.group(2).lower() if match else ""
+            if not match or unit not in RATE_UNITS or int(match.group(1)) < 1:
+                raise ValueError(f"{RATE_LIMIT_FORM}; got {item!r}")
+            if unit in windows:
+                raise ValueError(f"{RATE_LIMIT_FORM}, each unit at most once; got {unit!r} twice")
+            limit, seconds = int(match.group(1)), RATE_UNITS[unit]
+            windows[unit] = Window(limit, unit, seconds, f"{limit}/{unit}", f'"{unit}";q={limit};w={seconds}')
+        ordered = tuple(sorted(windows.values(), key=lambda w: w.seconds))
+        return cls(
+            ordered,
+            ", ".join(w.policy_item for w in ordered),
+            tuple(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000)),
+        )
+
+
+# ---------------------------------------------------------------------------
+# The algorithm: a sliding-window log. Each window keeps the times of the
+# requests it admitted; a request is admitted only if every window holds fewer
+# than its limit after dropping entries older than the window, and only then is
+# it recorded (denied requests are not: a client hammering while limited does
+# not extend its own ban). This is exact: no interval of a window's length ever
+# contains more than N admitted requests. A fixed window (counter per calendar
+# minute) admits 2N around a boundary (N at :59, N at :00); GCRA / token bucket
+# with burst N and rate N/w admits the burst and then the refill, up to ~2N in
+# one window. Memory is at most N entries per window and user.
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    counters: str  # COUNTERS_*
+    window: Window | None = None  # denied: the violated window that frees up last
+    retry_after: float = 0.0  # denied: seconds until this request would be admitted
+    remaining: tuple[int, ...] = ()  # per window, after this request
+    reset: tuple[float, ...] = ()  # per window, seconds until its next counted request leaves
+
+
+def weigh(limit: RateLimit, now: float, counts: list[int], marks: list[float | None], counters: str) -> Verdict:
+    """The verdict from each window's count before this request and the time of
+    its entry that must leave first for the count to drop below the limit
+    (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
+    violated, retry = None, 0.0
+    for window, count, mark in zip(limit.windows, counts, marks, strict=True):
+        if count >= window.limit and (violated is None or mark + window.seconds - now > retry):
+            violated, retry = window, mark + window.seconds - now
+    allowed = violated is None
+    return Verdict(
+        allowed,
+        counters,
+        violated,
+        retry,
+        tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True)),
+        tuple(w.seconds if m is None else m + w.seconds - now for w, m in zip(limit.windows, marks, strict=True)),
+    )
+
+
+class MemoryCounters:
+    """Per-process logs: one deque of admitted times per user and window.
+
+    Thread-safe: on Open WebUI 0.6-0.8 the check runs in the threadpool that
+    serves sync dependencies, so two requests of one user can race here."""
+
+    def __init__(self, max_users: int = RATE_MAX_USERS, clock: Callable[[], float] = time.monotonic):
+        self.max_users = max_users
+        self.clock = clock
+        self._users: collections.OrderedDict[str, dict[int, collections.deque]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, user_id: str, limit: RateLimit, counters: str = COUNTERS_PER_WORKER) -> Verdict:
+        with self._lock:
+            now = self.clock()
+            logs = self._users.get(user_id)
+            if logs is None:
+                while len(self._users) >= self.max_users:
+                    self._users.popitem(last=False)
+                logs = self._users[user_id] = {}
+            else:
+                self._users.move_to_end(user_id)
+            entries = []
+            for window in limit.windows:
+                entry = logs.get(window.seconds)
+                if entry is None:
+                    entry = logs[window.seconds] = collections.deque()
+                entries.append(entry)
+            counts, marks = [], []
+            for window, entry in zip(limit.windows, entries, strict=True):
+                horizon = now - window.seconds
+                while entry and entry[0] <= horizon:
+                    entry.popleft()
+                counts.append(len(entry))
+                marks.append(entry[max(len(entry) - window.limit, 0)] if entry else None)
+            verdict = weigh(limit, now, counts, marks, counters)
+            if verdict.allowed:
+                for entry in entries:
+                    entry.append(now)
+            return verdict
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+# One round trip, atomic across all windows of a user. Times come from the Redis
+# server (TIME), not from the workers: replicas with skewed clocks would otherwise
+# expire each other's entries early or late. TIME before writes needs effects
+# replication: the default from Redis 5, the only mode from 7; replicate_commands()
+# switches it on for 3.2-4 and is a no-op later. Scores are integer µs (< 2^53).
+RATE_LIMIT_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local reply = {1, now}
+for i, key in ipairs(KEYS) do
+  local limit, span = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
+  local count = redis.call('ZCARD', key)
+  local mark = -1
+  if count > 0 then
+    local index = math.max(count - limit, 0)
+    mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+  end
+  if count >= limit then reply[1] = 0 end
+  reply[2 * i + 1], reply[2 * i + 2] = count, mark
+end
+if reply[1] == 1 then
+  local score = string.format('%.0f', now)
+  for i, key in ipairs(KEYS) do
+    redis.call('ZADD', key, score, ARGV[1])
+    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[2 * i + 1]) / 1000))
+  end
+end
+return reply
+"""
+RATE_LIMIT_SHA = hashlib.sha1(RATE_LIMIT_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+# A member must be unique across workers and replicas: a random process nonce plus a counter.
+_MEMBER_NONCE = os.urandom(8).hex()
+_member_serial = itertools.count()
+
+
+def redis_key_base(prefix: str) -> str:
+    """Open WebUI's REDIS_KEY_PREFIX namespace; no leading ':' when it is empty (as core's session keys)."""
+    return f"{prefix}:api_key_guard:rl:" if prefix else "api_key_guard:rl:"
+
+
+def is_noscript(exc: BaseException) -> bool:
+    return type(exc).__name__ == "NoScriptError"
+
+
+def verdict_from_reply(limit: RateLimit, reply: list) -> Verdict:
+    now = int(reply[1]) / 1e6
+    counts = [int(c) for c in reply[2::2]]
+    marks = [None if int(m) < 0 else int(m) / 1e6 for m in reply[3::2]]
+    return weigh(limit, now, counts, marks, COUNTERS_REDIS)
+
+
+class RedisCounters:
+    """Shared logs in Redis, one sorted set per user and window:
+    `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`. The braces are a
+    Redis Cluster hash tag: all windows of a user live in one slot, so one
+    script can touch them atomically. Works with a sync or an asyncio client;
+    with an asyncio client check() returns an awaitable."""
+
+    def __init__(self, connect: Callable[[], Any], prefix: str):
+        self.connect = connect  # Open WebUI's client, resolved on first use and again after a failure to build it
+        self.base = redis_key_base(prefix)
+        self._client = None
+
+    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        client = self._client if self._client is not None else self._resolve()
+        keys = [f"{self.base}{{{user_id}}}:{w.seconds}" for w in limit.windows]
+        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", *limit.redis_args)
+        try:
+            reply = client.evalsha(RATE_LIMIT_SHA, len(keys), *keys, *args)
+        except Exception as exc:
+            if not is_noscript(exc):
+                raise
+            reply = client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        if inspect.isawaitable(reply):
+            return self._settle(client, reply, limit, keys, args)
+        return verdict_from_reply(limit, reply)
+
+    async def _settle(self, client: Any, reply: Awaitable, limit: RateLimit, keys: list, args: tuple) -> Verdict:
+        try:
+            reply = await reply
+        except Exception as exc:
+            if not is_noscript(exc):
+                raise
+            reply = await client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        return verdict_from_reply(limit, reply)
+
+    def _resolve(self) -> Any:
+        client = self.connect()
+        if client is None:
+            raise ConnectionError("Open WebUI returned no Redis client")
+        self._client = client
+        return client
+
+
+class Limiter:
+    """Redis when configured; per process when not, or while Redis fails.
+
+    A limiter that can lock everybody out is worse than none: any Redis error
+    (refused, timeout, script error) makes this worker count in process and
+    report `degraded`. Redis is then skipped entirely until REDIS_RETRY_SECONDS
+    have passed; the first request after that probes it (the retry time is
+    claimed before the probe, so concurrent requests count in process instead
+    of queueing behind a dead Redis; unlocked, so two threads may rarely both probe)."""
+
+    def __init__(
+        self,
+        redis: RedisCounters | None,
+        memory: MemoryCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timeout: float = REDIS_TIMEOUT_SECONDS,
+        retry_seconds: float = REDIS_RETRY_SECONDS,
+    ):
+        self.redis = redis
+        self.memory = memory or MemoryCounters()
+        self.clock = clock
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self._retry_at: float | None = None  # set while degraded
+        self._logged_at: float | None = None
+
+    @property
+    def counters(self) -> str:
+        if self.redis is None:
+            return COUNTERS_PER_WORKER
+        return COUNTERS_REDIS if self._retry_at is None else COUNTERS_DEGRADED
+
+    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        if self.redis is None:
+            return self.memory.check(user_id, limit)
+        if self._retry_at is not None:
+            now = self.clock()
+            if now < self._retry_at:
+                return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+            self._retry_at = now + self.retry_seconds
+        try:
+            verdict = self.redis.check(user_id, limit)
+        except Exception as exc:
+            return self._fall_back(exc, user_id, limit)
+        if inspect.isawaitable(verdict):
+            return self._bounded(verdict, user_id, limit)
+        return self._recovered(verdict)
+
+    async def _bounded(self, pending: Awaitable[Verdict], user_id: str, limit: RateLimit) -> Verdict:
+        try:
+            async with asyncio.timeout(self.timeout):
+                verdict = await pending
+        except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
+            return self._fall_back(exc, user_id, limit)
+        return self._recovered(verdict)
+
+    def _fall_back(self, exc: Exception, user_id: str, limit: RateLimit) -> Verdict:
+        now = self.clock()
+        self._retry_at = now + self.retry_seconds
+        if self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
+            self._logged_at = now
+            detail = " ".join(str(exc).split())[:200]
+            log.error(
+                "api_key_guard rate-limit counters degraded: Redis failed (%s); counting per worker, "
+                "retrying Redis every %.0f s",
+                f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
+                self.retry_seconds,
+            )
+        return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+
+    def _recovered(self, verdict: Verdict) -> Verdict:
+        if self._retry_at is not None:
+            self._retry_at, self._logged_at = None, None
+            log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
+        return verdict
+
+
+# ---------------------------------------------------------------------------
+# Open WebUI's Redis, reached through its own helpers (Sentinel, Cluster, URL,
+# credentials as the admin configured them); the guard never imports redis.
+# ---------------------------------------------------------------------------
+def openwebui_env() -> Any:
+    env = sys.modules.get("open_webui.env")
+    if env is None:
+        raise LookupError("open_webui.env is not loaded")
+    return env
+
+
+def redis_configured() -> bool:
+    env = openwebui_env()
+    return bool(getattr(env, "REDIS_URL", "") or getattr(env, "REDIS_SENTINEL_HOSTS", ""))
+
+
+def openwebui_redis(asynchronous: bool) -> Any:
+    """The asyncio client core itself uses (app.state.redis), or for sync
+    Open WebUI (0.6-0.8) a sync client of the guard's own (decode_responses=False
+    makes it a separate cached instance), with short socket timeouts."""
+    env = openwebui_env()
+    helpers = sys.modules["open_webui.utils.redis"]
+    client = helpers.get_redis_connection(
+        redis_url=env.REDIS_URL,
+        redis_sentinels=helpers.get_sentinels_from_env(env.REDIS_SENTINEL_HOSTS, env.REDIS_SENTINEL_PORT),
+        redis_cluster=env.REDIS_CLUSTER,
+        async_mode=asynchronous,
+        decode_responses=asynchronous,
+    )
+    if client is not None and not asynchronous:
+        shorten_timeouts(client, REDIS_TIMEOUT_SECONDS)
+    return client
+
+
+def shorten_timeouts(client: Any, seconds: float) -> int:
+    """Lower the socket timeouts of connections this sync client opens from now on;
+    redis-py 7.x (Open WebUI 0.8) waits forever on a stalled Redis by default.
+    Returns how many connection settings were changed (standalone, Sentinel, Cluster)."""
+    pools = [
+        getattr(getattr(client, "connection_pool", None), "connection_kwargs", None),
+        getattr(getattr(client, "_sentinel", None), "connection_kwargs", None),
+        getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None),
+    ]
+    nodes = client.get_nodes() if hasattr(client, "nodes_manager") else []
+    pools += [node.redis_connection.connection_pool.connection_kwargs for node in nodes if node.redis_connection]
+    changed = [kwargs for kwargs in pools if isinstance(kwargs, dict)]
+    for kwargs in changed:
+        kwargs.update(socket_timeout=seconds, socket_connect_timeout=seconds)
+    return len(changed)
+
+
+_limiter: Limiter | None = None
+
+
+def limiter() -> Limiter:
+    """This process's limiter, built on first use: Redis through Open WebUI when it has Redis."""
+    global _limiter
+    if _limiter is None:
+        _limiter = build_limiter()
+    return _limiter
+
+
+def build_limiter() -> Limiter:
+    try:
+        if not redis_configured():
+            return Limiter(None)
+        # Sync Open WebUI (0.6-0.8) judges keys in a threadpool without an event loop: sync client there.
+        asynchronous = inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
+        prefix = str(getattr(openwebui_env(), "REDIS_KEY_PREFIX", "open-webui"))
+        return Limiter(RedisCounters(lambda: openwebui_redis(asynchronous), prefix))
+    except LookupError:  # not inside Open WebUI (tests, linters)
+        return Limiter(None)
+
+
+# ---------------------------------------------------------------------------
+# What a client is told: Retry-After, the IETF httpapi RateLimit-Policy and
+# RateLimit fields (draft-ietf-httpapi-ratelimit-headers-10/11: structured-field
+# lists, one item per window named by its unit, q = quota, w = window seconds,
+# r = remaining, t = seconds until the quota starts coming back), and where the
+# counters live. Chosen over X-RateLimit-*: that trio has no single definition
+# and cannot describe two windows at once.
+# ---------------------------------------------------------------------------
+def whole_seconds(seconds: float) -> int:
+    """Round up to the next second (never 0): retrying earlier is denied again."""
+    return max(1, math.ceil(round(seconds, 6)))
+
+
+def ratelimit_value(limit: RateLimit, verdict: Verdict) -> str:
+    return ", ".join(
+        f'"{w.unit}";r={r};t={whole_seconds(t)}'
+        for w, r, t in zip(limit.windows, verdict.remaining, verdict.reset, strict=True)
+    )
+
+
+def rate_limit_headers(limit: RateLimit, verdict: Verdict) -> dict[str, str]:
+    headers = {"RateLimit-Policy": limit.policy, "RateLimit": ratelimit_value(limit, verdict)}
+    if not verdict.allowed:
+        headers["Retry-After"] = str(whole_seconds(verdict.retry_after))
+    return headers
+
+
+def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, Any]:
+    """The fields of RATE_LIMITED_TEXT for a denied verdict."""
+    window = verdict.window
+    return {
+        "role": role,
+        "limit": window.limit,
+        "unit": window.unit,
+        "valve": valve,
+        "seconds": whole_seconds(verdict.retry_after),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -165,6 +611,8 @@ class Policy:
     allowed_endpoints_user: PathList
     allowed_models_admin: ModelList
     allowed_models_user: ModelList
+    rate_limit_admin: RateLimit
+    rate_limit_user: RateLimit
 
 
 @functools.lru_cache(maxsize=32)
@@ -178,6 +626,8 @@ def compile_policy(
     endpoints_user: str,
     models_admin: str,
     models_user: str,
+    rate_admin: str,
+    rate_user: str,
 ) -> Policy:
     if mode not in ("enforce", "monitor"):
         raise ValueError(f"mode must be 'enforce' or 'monitor', got {mode!r}")
@@ -191,6 +641,8 @@ def compile_policy(
         allowed_endpoints_user=PathList.parse(endpoints_user),
         allowed_models_admin=ModelList.parse(models_admin),
         allowed_models_user=ModelList.parse(models_user),
+        rate_limit_admin=RateLimit.parse(rate_admin),
+        rate_limit_user=RateLimit.parse(rate_user),
     )
 
 
@@ -207,6 +659,8 @@ def policy_from_valves(valves: Any) -> Policy:
         valves.api_key_allowed_endpoints_user,
         valves.api_key_allowed_models_admin,
         valves.api_key_allowed_models_user,
+        valves.api_key_rate_limit_admin,
+        valves.api_key_rate_limit_user,
     )
 
 
@@ -468,6 +922,14 @@ class Valves(BaseModel):
         default=env_default("api_key_allowed_models_user", "*"),
         description="Model ids or globs other admitted keys may use in chat ('*' = all).",
     )
+    api_key_rate_limit_admin: str = Field(
+        default=env_default("api_key_rate_limit_admin", ""),
+        description="Most requests one admin's key may make, e.g. 60/minute,1000/day (empty = unlimited).",
+    )
+    api_key_rate_limit_user: str = Field(
+        default=env_default("api_key_rate_limit_user", ""),
+        description="Most requests each other admitted user's key may make, e.g. 60/minute (empty = unlimited).",
+    )
     route_guard: bool = Field(
         default=env_default("route_guard", True),
         description="Also enforce roles and endpoint lists on every route that accepts an API key.",
@@ -491,6 +953,12 @@ class Valves(BaseModel):
     @classmethod
     def _endpoints(cls, value: str) -> str:
         PathList.parse(value)
+        return value
+
+    @field_validator("api_key_rate_limit_admin", "api_key_rate_limit_user")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        RateLimit.parse(value)
         return value
 
     @field_validator("block_message")
@@ -561,8 +1029,11 @@ async def evaluate(
     model_problem: str,
     where: str,
     quiet: bool = False,
-) -> Refusal | None:
-    """Judge one API-key request; None lets it through. `quiet` logs only a refusal."""
+    count: bool = False,
+) -> tuple[Refusal | None, tuple]:
+    """Judge one API-key request: (None to let it through, or the Refusal; response headers).
+
+    `quiet` logs only a refusal; `count` applies the rate limits to an admitted request."""
     facts, policy, error = Facts(is_api_key=True, path=path or ""), None, None
     try:
         policy = policy_from_valves(valves)
@@ -575,7 +1046,29 @@ async def evaluate(
     except Exception as exc:  # fail closed: an undecidable key request is denied
         decision, error = GUARD_ERROR, describe(exc)
     enforce = policy.enforce if policy is not None else True
-    return _reject(decision, facts, token, where, enforce, valves, error, quiet)
+    refusal = _reject(decision, facts, token, where, enforce, valves, error, quiet)
+    if refusal is not None or not decision.allowed or not count or policy is None:
+        return refusal, ()
+    return await rate_limited(policy, facts, token, where, valves)
+
+
+async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: str, valves: Any) -> tuple:
+    """(Refusal or None, RateLimit headers) for a request the policy admitted."""
+    kind = "admin" if facts.role == "admin" else "user"
+    limit = policy.rate_limit_admin if kind == "admin" else policy.rate_limit_user
+    if not limit.windows:
+        return None, ()
+    try:
+        verdict = await settle(limiter().check(facts.user_id, limit))
+    except Exception as exc:  # a limiter that fails must not lock every key out: admit, and say so
+        log.error("api_key_guard rate limit not applied: %s", describe(exc))
+        return None, ()
+    headers = tuple(rate_limit_headers(limit, verdict).items())
+    if verdict.allowed:
+        return None, headers
+    fields = rate_limited_fields(verdict, facts.role or "-", f"api_key_rate_limit_{kind}")
+    decision = Decision(False, REASON_RATE_LIMITED, RATE_LIMITED_TEXT.format(**fields))
+    return _reject(decision, facts, token, where, policy.enforce, valves, None, False, 429, headers), headers
 
 
 def _reject(
@@ -587,6 +1080,8 @@ def _reject(
     valves: Any,
     error: str | None,
     quiet: bool,
+    status: int = 403,
+    headers: tuple = (),
 ) -> Refusal | None:
     """Write the one audit line the settings ask for; a Refusal when the request must be stopped."""
     stop = not decision.allowed and enforce
@@ -598,7 +1093,8 @@ def _reject(
     else:
         level = logging.WARNING if audit != "off" and (stop or not quiet) else None
     if level is not None:
-        verdict = "allow" if decision.allowed else ("deny" if stop else "would-deny")
+        word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
+        verdict = "allow" if decision.allowed else (word if stop else f"would-{word}")
         log.log(
             level,
             "api_key_guard %s via=%s reason=%s key=%s user=%s role=%s path=%s model=%s: %s%s",
@@ -615,7 +1111,7 @@ def _reject(
         )
     if not stop:
         return None
-    return Refusal(403, block_text(valves.block_message, decision), decision.reason)
+    return Refusal(status, block_text(valves.block_message, decision), decision.reason, headers)
 
 
 def model_of(body: Any) -> tuple[str | None, str]:
@@ -669,7 +1165,9 @@ class Filter:
         model, problem = model_of(body)
         # Defence in depth behind the route guard: when it already judged this request, a second
         # audit line would double-count it, so only a refusal is logged here.
-        refusal = await evaluate(self.valves, __user__, token, path, model, problem, "inlet", quiet=judged)
+        refusal, _ = await evaluate(
+            self.valves, __user__, token, path, model, problem, "inlet", quiet=judged, count=not judged
+        )
         if refusal is not None:
             raise Exception(refusal.detail)
         return body
@@ -688,8 +1186,9 @@ class Filter:
 # to the most recently loaded copy of this file, so reloads never stack.
 # ---------------------------------------------------------------------------
 HOOKS_ATTR = "_api_key_guard_hooks"
-GUARD_HEADER = b"x-api-key-guard"
-POLICY_HEADER = b"x-api-key-guard-policy"
+GUARD_HEADER = "X-API-Key-Guard"
+POLICY_HEADER = "X-API-Key-Guard-Policy"
+COUNTERS_HEADER = "X-API-Key-Guard-Counters"
 SCOPE_MARKS = "api_key_guard.marks"  # response headers of a request the route guard judged
 SCOPE_MODEL = "api_key_guard.model"  # (model, problem) read from a model-bearing key request
 SCOPE_LISTING = "api_key_guard.listing"  # the ModelList a key's model listing is trimmed to
@@ -998,10 +1497,13 @@ class RouteGuard:
                 model, problem = scope.get(SCOPE_MODEL, (None, "the guard could not read the request body"))
         person = {"id": user.id, "email": user.email, "role": user.role}
         path = scope["path"] if scope is not None else None
-        refusal = await evaluate(valves, person, api_key, path, model, problem, "route")
+        refusal, headers = await evaluate(valves, person, api_key, path, model, problem, "route", count=True)
         if scope is not None:
             mode = "fail-closed" if refusal is not None and refusal.reason == REASON_GUARD_ERROR else valves.mode
-            scope[SCOPE_MARKS] = ((GUARD_HEADER, mode.encode()), (POLICY_HEADER, policy_id.encode()))
+            marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, limiter().counters)]
+            if refusal is None:  # a refusal carries its own RateLimit headers
+                marks += headers
+            scope[SCOPE_MARKS] = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
             if kind == LISTING and refusal is None:
                 models = models_for(policy_from_valves(valves), person["role"])
                 scope[SCOPE_LISTING] = None if models.admits_all else models

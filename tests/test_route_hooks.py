@@ -183,3 +183,36 @@ def test_invalid_stored_valves_never_break_the_chat_pipeline(server, path, lenie
     assert valves.priority == -100, "defaults stand in for the whole invalid record"
     with pytest.raises(ValueError, match="stored valves are unusable: api_key_roles: Value error, expected roles"):
         module.policy_from_valves(valves)
+
+
+LIMITED = (
+    "API Key Guard: API keys of role 'admin' are limited to 2 per minute (api_key_rate_limit_admin); retry in 60 s"
+)
+RATE_LIMITS = [
+    pytest.param({}, [200, 200, (429, LIMITED)], "limit", id="enforce"),
+    pytest.param({"mode": "monitor"}, [200, 200, 200], "would-limit", id="monitor-serves"),
+]
+
+
+@pytest.mark.parametrize(("valves", "answers", "verdict"), RATE_LIMITS)
+def test_rate_limit_counts_admitted_keys(server, caplog, valves, answers, verdict):
+    load_guard()
+    server.functions.valves = {"api_key_roles": "admin,user", "api_key_rate_limit_admin": "2/minute", **valves}
+    statuses = [call(server.app, ADMIN_KEY, "/api/models") for _ in range(3)]
+    assert [s[0] if s[0] == 200 else s for s in statuses] == answers
+    assert call(server.app, ALICE_KEY, "/api/chat/completions")[0] == 200, "users follow their own (empty) valve"
+    assert [r.getMessage().split(" via=")[0] for r in caplog.records] == [f"api_key_guard {verdict}"]
+
+
+def test_429_carries_retry_after_and_ratelimit_headers(server):
+    module = load_guard()
+    server.functions.valves = {"api_key_rate_limit_admin": "1/minute"}
+    call(server.app, ADMIN_KEY, "/api/models")
+    hooks = getattr(server.app, module.HOOKS_ATTR)
+    limited = asyncio.run(hooks.guard.check(USERS[ADMIN_KEY], ADMIN_KEY, {"method": "GET", "path": "/api/models"}))
+    assert limited.status == 429
+    assert dict(limited.headers) == {
+        "Retry-After": "60",
+        "RateLimit-Policy": '"minute";q=1;w=60',
+        "RateLimit": '"minute";r=0;t=60',
+    }

@@ -1,0 +1,537 @@
+"""The rate limiter: parsing, exactness at window edges, memory bounds, headers, and a real Redis."""
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+import time
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from tests.e2e.services import Redis  # the harness's real redis-server
+from tests.guard_loader import load_guard
+
+block = load_guard()
+COUNTERS_DEGRADED, COUNTERS_PER_WORKER, COUNTERS_REDIS = (
+    block.COUNTERS_DEGRADED,
+    block.COUNTERS_PER_WORKER,
+    block.COUNTERS_REDIS,
+)
+Limiter, MemoryCounters, RateLimit, RedisCounters, Verdict = (
+    block.Limiter,
+    block.MemoryCounters,
+    block.RateLimit,
+    block.RedisCounters,
+    block.Verdict,
+)
+
+FORM = block.RATE_LIMIT_FORM
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "windows", "policy"),
+    [
+        pytest.param("", (), "", id="empty-unlimited"),
+        pytest.param("   ", (), "", id="blank-unlimited"),
+        pytest.param("5/minute", ("5/minute",), '"minute";q=5;w=60', id="one"),
+        pytest.param(
+            "1000/day,60/minute",
+            ("60/minute", "1000/day"),
+            '"minute";q=60;w=60, "day";q=1000;w=86400',
+            id="two-sorted-by-length",
+        ),
+        pytest.param(" 10 / Second , 5/HOUR ", ("10/second", "5/hour"), None, id="spaces-and-case"),
+        pytest.param("007/minute", ("7/minute",), None, id="leading-zeros"),
+        pytest.param("1/second,2/minute,3/hour,4/day", ("1/second", "2/minute", "3/hour", "4/day"), None, id="all"),
+        pytest.param("5/minute,", ("5/minute",), None, id="trailing-comma"),
+    ],
+)
+def test_parse_valid(text, windows, policy):
+    parsed = RateLimit.parse(text)
+    assert (tuple(w.text for w in parsed.windows), policy or parsed.policy) == (windows, parsed.policy)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("5", f"{FORM}; got '5'", id="no-unit"),
+        pytest.param("0/minute", f"{FORM}; got '0/minute'", id="zero"),
+        pytest.param("-1/minute", f"{FORM}; got '-1/minute'", id="negative"),
+        pytest.param("1.5/minute", f"{FORM}; got '1.5/minute'", id="fraction"),
+        pytest.param("5/minutes", f"{FORM}; got '5/minutes'", id="plural"),
+        pytest.param("5/week", f"{FORM}; got '5/week'", id="unknown-unit"),
+        pytest.param("5 per minute", f"{FORM}; got '5 per minute'", id="words"),
+        pytest.param("5/minute;10/day", f"{FORM}; got '5/minute;10/day'", id="semicolon"),
+        pytest.param("٥/minute", f"{FORM}; got '٥/minute'", id="non-ascii-digit"),
+        pytest.param("5/minute,10/minute", f"{FORM}, each unit at most once; got 'minute' twice", id="duplicate"),
+        pytest.param("5/Day, 6/day", f"{FORM}, each unit at most once; got 'day' twice", id="duplicate-case"),
+    ],
+)
+def test_parse_invalid(text, message):
+    with pytest.raises(ValueError) as raised:
+        RateLimit.parse(text)
+    assert str(raised.value) == message
+
+
+def test_parse_is_cached():
+    assert RateLimit.parse("5/minute") is RateLimit.parse("5/minute")
+
+
+def test_redis_args_are_limit_and_microseconds():
+    assert RateLimit.parse("2/second,3/minute").redis_args == ("2", "1000000", "3", "60000000")
+
+
+# ---------------------------------------------------------------------------
+# The algorithm, on an injected clock (no sleeping)
+# ---------------------------------------------------------------------------
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replay(text: str, times: list[float]) -> list[str]:
+    """'ok' or 'deny <window> <retry>' for each request at the given offsets."""
+    clock, limit = Clock(), RateLimit.parse(text)
+    counters, start, out = MemoryCounters(clock=clock), clock.now, []
+    for offset in times:
+        clock.now = start + offset
+        v = counters.check("u1", limit)
+        out.append("ok" if v.allowed else f"deny {v.window.text} {v.retry_after:.3f}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "times", "expected"),
+    [
+        pytest.param(
+            "2/second",
+            [0, 0.5, 0.999, 1.0, 1.2, 1.5],
+            ["ok", "ok", "deny 2/second 0.001", "ok", "deny 2/second 0.300", "ok"],
+            id="edge-exactly-one-window-later",
+        ),
+        pytest.param(
+            "1/minute",
+            [0, 30, 59.999, 60],
+            ["ok", "deny 1/minute 30.000", "deny 1/minute 0.001", "ok"],
+            id="denied-requests-not-recorded",
+        ),
+        pytest.param(
+            "3/minute",
+            [59, 59.5, 59.9, 60.1, 118.99, 119.0],
+            ["ok", "ok", "ok", "deny 3/minute 58.900", "deny 3/minute 0.010", "ok"],
+            id="no-2n-at-a-minute-boundary",
+        ),
+        pytest.param(
+            "2/second,3/minute",
+            [0, 0.1, 0.2, 1.0, 2.0, 60.0],
+            ["ok", "ok", "deny 2/second 0.800", "ok", "deny 3/minute 58.000", "ok"],
+            id="two-windows",
+        ),
+        pytest.param(
+            "1/second,1/minute",
+            [0, 0.5],
+            ["ok", "deny 1/minute 59.500"],
+            id="reports-the-window-freeing-last",
+        ),
+    ],
+)
+def test_sliding_window(text, times, expected):
+    assert replay(text, times) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "step", "span"),
+    [
+        pytest.param("5/second", 0.07, 20.0, id="5-per-second"),
+        pytest.param("3/second,7/minute", 0.25, 200.0, id="two-windows"),
+    ],
+)
+def test_never_more_than_n_in_any_window(text, step, span):
+    clock, limit = Clock(0.0), RateLimit.parse(text)
+    counters, admitted = MemoryCounters(clock=clock), []
+    for i in range(int(span / step)):
+        clock.now = i * step
+        if counters.check("u1", limit).allowed:
+            admitted.append(clock.now)
+    worst = {w.text: max(sum(1 for t in admitted if a <= t < a + w.seconds) for a in admitted) for w in limit.windows}
+    assert worst == {w.text: w.limit for w in limit.windows}
+
+
+def test_lowered_limit_waits_for_enough_entries_to_leave():
+    clock = Clock(0.0)
+    counters = MemoryCounters(clock=clock)
+    for t in (0, 10, 20):
+        clock.now = t
+        counters.check("u1", RateLimit.parse("3/minute"))
+    clock.now = 30
+    assert counters.check("u1", RateLimit.parse("1/minute")).retry_after == 50  # the entry at 20 must leave
+
+
+def test_users_are_counted_apart():
+    counters = MemoryCounters(clock=Clock())
+    limit = RateLimit.parse("1/minute")
+    assert [counters.check(u, limit).allowed for u in ("a", "b", "a")] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("times", "remaining", "reset"),
+    [
+        pytest.param([0], (1, 9), (1.0, 60.0), id="first"),
+        pytest.param([0, 0.25], (0, 8), (0.75, 59.75), id="second"),
+        pytest.param([0, 0.25, 0.5], (0, 8), (0.5, 59.5), id="denied-keeps-counts"),
+    ],
+)
+def test_remaining_and_reset(times, remaining, reset):
+    clock, limit = Clock(0.0), RateLimit.parse("2/second,10/minute")
+    counters = MemoryCounters(clock=clock)
+    for t in times:
+        clock.now = t
+        verdict = counters.check("u1", limit)
+    assert (verdict.remaining, verdict.reset) == (remaining, reset)
+
+
+# ---------------------------------------------------------------------------
+# Memory bounds and threads
+# ---------------------------------------------------------------------------
+def test_memory_keeps_at_most_max_users_and_forgets_the_least_recent():
+    counters, limit = MemoryCounters(max_users=3, clock=Clock()), RateLimit.parse("1/minute")
+    for user in ("a", "b", "c", "a", "d"):  # "a" seen again, so "b" is the least recent when "d" arrives
+        counters.check(user, limit)
+    assert (len(counters), list(counters._users)) == (3, ["c", "a", "d"])
+
+
+def test_forgotten_user_starts_from_zero():
+    counters, limit = MemoryCounters(max_users=1, clock=Clock()), RateLimit.parse("1/minute")
+    assert [counters.check(u, limit).allowed for u in ("a", "b", "a")] == [True, True, True]
+
+
+def test_entries_per_window_never_exceed_its_limit():
+    clock, limit = Clock(0.0), RateLimit.parse("3/second,5/minute")
+    counters = MemoryCounters(clock=clock)
+    for i in range(1000):
+        clock.now = i * 0.01
+        counters.check("u1", limit)
+    assert {s: len(d) for s, d in counters._users["u1"].items()} == {1: 0, 60: 5}
+
+
+def test_threads_admit_exactly_the_limit():
+    counters, limit = MemoryCounters(), RateLimit.parse("500/minute")
+    allowed = []
+
+    def hammer():
+        allowed.extend(counters.check("u1", limit).allowed for _ in range(200))
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (allowed.count(True), allowed.count(False)) == (500, 1100)
+
+
+# ---------------------------------------------------------------------------
+# Headers and the reason text
+# ---------------------------------------------------------------------------
+MINUTE_DAY = RateLimit.parse("5/minute,1000/day")
+
+
+@pytest.mark.parametrize(
+    ("verdict", "headers"),
+    [
+        pytest.param(
+            Verdict(True, COUNTERS_REDIS, None, 0.0, (4, 999), (60.0, 86400.0)),
+            {
+                "RateLimit-Policy": '"minute";q=5;w=60, "day";q=1000;w=86400',
+                "RateLimit": '"minute";r=4;t=60, "day";r=999;t=86400',
+            },
+            id="allowed",
+        ),
+        pytest.param(
+            Verdict(False, COUNTERS_PER_WORKER, MINUTE_DAY.windows[0], 11.2, (0, 995), (11.2, 80000.5)),
+            {
+                "RateLimit-Policy": '"minute";q=5;w=60, "day";q=1000;w=86400',
+                "RateLimit": '"minute";r=0;t=12, "day";r=995;t=80001',
+                "Retry-After": "12",
+            },
+            id="denied",
+        ),
+        pytest.param(
+            Verdict(False, COUNTERS_DEGRADED, MINUTE_DAY.windows[0], 0.0004, (0, 995), (0.0004, 3.0000000001)),
+            {
+                "RateLimit-Policy": '"minute";q=5;w=60, "day";q=1000;w=86400',
+                "RateLimit": '"minute";r=0;t=1, "day";r=995;t=3',
+                "Retry-After": "1",
+            },
+            id="never-zero-no-float-fuzz",
+        ),
+    ],
+)
+def test_headers(verdict, headers):
+    assert block.rate_limit_headers(MINUTE_DAY, verdict) == headers
+
+
+def test_reason_text():
+    verdict = Verdict(False, COUNTERS_REDIS, MINUTE_DAY.windows[0], 11.2, (0, 995), (11.2, 80000.5))
+    fields = block.rate_limited_fields(verdict, "user", "api_key_rate_limit_user")
+    assert block.RATE_LIMITED_TEXT.format(**fields) == (
+        "API keys of role 'user' are limited to 5 per minute (api_key_rate_limit_user); retry in 12 s"
+    )
+
+
+@pytest.mark.parametrize(
+    ("prefix", "base"),
+    [
+        pytest.param("open-webui", "open-webui:api_key_guard:rl:", id="default"),
+        pytest.param("", "api_key_guard:rl:", id="empty-like-core-sessions"),
+    ],
+)
+def test_redis_key_base(prefix, base):
+    assert block.redis_key_base(prefix) == base
+
+
+# ---------------------------------------------------------------------------
+# A real Redis on 127.0.0.1, started and stopped here
+# ---------------------------------------------------------------------------
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Redis(tmp_path_factory.mktemp("redis"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def url(server):
+    if not server.running:
+        server.start()
+    server.command("FLUSHALL")
+    return server.url
+
+
+def sync_checks(url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
+    counters = RedisCounters(lambda: redis.Redis.from_url(url, decode_responses=decode), prefix)
+    return [counters.check(user, RateLimit.parse(text)) for _ in range(n)]
+
+
+def async_checks(url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
+    async def run():
+        client = aredis.from_url(url, decode_responses=decode)
+        counters = RedisCounters(lambda: client, prefix)
+        try:
+            return [await counters.check(user, RateLimit.parse(text)) for _ in range(n)]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+CLIENTS = [
+    pytest.param(sync_checks, True, id="sync"),
+    pytest.param(sync_checks, False, id="sync-bytes"),
+    pytest.param(async_checks, True, id="async"),
+    pytest.param(async_checks, False, id="async-bytes"),
+]
+
+
+@pytest.mark.parametrize(("checks", "decode"), CLIENTS)
+def test_redis_admits_exactly_n(url, checks, decode):
+    verdicts = checks(url, "u1", "5/minute,1000/day", 7, decode=decode)
+    assert [(v.allowed, v.remaining, v.counters) for v in verdicts] == [
+        (True, (4, 999), "redis"),
+        (True, (3, 998), "redis"),
+        (True, (2, 997), "redis"),
+        (True, (1, 996), "redis"),
+        (True, (0, 995), "redis"),
+        (False, (0, 995), "redis"),
+        (False, (0, 995), "redis"),
+    ]
+
+
+@pytest.mark.parametrize(("checks", "decode"), CLIENTS)
+def test_redis_denial_names_window_and_wait(url, checks, decode):
+    denied = checks(url, "u1", "2/minute,10/day", 3, decode=decode)[-1]
+    assert (denied.window.text, 59 < denied.retry_after <= 60, 86399 < denied.reset[1] <= 86400) == (
+        "2/minute",
+        True,
+        True,
+    )
+
+
+@pytest.mark.parametrize(("checks", "decode"), CLIENTS)
+def test_redis_keys_ttl_and_hash_tag(url, checks, decode):
+    checks(url, "user-1", "1/minute,1/hour", 1, prefix="open-webui", decode=decode)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    ttls = {key: 0 < client.pttl(key) <= int(key.rsplit(":", 1)[1]) * 1000 for key in client.keys("*")}
+    assert ttls == {"open-webui:api_key_guard:rl:{user-1}:60": True, "open-webui:api_key_guard:rl:{user-1}:3600": True}
+
+
+def test_redis_counts_are_shared_between_clients(url):
+    """Two clients stand for two workers or replicas."""
+    first = sync_checks(url, "u1", "5/minute", 3)
+    second = async_checks(url, "u1", "5/minute", 3)
+    assert [v.allowed for v in first + second] == [True, True, True, True, True, False]
+
+
+def test_redis_window_slides_on_server_time(url):
+    verdicts = sync_checks(url, "u1", "2/second", 3)
+    started = time.monotonic()
+    counters = RedisCounters(lambda: redis.Redis.from_url(url), "t")
+    wait_for(lambda: counters.check("u1", RateLimit.parse("2/second")).allowed, timeout=3)
+    waited = time.monotonic() - started
+    assert (verdicts[-1].allowed, waited <= verdicts[-1].retry_after + 0.2) == (False, True)
+
+
+def test_redis_lowered_limit_waits_for_enough_entries_to_leave(url):
+    sync_checks(url, "u1", "3/minute", 3)
+    denied = sync_checks(url, "u1", "1/minute", 1)[0]
+    assert (denied.allowed, 59 < denied.retry_after <= 60, denied.remaining) == (False, True, (0,))
+
+
+@pytest.mark.parametrize(("checks", "decode"), CLIENTS)
+def test_redis_reloads_a_flushed_script(url, checks, decode):
+    checks(url, "u1", "5/minute", 1, decode=decode)
+    redis.Redis.from_url(url).script_flush()
+    assert [v.allowed for v in checks(url, "u1", "5/minute", 5, decode=decode)] == [True] * 4 + [False]
+
+
+def test_redis_member_is_unique_per_request(url):
+    sync_checks(url, "u1", "100/minute", 50)
+    assert redis.Redis.from_url(url).zcard("t:api_key_guard:rl:{u1}:60") == 50
+
+
+# ---------------------------------------------------------------------------
+# Degraded fallback: Redis stops, stalls and comes back
+# ---------------------------------------------------------------------------
+class Probe:
+    """A Limiter over a real Redis with an injected clock for the retry and log timing."""
+
+    def __init__(self, url: str, asynchronous: bool, timeout: float = block.REDIS_TIMEOUT_SECONDS):
+        self.asynchronous = asynchronous
+        self.clock = Clock()
+        self.runner = asyncio.Runner() if asynchronous else None
+        if asynchronous:
+            client = aredis.from_url(url, decode_responses=True)
+        else:
+            client = redis.Redis.from_url(url, decode_responses=True)
+            block.shorten_timeouts(client, timeout)
+        self.limiter = Limiter(RedisCounters(lambda: client, "t"), clock=self.clock, timeout=timeout)
+
+    def check(self, text: str = "3/minute") -> Verdict:
+        result = self.limiter.check("u1", RateLimit.parse(text))
+        return self.runner.run(block_settle(result)) if self.asynchronous else result
+
+    def close(self):
+        if self.runner:
+            self.runner.close()
+
+
+async def block_settle(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+def errors(caplog) -> int:
+    return sum(1 for r in caplog.records if r.levelno == logging.ERROR and "degraded" in r.getMessage())
+
+
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_degraded_when_redis_stops_and_back_when_it_returns(server, url, caplog, asynchronous):
+    caplog.set_level(logging.INFO, logger="api_key_guard")
+    probe = Probe(url, asynchronous)
+    try:
+        states = [(probe.check().counters, probe.limiter.counters)]
+        server.stop()
+        served = [probe.check() for _ in range(4)]  # per process: 3/minute holds in this worker
+        states.append((*tuple(v.counters for v in served), probe.limiter.counters, errors(caplog)))
+        probe.clock.now += block.REDIS_RETRY_SECONDS
+        states.append((probe.check().counters, errors(caplog)))  # probe fails again: no second ERROR yet
+        probe.clock.now += block.DEGRADED_LOG_SECONDS
+        states.append((probe.check().counters, errors(caplog)))  # a minute later: one more ERROR
+        server.start()
+        states.append((probe.check().counters, errors(caplog)))  # within the retry interval: still per process
+        probe.clock.now += block.REDIS_RETRY_SECONDS
+        states.append((probe.check().counters, probe.limiter.counters))
+        allowed = [v.allowed for v in served]
+    finally:
+        probe.close()
+    assert (states, allowed) == (
+        [
+            ("redis", "redis"),
+            ("degraded", "degraded", "degraded", "degraded", "degraded", 1),
+            ("degraded", 1),
+            ("degraded", 2),
+            ("degraded", 2),
+            ("redis", "redis"),
+        ],
+        [True, True, True, False],
+    )
+
+
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_stalled_redis_costs_one_bounded_wait_per_interval(server, url, asynchronous):
+    probe = Probe(url, asynchronous, timeout=0.3)
+    try:
+        probe.check()
+        server.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        first = probe.check()
+        first_wait = time.monotonic() - started
+        started = time.monotonic()
+        rest = [probe.check() for _ in range(20)]
+        rest_wait = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        probe.close()
+    assert (first.counters, {v.counters for v in rest}, first_wait < 1.5, rest_wait < 0.1) == (
+        "degraded",
+        {"degraded"},
+        True,
+        True,
+    )
+
+
+def test_redis_not_configured_counts_per_worker():
+    limiter = Limiter(None, MemoryCounters(clock=Clock()))
+    assert (limiter.check("u1", RateLimit.parse("1/minute")).counters, limiter.counters) == ("per-worker", "per-worker")
+
+
+def test_connect_failure_is_degraded_not_fatal(caplog):
+    def refuse():
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    limiter = Limiter(RedisCounters(refuse, "t"), MemoryCounters(clock=Clock()), clock=Clock())
+    verdict = limiter.check("u1", RateLimit.parse("1/minute"))
+    assert (verdict.allowed, verdict.counters, errors(caplog)) == (True, "degraded", 1)
+
+
+def test_shorten_timeouts_touches_the_guards_own_client_only(url):
+    own = redis.Redis.from_url(url, decode_responses=False)
+    shared = redis.Redis.from_url(url, decode_responses=True)
+    block.shorten_timeouts(own, 0.5)
+    kwargs = own.connection_pool.connection_kwargs, shared.connection_pool.connection_kwargs
+    assert (kwargs[0]["socket_timeout"], "socket_timeout" in kwargs[1]) == (0.5, False)
+
+
+def test_log_line_never_names_the_user(server, url, caplog):
+    probe = Probe(url, asynchronous=False)
+    server.stop()
+    probe.limiter.check("user-secret-id", RateLimit.parse("1/minute"))
+    assert [r for r in caplog.records if "user-secret-id" in r.getMessage()] == []
