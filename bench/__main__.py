@@ -75,6 +75,9 @@ def table(r: dict) -> list[str]:
             **goal("decision_typical_median_us", typical),
         ),
         row("policy decision, worst-case valves (us/call)", *m["decision_worst_case"].values()),
+        row("rate limiter, counters per worker (us/request)", *m["ratelimit_per_worker"].values()),
+        row("rate limiter, counters in Redis, sync client (us/request)", *m["ratelimit_redis_sync"].values()),
+        row("rate limiter, counters in Redis, asyncio client (us/request)", *m["ratelimit_redis_async"].values()),
         row(
             "inlet as Open WebUI calls it, warm cache (us/call)",
             inlet,

@@ -1,11 +1,15 @@
-"""In-process figures: the policy decision alone, and the inlet as Open WebUI calls it."""
+"""In-process figures: the policy decision alone, the inlet as Open WebUI calls it, and the rate limiter's
+cost per admitted request, per process and against a real local Redis (sync and asyncio clients)."""
 
 import asyncio
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+from tests.e2e.services import Redis
 from tests.guard_loader import load_guard
 
 BATCHES = 200
@@ -94,6 +98,51 @@ def inlet_figures(g) -> dict:
         loop.close()
 
 
+def limiter_figures(g, redis_url: str) -> dict:
+    """Each check admits (limits far above the request count), the common case; users rotate over 100."""
+    limit = g.RateLimit.parse("1000000/minute,10000000/day")
+    users = [f"user-{i}" for i in range(100)]
+    turn = iter(range(10**12))
+
+    def user() -> str:
+        return users[next(turn) % 100]
+
+    per_worker = g.Limiter(None)
+    figures = {
+        "ratelimit_parse_cached": per_call_us(lambda: g.RateLimit.parse("1000000/minute,10000000/day"), 2000),
+        "ratelimit_per_worker": per_call_us(lambda: per_worker.check(user(), limit), 2000),
+    }
+    import redis  # a test dependency (requirements-dev.txt); the guard itself gets Open WebUI's client
+    import redis.asyncio as aredis
+
+    sync = g.Limiter(g.RedisCounters(lambda: redis.Redis.from_url(redis_url, decode_responses=True), "bench"))
+    figures["ratelimit_redis_sync"] = per_call_us(lambda: sync.check(user(), limit), 50)
+
+    loop = asyncio.new_event_loop()
+    client = aredis.from_url(redis_url, decode_responses=True)
+    asynchronous = g.Limiter(g.RedisCounters(lambda: client, "bench"))
+
+    async def many(n: int):
+        for _ in range(n):
+            await asynchronous.check(user(), limit)
+
+    try:
+        loop.run_until_complete(many(100))  # warm the connection and the script cache
+        figures["ratelimit_redis_async"] = per_call_us(lambda: loop.run_until_complete(many(50)), 1)
+        figures["ratelimit_redis_async"] = {k: v / 50 for k, v in figures["ratelimit_redis_async"].items()}
+        loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
+    assert sync.counters == asynchronous.counters == "redis", "Redis failed during the benchmark"
+    return figures
+
+
 def run() -> dict:
     g = load_guard()
-    return decision_figures(g) | inlet_figures(g)
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        redis_server = Redis(Path(folder)).start()
+        try:
+            limiter = limiter_figures(g, redis_server.url)
+        finally:
+            redis_server.stop()
+    return decision_figures(g) | inlet_figures(g) | limiter
