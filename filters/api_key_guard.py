@@ -1227,6 +1227,8 @@ MODEL_ROUTES = frozenset(
         "/ollama/v1/chat/completions/{url_idx}",
         "/ollama/v1/messages",
         "/ollama/v1/messages/{url_idx}",
+        "/ollama/v1/responses",
+        "/ollama/v1/responses/{url_idx}",
         *(
             f"/api/v1/tasks/{task}/completions"
             for task in ("title", "follow_up", "tags", "image_prompt", "queries", "auto", "emoji", "moa")
