@@ -1,0 +1,137 @@
+"""Production topology on real parts: Open WebUI with two uvicorn workers over PostgreSQL and Redis.
+
+The guard keeps no state beyond short per-process caches. The threat is a worker that is not armed
+(after a deploy, upgrade or crash, until something lists models) or still enforces an old policy:
+requests on new connections land on any worker, so every worker must be right from its first request."""
+
+import json
+import time
+
+import pytest
+
+from tests.guard_loader import load_guard
+
+from .conftest import DEFAULT_VALVES, start_deployment
+from .provision import VERSIONS
+from .routes import CHAT_BODY
+from .services import STATE_TTL_SECONDS, WORKERS, on_fresh_connection, start_topology, uvicorn_workers
+from .test_matrix import test_matrix  # noqa: F401  the policy matrix again, on this topology
+
+GUARD_ID = "api_key_guard"
+VALVES_PATH = f"/api/v1/functions/id/{GUARD_ID}/valves"
+DIRECT_ROUTES = (  # model routes that never run filters: only the route guard stands there
+    ("/openai/chat/completions", CHAT_BODY, (0, 6, 0)),
+    ("/openai/responses", {"model": "test-model", "input": "ping"}, (0, 7, 0)),
+)
+STATUS_FACTS = ("route_guard_armed", "policy_in_force", "armed_at_startup")  # what install.py status proves here
+PROBE = ("GET", "/api/models", None)  # judged by the route guard, reaches no model
+MIN_PER_WORKER = 3  # probes each worker must serve before a test speaks for every worker
+MAX_PROBES = 80
+# A save through one worker is in force there at once and in the others within the state TTL;
+# this much more covers the polling request itself on a loaded 2-core machine.
+PROPAGATION_SLACK_SECONDS = 1.0
+policy_fingerprint = load_guard().policy_fingerprint
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"owui-{v}" for v in VERSIONS])
+def topology(request, tmp_path_factory):
+    version = request.param
+    return start_topology(version, tmp_path_factory.mktemp(f"topology-{version}"), request, start_deployment)
+
+
+@pytest.fixture
+def deployment(topology):
+    """The topology's server, for the scenarios reused from the single-process suite."""
+    return topology.deployment
+
+
+def model_calls(backend) -> int:
+    """Calls that would have given a model to the caller (model listings at startup are not)."""
+    with backend.lock:
+        return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
+
+
+def status(deployment, capsys) -> dict:
+    """`install.py status --json` with the admin's key (a session sees no guard headers)."""
+    capsys.readouterr()
+    deployment.installer("status", "--json", key=deployment.people.admin.api_key)
+    return json.loads(capsys.readouterr().out)
+
+
+def probe_every_worker(deployment, requests: list[tuple]) -> list:
+    """Cycle through `requests` on new connections until each worker served MIN_PER_WORKER of them."""
+    served, key = [], deployment.people.alice.api_key
+    while len(served) < MAX_PROBES:
+        method, path, body = requests[len(served) % len(requests)]
+        served.append(on_fresh_connection(deployment.server, method, path, key, body))
+        counts = [sum(s.worker == w for s in served) for w in {s.worker for s in served}]
+        if len(counts) >= WORKERS and min(counts) >= MIN_PER_WORKER:
+            break
+    return served
+
+
+def seconds_until_every_worker(deployment, condition, since: float) -> dict[int, float]:
+    """Per worker, how long after `since` it first answered PROBE so that `condition` held."""
+    workers, first, key = uvicorn_workers(deployment.server.process.pid), {}, deployment.people.alice.api_key
+    deadline = since + STATE_TTL_SECONDS + PROPAGATION_SLACK_SECONDS + 5  # enough to see a late worker
+    while set(first) != workers and time.monotonic() < deadline:
+        served = on_fresh_connection(deployment.server, *PROBE[:2], key)
+        if condition(served) and served.worker not in first:
+            first[served.worker] = round(time.monotonic() - since, 2)
+    return first
+
+
+def test_after_a_restart_every_worker_denies_user_keys_from_the_first_request(topology, capsys):
+    deployment = topology.deployment
+    deployment.valves = ""  # `install.py install` with its defaults: no keys for users, armed at startup
+    deployment.configure()
+    deployment.server.restart()
+    routes = [("POST", path, body) for path, body, since in DIRECT_ROUTES if deployment.version >= since]
+    before = model_calls(deployment.backend)
+    served = probe_every_worker(deployment, routes)
+    assert {
+        "workers": len(uvicorn_workers(deployment.server.process.pid)),
+        "served by": len({s.worker for s in served}),
+        "statuses": sorted({s.status for s in served}),
+        "model calls": model_calls(deployment.backend) - before,
+        "install.py status": {k: v for k, v in status(deployment, capsys).items() if k in STATUS_FACTS},
+    } == {
+        "workers": WORKERS,
+        "served by": WORKERS,
+        "statuses": [403],
+        "model calls": 0,
+        "install.py status": dict.fromkeys(STATUS_FACTS, True),
+    }
+
+
+def test_a_policy_saved_through_one_worker_is_in_force_in_every_worker_within_the_ttl(topology):
+    deployment = topology.deployment
+    deployment.configure()
+    stored = DEFAULT_VALVES | {"api_key_roles": "admin,user"}
+    try:
+        saved = time.monotonic()
+        deployment.server.ok("POST", f"{VALVES_PATH}/update", deployment.people.admin.jwt, json=stored)
+        wanted = policy_fingerprint(deployment.server.ok("GET", VALVES_PATH, deployment.people.admin.jwt))
+        delays = seconds_until_every_worker(
+            deployment, lambda s: s.status == 200 and s.headers.get("x-api-key-guard-policy") == wanted, saved
+        )
+    finally:
+        deployment.valves = ""  # reinstall the defaults
+        deployment.configure()
+    assert len(delays) == WORKERS, f"workers that took the new policy: {delays}"
+    assert max(delays.values()) <= STATE_TTL_SECONDS + PROPAGATION_SLACK_SECONDS, delays
+
+
+def test_deactivating_disarms_every_worker_and_activating_rearms_every_worker(topology):
+    deployment = topology.deployment
+    deployment.configure()
+    toggle = f"/api/v1/functions/id/{GUARD_ID}/toggle"
+    deployment.server.ok("POST", toggle, deployment.people.admin.jwt)
+    try:
+        off = seconds_until_every_worker(deployment, lambda s: "x-api-key-guard" not in s.headers, time.monotonic())
+    finally:
+        deployment.server.ok("POST", toggle, deployment.people.admin.jwt)
+    on = seconds_until_every_worker(
+        deployment, lambda s: s.status == 403 and "x-api-key-guard" in s.headers, time.monotonic()
+    )
+    assert (len(off), len(on)) == (WORKERS, WORKERS), f"disarmed: {off}, re-armed: {on}"
