@@ -51,7 +51,7 @@ MISSING_DEPENDENCIES = (
 if __name__ == "__main__":
     if sys.version_info < (3, 11):  # noqa: UP036 - a laptop's python3 may be older than this script needs
         print(
-            f"install.py needs Python 3.11 or newer (this is {sys.version.split()[0]}): "
+            f"install.py needs Python 3.11 or newer (this is {'.'.join(map(str, sys.version_info[:3]))}): "
             f"run it as 'uv run {sys.argv[0]} ...', which fetches a suitable Python",
             file=sys.stderr,
         )

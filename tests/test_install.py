@@ -1,5 +1,6 @@
 """install.py against a mocked Open WebUI admin API (responses): exact output lines, exit codes, requests sent."""
 
+import ast
 import importlib.util
 import json
 import re
@@ -1609,6 +1610,24 @@ def test_without_dependencies_one_line_says_what_to_run(bare_python, argv):
             f"{INSTALL_PY} ...' (both read the dependencies from the script), or install them with: {bare_python} "
             '-m pip install "requests>=2.31" "pydantic>=2.7,<3"'
         ],
+    )
+
+
+def test_an_older_python_reaches_the_version_check():
+    """macOS's python3 is 3.9: the script must parse there to say it needs 3.11 instead of a SyntaxError."""
+    ast.parse(INSTALL_PY.read_text(), feature_version=(3, 8))
+
+
+@pytest.mark.parametrize("argv", [pytest.param(["--help"], id="help"), pytest.param(["status"], id="status")])
+def test_an_older_python_is_told_what_to_run(argv):
+    older = f"import runpy, sys; sys.version_info = (3, 9, 6); sys.argv = {['install.py', *argv]!r}; "
+    older += f"runpy.run_path({str(INSTALL_PY)!r}, run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", older], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2,
+        "",
+        f"install.py needs Python 3.11 or newer (this is 3.9.6): run it as 'uv run {INSTALL_PY} ...', which "
+        "fetches a suitable Python\n",
     )
 
 
