@@ -22,7 +22,8 @@ api_key_guard.py next to this script, else filters/api_key_guard.py under it.
 Exit codes:
     0  done; for status: installed, active, global, current, valves valid, route guard armed (or not
        checkable), the stored policy in force (or not checkable), armed at startup (or opted out)
-    1  status found a problem, or install finished but the guard is not armed or not armed at startup
+    1  status found a problem, or install finished but the guard is not armed, the policy it wrote is not
+       in force within 10 s, or it could not arm the guard at startup
     2  usage or input error (arguments, URL, valves file, valve values, missing dependencies); nothing was written
     3  server, authentication, TLS or network error
 """
