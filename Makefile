@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: deps lint test unit e2e demo bench schema
+.PHONY: deps lint test unit e2e demo bench schema screenshots
 
 deps:
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
@@ -22,6 +22,10 @@ demo: deps
 
 bench: deps
 	$(PYTHON) -m bench
+
+# The README's screenshots, docs/images/<name>-<release>.png: the browser suite writes them as it walks.
+screenshots: deps
+	API_KEY_GUARD_SCREENSHOTS=1 $(PYTHON) -m pytest tests/e2e/test_browser.py
 
 schema:
 	$(PYTHON) -m valves_schema.generate

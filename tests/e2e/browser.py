@@ -22,8 +22,9 @@ CHROMIUM_ARGS = (
     "--disable-sync",
     "--no-first-run",
 )
-# Tall enough that the whole valves form fits on one screenshot.
-VIEWPORT = {"width": 1280, "height": 1500}
+# The admin's window is tall enough for the whole valves form on one screenshot.
+ADMIN_VIEWPORT = {"width": 1280, "height": 1500}
+USER_VIEWPORT = {"width": 1280, "height": 720}
 UI_TIMEOUT_MS = 20_000
 SAVED = "Valves updated successfully"
 
@@ -34,7 +35,8 @@ def launch(playwright: Playwright) -> Browser:
 
 def sign_in(browser: Browser, server: OpenWebUI, account: Account) -> Page:
     """A fresh browser profile signed in as `account`, past the release notes an admin sees once."""
-    context = browser.new_context(viewport=VIEWPORT, base_url=server.url)
+    viewport = ADMIN_VIEWPORT if account.role == "admin" else USER_VIEWPORT
+    context = browser.new_context(viewport=viewport, base_url=server.url)
     context.set_default_timeout(UI_TIMEOUT_MS)
     context.grant_permissions(["clipboard-read", "clipboard-write"])
     page = context.new_page()
@@ -124,6 +126,11 @@ class ValvesForm:
     def dialog(self) -> Locator:
         return self.page.get_by_role("dialog")
 
+    @property
+    def box(self) -> Locator:
+        """The dialog's visible box, without the dimmed page around it."""
+        return self.dialog.locator("xpath=./div").first
+
     def valve(self, name: str) -> Locator:
         """The block of one valve, found the way a person finds it: by its title and its description."""
         spec = self.schema["properties"][name]
@@ -158,11 +165,12 @@ class ValvesForm:
         self.valve(name).get_by_role("button", name="Custom", exact=True).click()
 
     def save(self) -> Locator:
-        """Save, and return the toast Open WebUI answers with."""
+        """Save once earlier notices are gone, and return the one Open WebUI answers with."""
+        toasts = self.page.locator("[data-sonner-toast]")
+        expect(toasts).to_have_count(0)
         self.dialog.get_by_role("button", name="Save", exact=True).click()
-        toast = self.page.locator("[data-sonner-toast]").last
-        expect(toast).to_be_visible()
-        return toast
+        expect(toasts).to_have_count(1)
+        return toasts
 
 
 def open_valves(page: Page, name: str, schema: dict) -> ValvesForm:
