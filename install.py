@@ -609,8 +609,8 @@ def install(client: Client, args: argparse.Namespace) -> int:
         )
     # Before the valves: a policy that keeps admin keys off /api/v1/configs takes effect with them.
     startup_problem = arming.problem if arming else ""
-    if arming and arming.form is not None and not arming.armed:
-        writes += 1
+    arm_at_startup = bool(arming and arming.form is not None and not arming.armed)
+    if arm_at_startup:
         if args.dry_run:
             print(f"would arm at startup: switch on {ARM_AT_STARTUP}")
         elif not (startup_problem := switch_on_startup_arming(client, arming.form)):
@@ -627,10 +627,10 @@ def install(client: Client, args: argparse.Namespace) -> int:
         write("activated", "would activate", function_path(function_id, "/toggle"))
     if not function.is_global:
         write("made global", "would make global", function_path(function_id, "/toggle/global"))
-    if not writes:
+    if not writes and not arm_at_startup:
         print(f"{function_id} {version} is installed and current; nothing changed")
     if not args.dry_run:
-        verify_in_force(client, guard, function_id, announce=bool(writes))
+        verify_in_force(client, guard, function_id, announce=bool(writes))  # only writes to the function matter
     if startup_problem:
         raise NotArmedError(unarmed_at_startup(startup_problem))
     return 0

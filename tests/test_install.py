@@ -452,6 +452,15 @@ ARMING_CASES = [
         id="0.6.16-0.10-form-of-two",
     ),
     pytest.param(
+        [form_answer(json=CACHE_OFF), form_answer(method="POST", json=CACHE_ON)],
+        ["--api-key", JWT],
+        CACHE_ON,
+        0,
+        [ARMED_AT_STARTUP],
+        [],
+        id="session-token-no-policy-line-when-only-the-setting-changed",
+    ),
+    pytest.param(
         [form_answer(json=CACHE_ON)],
         [],
         None,
