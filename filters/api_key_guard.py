@@ -881,66 +881,116 @@ def env_default(name: str, default: Any) -> Any:
 class Valves(BaseModel):
     mode: Literal["enforce", "monitor"] = Field(
         default=env_default("mode", "enforce"),
-        description="enforce: deny what the policy forbids. monitor: only log what would be denied.",
+        title="Mode",
+        description=(
+            "enforce: refuse the API-key requests the policy forbids. monitor: let them through and only log what"
+            " would be refused, to try a policy safely."
+        ),
     )
     priority: int = Field(
         default=env_default("priority", -100),
-        description="Filter order; lower runs first. Keep it below every other filter.",
+        title="Priority",
+        description=(
+            "Filter order, lowest first (default -100). Keep it below every other filter so API keys are judged "
+            "before anything else runs."
+        ),
     )
     api_key_roles: str = Field(
         default=env_default("api_key_roles", "admin"),
-        description="Roles whose members may use API keys at all (comma-separated: admin, user, pending).",
+        title="API key roles",
+        description=(
+            "Roles whose members may use API keys at all: admin, user, pending, comma-separated. Default admin: "
+            "only admins' keys work."
+        ),
     )
     api_key_groups: str = Field(
         default=env_default("api_key_groups", ""),
-        description="Group names or ids whose members may use API keys whatever their role.",
+        title="API key groups",
+        description=(
+            "Group names or ids, comma-separated, whose members may use API keys whatever their role. Default: none."
+        ),
     )
     api_key_users: str = Field(
         default=env_default("api_key_users", ""),
-        description="Emails or user ids allowed to use API keys.",
+        title="API key users",
+        description="Emails or user ids, comma-separated, who may use API keys whatever their role. Default: none.",
     )
     api_key_blocked_users: str = Field(
         default=env_default("api_key_blocked_users", ""),
-        description="Emails or user ids never allowed to use API keys, admins included.",
+        title="Blocked from API keys",
+        description=(
+            "Emails or user ids, comma-separated, who may never use API keys, admins included; wins over every "
+            "other rule. Default: none."
+        ),
     )
     api_key_allowed_endpoints_admin: str = Field(
         default=env_default("api_key_allowed_endpoints_admin", "*"),
-        description="Path prefixes admin keys may call ('*' = all, empty = none).",
+        title="Endpoints for admin keys",
+        description=(
+            "Paths admin keys may call, comma-separated; each admits itself and everything under it (/api/models "
+            "admits /api/models/x). * = every path, empty = none. Default *."
+        ),
     )
     api_key_allowed_endpoints_user: str = Field(
         default=env_default(
             "api_key_allowed_endpoints_user",
             "/api/chat/completions,/api/v1/chat/completions,/api/models,/api/v1/models",
         ),
-        description="Path prefixes every other admitted key may call ('*' = all, empty = none).",
+        title="Endpoints for other keys",
+        description=(
+            "Paths every other admitted key may call, written as for admin keys. Default: chat completions and "
+            "the model list (/api/chat/completions, /api/v1/chat/completions, /api/models, /api/v1/models)."
+        ),
     )
     api_key_allowed_models_admin: str = Field(
         default=env_default("api_key_allowed_models_admin", "*"),
-        description="Model ids or globs admin keys may use in chat ('*' = all).",
+        title="Models for admin keys",
+        description=(
+            "Model ids admin keys may use, comma-separated; globs like gpt-4* work. Checked on every route that "
+            "reaches a model; their model lists show only these. * = all (default)."
+        ),
     )
     api_key_allowed_models_user: str = Field(
         default=env_default("api_key_allowed_models_user", "*"),
-        description="Model ids or globs other admitted keys may use in chat ('*' = all).",
+        title="Models for other keys",
+        description="Model ids every other admitted key may use, written as for admin keys. * = all (default).",
     )
     api_key_rate_limit_admin: str = Field(
         default=env_default("api_key_rate_limit_admin", ""),
-        description="Most requests one admin's key may make, e.g. 60/minute,1000/day (empty = unlimited).",
+        title="Rate limit for admin keys",
+        description=(
+            "Most requests each admin's key may make: N/second, N/minute, N/hour or N/day, comma-separated "
+            "(60/minute,1000/day). Over it: HTTP 429. Empty = unlimited (default)."
+        ),
     )
     api_key_rate_limit_user: str = Field(
         default=env_default("api_key_rate_limit_user", ""),
-        description="Most requests each other admitted user's key may make, e.g. 60/minute (empty = unlimited).",
+        title="Rate limit for other keys",
+        description=(
+            "Most requests each other admitted user's key may make, written as for admin keys. Empty = unlimited "
+            "(default)."
+        ),
     )
     route_guard: bool = Field(
         default=env_default("route_guard", True),
-        description="Also enforce roles and endpoint lists on every route that accepts an API key.",
+        title="Route guard",
+        description=(
+            "Judge API keys on every route (OpenAI, Ollama, tasks, embeddings, the REST API), not only in chat. "
+            "Default on; switch it off only to debug."
+        ),
     )
     block_message: str = Field(
         default=env_default("block_message", DEFAULT_BLOCK_MESSAGE),
-        description="Text returned on a deny; {reason} is replaced by the reason.",
+        title="Refusal message",
+        description=(
+            "Text an API client gets when refused; {reason} becomes the rule that refused it. Default: API Key "
+            "Guard: {reason}"
+        ),
     )
     audit_log: Literal["deny", "all", "off"] = Field(
         default=env_default("audit_log", "deny"),
-        description="Which decisions are logged: deny, all, or off.",
+        title="Audit log",
+        description="Which decisions go to the server log: deny (refusals only, default), all, or off.",
     )
 
     @field_validator("api_key_roles")
