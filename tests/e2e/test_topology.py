@@ -11,11 +11,11 @@ import pytest
 
 from tests.guard_loader import load_guard
 
+from . import test_matrix as single_process
 from .conftest import DEFAULT_VALVES, start_deployment
 from .provision import VERSIONS
 from .routes import CHAT_BODY
 from .services import STATE_TTL_SECONDS, WORKERS, on_fresh_connection, start_topology, uvicorn_workers
-from .test_matrix import test_matrix  # noqa: F401  the policy matrix again, on this topology
 
 GUARD_ID = "api_key_guard"
 VALVES_PATH = f"/api/v1/functions/id/{GUARD_ID}/valves"
@@ -81,6 +81,24 @@ def seconds_until_every_worker(deployment, condition, since: float) -> dict[int,
     return first
 
 
+@pytest.mark.xfail(
+    reason="known gap (0.12.4, measured): install lists models once, arming the worker that served it; until the "
+    "next restart or its own first listing, the other worker serves user keys on /openai/* unguarded",
+    strict=False,  # which worker loads the function during install is up to the kernel
+)
+def test_right_after_install_every_worker_denies_user_keys(topology):
+    # Install on a running server: a worker that has not imported the function yet must not be the way around it.
+    deployment = topology.deployment  # just started, bootstrapped and installed with the defaults
+    routes = [("POST", path, body) for path, body, since in DIRECT_ROUTES if deployment.version >= since]
+    before = model_calls(deployment.backend)
+    served = probe_every_worker(deployment, routes)
+    assert {
+        "served by": len({s.worker for s in served}),
+        "statuses": sorted({s.status for s in served}),
+        "model calls": model_calls(deployment.backend) - before,
+    } == {"served by": WORKERS, "statuses": [403], "model calls": 0}
+
+
 def test_after_a_restart_every_worker_denies_user_keys_from_the_first_request(topology, capsys):
     deployment = topology.deployment
     deployment.valves = ""  # `install.py install` with its defaults: no keys for users, armed at startup
@@ -135,3 +153,6 @@ def test_deactivating_disarms_every_worker_and_activating_rearms_every_worker(to
         deployment, lambda s: s.status == 403 and "x-api-key-guard" in s.headers, time.monotonic()
     )
     assert (len(off), len(on)) == (WORKERS, WORKERS), f"disarmed: {off}, re-armed: {on}"
+
+
+test_policy_matrix_on_this_topology = single_process.test_matrix  # admin keys and sessions keep working
