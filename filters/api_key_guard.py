@@ -883,8 +883,8 @@ class Valves(BaseModel):
         default=env_default("mode", "enforce"),
         title="Mode",
         description=(
-            "enforce: refuse the API-key requests the policy forbids. monitor: let them through and only log what"
-            " would be refused, to try a policy safely."
+            "enforce (default): refuse the API-key requests the policy forbids. monitor: let them through and "
+            "only log what would be refused, to try a policy safely."
         ),
     )
     priority: int = Field(
@@ -938,8 +938,9 @@ class Valves(BaseModel):
         ),
         title="Endpoints for other keys",
         description=(
-            "Paths every other admitted key may call, written as for admin keys. Default: chat completions and "
-            "the model list (/api/chat/completions, /api/v1/chat/completions, /api/models, /api/v1/models)."
+            "Paths that keys of non-admins may call, once the rules above admit them; written as for admin keys. "
+            "Default: chat completions and the model list (/api/chat/completions, /api/v1/chat/completions, "
+            "/api/models, /api/v1/models)."
         ),
     )
     api_key_allowed_models_admin: str = Field(
@@ -947,13 +948,13 @@ class Valves(BaseModel):
         title="Models for admin keys",
         description=(
             "Model ids admin keys may use, comma-separated; globs like gpt-4* work. Checked on every route that "
-            "reaches a model; their model lists show only these. * = all (default)."
+            "reaches a model; model lists fetched with these keys show only these. * = all (default)."
         ),
     )
     api_key_allowed_models_user: str = Field(
         default=env_default("api_key_allowed_models_user", "*"),
         title="Models for other keys",
-        description="Model ids every other admitted key may use, written as for admin keys. * = all (default).",
+        description=("Model ids that keys of non-admins may use, written as for admin keys. * = all (default)."),
     )
     api_key_rate_limit_admin: str = Field(
         default=env_default("api_key_rate_limit_admin", ""),
@@ -967,8 +968,7 @@ class Valves(BaseModel):
         default=env_default("api_key_rate_limit_user", ""),
         title="Rate limit for other keys",
         description=(
-            "Most requests each other admitted user's key may make, written as for admin keys. Empty = unlimited "
-            "(default)."
+            "Most requests each non-admin's key may make, written as for admin keys. Empty = unlimited (default)."
         ),
     )
     route_guard: bool = Field(
@@ -976,7 +976,8 @@ class Valves(BaseModel):
         title="Route guard",
         description=(
             "Judge API keys on every route (OpenAI, Ollama, tasks, embeddings, the REST API), not only in chat. "
-            "Default on; switch it off only to debug."
+            "Off: keys reach models directly on /openai and /ollama routes. Default on; switch it off only to "
+            "debug."
         ),
     )
     block_message: str = Field(
@@ -1302,6 +1303,7 @@ MODEL_LISTINGS = frozenset(
 # refused where a model list applies (chat bodies with images stay far below it).
 MAX_MODEL_BODY_BYTES = 8 * 2**20
 ROUTE_KIND_CACHE_ENTRIES = 4096
+MAX_VALVES_BODY_BYTES = 2**20
 MODEL_ROUTE, LISTING = "model", "listing"
 
 
@@ -1466,8 +1468,11 @@ class RouteGuard:
                 receive = await self.read_model(scope, receive)
             elif kind == LISTING:  # an uncompressed answer, so it can be trimmed
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+        send = self.marking(scope, send)
+        if scope["method"] == "POST" and scope["path"] == self.own_path + "valves/update":
+            receive, send = await self.explaining_refused_save(receive, send)
         try:
-            await inner(scope, receive, self.marking(scope, send))
+            await inner(scope, receive, send)
         finally:
             # An admin saving this function's valves (UI or API) is in force in this worker at once.
             if scope["method"] != "GET" and scope["path"].startswith(self.own_path):
@@ -1503,6 +1508,38 @@ class RouteGuard:
             return messages.pop(0) if messages else await receive()
 
         return replay
+
+    async def explaining_refused_save(self, receive: Callable, send: Callable) -> tuple[Callable, Callable]:
+        """An admin saving invalid valves must learn which valve is wrong: Open WebUI 0.10+ answers
+        every refused save with a fixed text, so the 400 it sends is given the guard's own reason."""
+        messages, size, more = [], 0, True
+        while more and size <= MAX_VALVES_BODY_BYTES:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        problem = valves_problem(b"".join(m.get("body", b"") for m in messages)) if not more else None
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        if problem is None:
+            return replay, send
+        detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
+        refused: list = []
+
+        async def send_explained(message):
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                refused.append(message)
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
+                message = {**message, "headers": [*headers, (b"content-length", str(len(detail)).encode())]}
+            elif refused and message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": detail}
+            await send(message)
+
+        return replay, send_explained
 
     def marking(self, scope: dict, send: Callable) -> Callable:
         held: list = []
@@ -1560,6 +1597,18 @@ class RouteGuard:
                 models = models_for(policy_from_valves(valves), person["role"])
                 scope[SCOPE_LISTING] = None if models.admits_all else models
         return refusal
+
+
+def valves_problem(body: bytes) -> str | None:
+    """Why Open WebUI will refuse to save this valves form (None when it is valid), valve by valve."""
+    try:
+        form = json.loads(body or b"{}")
+        Valves(**{k: v for k, v in form.items() if v is not None})
+    except ValidationError as exc:
+        return describe(exc).replace("Value error, ", "")
+    except Exception:  # not a form the guard can judge: Open WebUI answers it as it likes
+        return None
+    return None
 
 
 def models_for(policy: Policy, role: str) -> ModelList:
