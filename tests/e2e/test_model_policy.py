@@ -58,23 +58,19 @@ def test_request_without_a_model_is_refused_where_a_list_applies(deployment, rou
     assert answer(deployment, route.method, route.path, deployment.people.alice.api_key, body) == (403, NO_MODEL, 0)
 
 
-@pytest.mark.parametrize("route", MODEL_ROUTES, ids=[r.id for r in MODEL_ROUTES])
-def test_listed_model_is_served(deployment, route):
-    served_here(deployment, route)
-    deployment.configure(**USERS_OTHER_MODELS)
-    status, _, calls = answer(
-        deployment, route.method, route.path, deployment.people.alice.api_key, with_model(route.body, "other-model")
-    )
-    assert (status, calls > 0) == (200, True)
+SERVED = [
+    pytest.param("api_key", "other-model", id="key-listed-model"),
+    pytest.param("jwt", "test-model", id="session-never-judged"),
+]
 
 
+@pytest.mark.parametrize(("credential", "model"), SERVED)
 @pytest.mark.parametrize("route", MODEL_ROUTES, ids=[r.id for r in MODEL_ROUTES])
-def test_sessions_are_never_judged_by_model(deployment, route):
+def test_served(deployment, route, credential, model):
     served_here(deployment, route)
     deployment.configure(**USERS_OTHER_MODELS)
-    status, _, calls = answer(
-        deployment, route.method, route.path, deployment.people.alice.jwt, with_model(route.body, "test-model")
-    )
+    token = getattr(deployment.people.alice, credential)
+    status, _, calls = answer(deployment, route.method, route.path, token, with_model(route.body, model))
     assert (status, calls > 0) == (200, True)
 
 
