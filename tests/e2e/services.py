@@ -264,15 +264,26 @@ def on_fresh_connection(server, method: str, path: str, token: str, body: dict |
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
         connection.connect()
-        client_port = connection.sock.getsockname()[1]
+        worker = accepting_worker(server, connection.sock.getsockname()[1])
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         response = connection.getresponse()
         data = response.read()
-        worker = connection_owner(server.process.pid, server.port, client_port)  # still open: keep-alive
         return Served(response.status, {k.lower(): v for k, v in response.getheaders()}, data, worker)
     finally:
         connection.close()
+
+
+def accepting_worker(server, client_port: int) -> int | None:
+    """The worker that accepted our connection; asked before the request is sent, because a server may
+    close the connection right after its answer (e.g. when it answers before reading the body)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        owner = connection_owner(server.process.pid, server.port, client_port)
+        if owner is not None:
+            return owner
+        time.sleep(POLL_SECONDS / 10)
+    return None
 
 
 def connection_owner(group: int, server_port: int, client_port: int) -> int | None:

@@ -1,0 +1,225 @@
+"""Rate limits on API-key traffic, on two workers sharing a real Redis (issue 14).
+
+The threat: a leaked or looping key spends its owner's model budget at machine speed. Limits that
+count per process multiply with the worker count and reset on restart; limits that fail closed when
+Redis fails lock every key out. Each test uses its own user, so counters never leak between tests."""
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.guard_loader import load_guard
+
+from .conftest import start_deployment
+from .provision import VERSIONS
+from .routes import CHAT_BODY
+from .server import PASSWORD, Account
+from .services import WORKERS, on_fresh_connection, start_topology
+
+LIMITS = {
+    "api_key_roles": "admin,user",
+    "api_key_allowed_endpoints_user": "/openai/chat/completions",
+    "api_key_rate_limit_user": "5/minute",
+    "api_key_rate_limit_admin": "3/minute",
+}
+ROUTE = "/openai/chat/completions"  # a model route that never runs filters: the route guard alone counts
+MAX_REQUESTS = 60  # bound on a burst that waits for every worker to refuse
+WINDOW_SECONDS = 60
+AFTER_WINDOW_SLACK_SECONDS = 5.0  # request latency on a loaded machine, past Retry-After
+DEGRADED_LINE = "api_key_guard rate-limit counters degraded"
+fingerprint = load_guard().fingerprint
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"owui-{v}" for v in VERSIONS])
+def topology(request, tmp_path_factory):
+    version = request.param
+    topology = start_topology(version, tmp_path_factory.mktemp(f"ratelimit-{version}"), request, start_deployment)
+    topology.deployment.configure(**LIMITS)
+    topology.deployment.server.restart()  # install armed startup: now every worker has the guard loaded
+    return topology
+
+
+def new_account(deployment, name: str, role: str = "user") -> Account:
+    """A key holder of its own: fresh counters for one test."""
+    account = Account(name.title(), f"{name}@example.com", role)
+    body = {"name": account.name, "email": account.email, "password": PASSWORD, "role": role}
+    deployment.server.ok("POST", "/api/v1/auths/add", deployment.people.admin.jwt, json=body)
+    deployment.people.signin(account)
+    account.api_key = deployment.server.ok("POST", "/api/v1/auths/api_key", account.jwt)["api_key"]
+    deployment.extra_secrets += [account.api_key, account.jwt]
+    return account
+
+
+def model_calls(backend) -> int:
+    with backend.lock:
+        return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
+
+
+def burst(deployment, token: str, count: int | None = None) -> list:
+    """`count` requests, or (None) requests until every worker has refused one; each on a new
+    connection, WORKERS at a time: one after another, the kernel tends to hand them all to one worker."""
+    served = []
+    with ThreadPoolExecutor(WORKERS) as pool:
+        while len(served) < (count or MAX_REQUESTS):
+            wave = [
+                pool.submit(on_fresh_connection, deployment.server, "POST", ROUTE, token, CHAT_BODY)
+                for _ in range(WORKERS)
+            ]
+            served += [future.result() for future in wave]
+            if count is None and len({s.worker for s in served if s.status == 429}) >= WORKERS:
+                break
+    return served
+
+
+def outcome(served: list) -> tuple[int, list[int]]:
+    """(answers, the other statuses): (N, [429]) is a limit of N that held."""
+    return sum(s.status == 200 for s in served), sorted({s.status for s in served} - {200})
+
+
+def remaining(served) -> list[int]:
+    return [int(m.group(1)) for s in served if (m := re.search(r";r=(\d+)", s.headers.get("ratelimit", "")))]
+
+
+def refusal_shape(served, role: str, limit: int, valve: str) -> dict:
+    """The first 429 against what issue 14 promises a client: when to retry, and why, in the guard's words."""
+    refusal = next(s for s in served if s.status == 429)
+    retry = int(refusal.headers.get("retry-after", "0"))
+    return {
+        "retry-after within the window": 0 < retry <= WINDOW_SECONDS,
+        "ratelimit-policy": refusal.headers.get("ratelimit-policy"),
+        "ratelimit": refusal.headers.get("ratelimit"),
+        "detail": refusal.json().get("detail"),
+    } | {"expected": (retry, role, limit, valve)}
+
+
+def expected_shape(retry: int, role: str, limit: int, valve: str) -> dict:
+    return {
+        "retry-after within the window": True,
+        "ratelimit-policy": f'"minute";q={limit};w={WINDOW_SECONDS}',
+        "ratelimit": f'"minute";r=0;t={retry}',
+        "detail": f"API Key Guard: API keys of role '{role}' are limited to {limit} per minute ({valve}); "
+        f"retry in {retry} s",
+        "expected": (retry, role, limit, valve),
+    }
+
+
+def log_lines(deployment, start: int, *words: str) -> int:
+    """Lines of the server log written after byte `start` that contain every one of `words`."""
+    with open(deployment.server.log_path, "rb") as log:
+        log.seek(start)
+        text = log.read().decode(errors="replace")
+    return sum(all(word in line for word in words) for line in text.splitlines())
+
+
+def log_size(deployment) -> int:
+    return deployment.server.log_path.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def limited_user(topology):
+    """A user who spent the user limit in one burst across both workers: (account, burst, burst start)."""
+    deployment = topology.deployment
+    account = new_account(deployment, "limited")
+    before, log_start, started = model_calls(deployment.backend), log_size(deployment), time.monotonic()
+    served = burst(deployment, account.api_key)
+    return account, served, started, model_calls(deployment.backend) - before, log_start
+
+
+def test_a_user_key_gets_exactly_its_limit_then_429_across_workers(topology, limited_user):
+    deployment, redis = topology.deployment, topology.redis
+    account, served, _, calls, log_start = limited_user
+    key = f"open-webui:api_key_guard:rl:{{{account.id}}}:{WINDOW_SECONDS}"
+    shape = refusal_shape(served, "user", 5, "api_key_rate_limit_user")
+    assert {
+        "answers, other statuses": outcome(served),
+        "refused by workers": len({s.worker for s in served if s.status == 429}),
+        "remaining as told": sorted(remaining(s for s in served if s.status == 200)),
+        "counters": sorted({s.headers.get("x-api-key-guard-counters") for s in served}),
+        "model calls": calls,
+        "entries in Redis": redis.command("ZCARD", key),
+        "audit lines": log_lines(deployment, log_start, "api_key_guard limit ", fingerprint(account.api_key)),
+        "429": shape,
+    } == {
+        "answers, other statuses": (5, [429]),
+        "refused by workers": WORKERS,
+        "remaining as told": [0, 1, 2, 3, 4],
+        "counters": ["redis"],
+        "model calls": 5,
+        "entries in Redis": 5,
+        "audit lines": sum(s.status == 429 for s in served),
+        "429": expected_shape(*shape["expected"]),
+    }
+
+
+def test_admin_keys_follow_their_own_valve(topology):
+    deployment = topology.deployment
+    admin = new_account(deployment, "second-admin", role="admin")
+    served = burst(deployment, admin.api_key)
+    shape = refusal_shape(served, "admin", 3, "api_key_rate_limit_admin")
+    assert (outcome(served), shape) == ((3, [429]), expected_shape(*shape["expected"]))
+
+
+def test_sessions_are_never_limited(topology, limited_user):
+    deployment = topology.deployment
+    account = limited_user[0]  # the same user whose key is spent
+    served = burst(deployment, account.jwt, count=8)
+    assert [(s.status, "ratelimit" in s.headers) for s in served] == [(200, False)] * 8
+
+
+def test_monitor_mode_serves_and_only_logs_would_limit(topology):
+    deployment = topology.deployment
+    deployment.configure(**LIMITS, mode="monitor")
+    try:
+        account = new_account(deployment, "monitored")
+        before, log_start = model_calls(deployment.backend), log_size(deployment)
+        served = burst(deployment, account.api_key, count=8)
+        seen = {
+            "statuses": [s.status for s in served],
+            "model calls": model_calls(deployment.backend) - before,
+            "would-limit lines": log_lines(
+                deployment, log_start, "api_key_guard would-limit ", fingerprint(account.api_key)
+            ),
+            "limit lines": log_lines(deployment, log_start, "api_key_guard limit ", fingerprint(account.api_key)),
+        }
+    finally:
+        deployment.configure(**LIMITS)
+    assert seen == {"statuses": [200] * 8, "model calls": 8, "would-limit lines": 3, "limit lines": 0}
+
+
+def test_a_spent_key_is_served_again_after_the_window(topology, limited_user):
+    deployment = topology.deployment
+    account, served, started = limited_user[:3]
+    response = served[-1]
+    # Do what a well-behaved client does: wait as long as Retry-After says, then try again.
+    while response.status == 429 and time.monotonic() - started < 2 * WINDOW_SECONDS:
+        time.sleep(int(response.headers["retry-after"]))
+        response = on_fresh_connection(deployment.server, "POST", ROUTE, account.api_key, CHAT_BODY)
+    waited = time.monotonic() - started
+    assert (response.status, WINDOW_SECONDS <= waited <= WINDOW_SECONDS + AFTER_WINDOW_SLACK_SECONDS) == (200, True), (
+        f"{response.status} after {waited:.1f} s"
+    )
+
+
+def test_with_redis_stopped_the_guard_keeps_serving_and_limits_per_worker(topology):
+    deployment, redis = topology.deployment, topology.redis
+    account = new_account(deployment, "degraded")
+    before, log_start = model_calls(deployment.backend), log_size(deployment)
+    redis.stop()
+    try:
+        served = burst(deployment, account.api_key)
+    finally:
+        redis.start()
+    per_worker = {w: outcome([s for s in served if s.worker == w]) for w in {s.worker for s in served}}
+    assert {
+        "per worker": sorted(per_worker.values()),
+        "counters": sorted({s.headers.get("x-api-key-guard-counters") for s in served}),
+        "model calls": model_calls(deployment.backend) - before,
+        "ERROR lines": log_lines(deployment, log_start, "ERROR", DEGRADED_LINE),
+    } == {
+        "per worker": [(5, [429])] * WORKERS,
+        "counters": ["degraded"],
+        "model calls": 5 * WORKERS,
+        "ERROR lines": WORKERS,  # one per worker per minute, not one per request
+    }
