@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 from tests.e2e.backend import CountingBackend
-from tests.e2e.conftest import VALVES_SETTLE_SECONDS, Deployment
+from tests.e2e.conftest import Deployment
 from tests.e2e.routes import CHAT_BODY
 from tests.e2e.server import Bootstrap, OpenWebUI, free_port
 
@@ -29,6 +29,7 @@ class Server:
     def __init__(self, version: str, root: Path, backend: CountingBackend, name: str):
         self.counter_port = free_port()
         env = {"PYTHONPATH": str(INSTRUMENT), "BENCH_QUERY_COUNTER_PORT": str(self.counter_port)}
+        env["API_KEY_GUARD_TEST_CACHE_SECONDS"] = ""  # the guard's production cache lifetimes, as operators run it
         self.owui = OpenWebUI(version, root / name / "data", backend.url, extra_env=env)
         self.backend = backend
         self.deployment: Deployment | None = None
@@ -104,7 +105,7 @@ def ab_route_guard_get(a: Server, n_blocks: int, block: int) -> dict:
     for i in range(n_blocks):
         name = "route_guard_on" if i % 2 == 0 else "route_guard_off"
         a.deployment.installer("install", "--set", f"route_guard={name.endswith('on')}")
-        time.sleep(VALVES_SETTLE_SECONDS)
+        a.deployment.wait_for_policy()
         for _ in range(20):
             timed(session, a, "GET", CHEAP_GET, key)
         q0 = a.queries()
@@ -215,9 +216,8 @@ def run(version: str, chat_n: int, get_blocks: int, get_block: int, concurrent_t
         a.start()
         b.start()
         a.deployment.installer("install")
-        time.sleep(VALVES_SETTLE_SECONDS)
+        a.deployment.wait_for_policy()
         results = {"open_webui": version, "get_route_guard_ab": ab_route_guard_get(a, get_blocks, get_block)}
-        time.sleep(VALVES_SETTLE_SECONDS)
         # Baseline 1: B never had a filter. Baseline 2: B with a do-nothing global filter, which
         # isolates the guard's own cost from what Open WebUI's filter pipeline costs any filter.
         for baseline in ("pristine", "noop_filter"):

@@ -16,18 +16,18 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from .server import PASSWORD, Account
+from .server import PASSWORD, Account, version_tuple
 
-SUITE_VERSION = 1  # bump when cases are added or their expected outcomes change
 GUARD_PREFIX = "API Key Guard: "
 GUARD_ERROR_TEXT = (
     "API Key Guard: API Key Guard could not evaluate this API key request and denied it; "
     "an administrator must check the server log"
 )
-FUNCTION_ID = "api_key_guard"
+# A request may start a model call in the background after its answer; a denied one must not, and a
+# negative cannot be waited for, so each answer is read this long after the response.
+BACKEND_SETTLE_SECONDS = 0.05
 
-# Filled by the suite; read by the summary line in conftest.py.
-RESULTS = {"run": 0, "passed": 0}
+# Cases whose invariant broke, for the summary line printed at the end of the run (conftest.py).
 BYPASSES: list[str] = []
 
 
@@ -72,7 +72,7 @@ def send(
     target: str,
     headers: list | None = None,
     body: dict | bytes | None = None,
-    settle: float = 0.05,
+    settle: float = BACKEND_SETTLE_SECONDS,
 ) -> Answer:
     """One request exactly as written; `backend_calls` is what it caused at the model backend."""
     server = deployment.server
@@ -95,7 +95,7 @@ def send(
     finally:
         conn.close()
     if settle:
-        time.sleep(settle)  # let a background call the request started reach the backend
+        time.sleep(settle)
     return Answer(
         response.status,
         text,
@@ -109,9 +109,14 @@ def bearer(token: str) -> list:
     return [("Authorization", f"Bearer {token}")]
 
 
-def for_version(deployment, expected):
-    """`expected` is one value, or a pair (value on 0.9+, value on 0.6-0.8)."""
-    return expected if not isinstance(expected, tuple) else expected[0 if deployment.server.modern else 1]
+def on_release(deployment, expected):
+    """`expected` is one value for every release, or {first release: value from it on, ...}.
+
+    {"0.6": "core-401", "0.9": "guard"} reads: Open WebUI 0.6 up to 0.8 answers core-401, 0.9 on the guard."""
+    if not isinstance(expected, dict):
+        return expected
+    starts = [release for release in expected if deployment.server.at_least(release)]
+    return expected[max(starts, key=version_tuple)]
 
 
 def verdict(request, answer: Answer, expected: str, attack: bool, backend: bool | None = False) -> None:

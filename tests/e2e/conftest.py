@@ -1,8 +1,11 @@
 """Real Open WebUI servers for the end-to-end suite: one per pinned release, per test session."""
 
 import json
+import re
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,33 +18,47 @@ from .backend import CountingBackend
 from .provision import VERSIONS
 from .server import Bootstrap, OpenWebUI, version_tuple
 
-DEFAULT_VALVES = load_guard().Valves().model_dump()
+ROOT = Path(__file__).resolve().parents[2]
+GUARD = load_guard()  # the guard module as the servers run it: its constants, fingerprint and Valves
+DEFAULT_VALVES = GUARD.Valves().model_dump()
+FUNCTION_ID = "api_key_guard"
+# Upper bound for any wait on a server: the guard's production cache lifetimes plus slack. The test
+# servers run with short ones (server.TEST_CACHE_SECONDS), so a wait normally ends far sooner.
+WAIT_SECONDS = max(GUARD.GROUPS_TTL_SECONDS, GUARD.FUNCTION_STATE_TTL_SECONDS) + 5.0
+POLL_SECONDS = 0.05
+ADVERSARIAL_FILE = "test_adversarial.py"
+RELEASE_ID = re.compile(r"owui-([0-9.]+)")
+CASES = {"run": Counter(), "passed": Counter()}  # per release, for the summary line
 
-# The route guard re-reads the stored valves at most this often (FUNCTION_STATE_TTL_SECONDS).
-VALVES_SETTLE_SECONDS = 2.5
 
-
-ATTACK_RESULTS = {"run": 0, "passed": 0, "xfailed": 0}
-ADVERSARIAL_FILES = ("test_attacks.py", "test_route_table.py", "test_adversarial.py")
+def wait_for(condition: Callable, what: str, timeout: float = WAIT_SECONDS):
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen within {timeout:g} s: {what}")
+        time.sleep(POLL_SECONDS)
+    return result
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and any(name in report.nodeid for name in ADVERSARIAL_FILES):
-        ATTACK_RESULTS["run"] += 1
-        ATTACK_RESULTS["passed"] += report.passed
-        ATTACK_RESULTS["xfailed"] += hasattr(report, "wasxfail") and report.skipped
+    if report.when == "call" and ADVERSARIAL_FILE in report.nodeid:
+        release = RELEASE_ID.search(report.nodeid)
+        release = release[1] if release else "?"
+        CASES["run"][release] += 1
+        CASES["passed"][release] += report.passed
 
 
 def pytest_terminal_summary(terminalreporter):
-    bypasses = []
-    for name in ("tests.e2e.test_attacks", "tests.e2e.attacks"):  # each suite records the cases whose invariant broke
-        module = sys.modules.get(name)
-        bypasses += getattr(module, "BYPASSES", []) if module is not None else []
-    if ATTACK_RESULTS["run"]:
-        known = f", {ATTACK_RESULTS['xfailed']} known bypasses (xfail)" if ATTACK_RESULTS["xfailed"] else ""
+    module = sys.modules.get("tests.e2e.attacks")
+    bypasses = getattr(module, "BYPASSES", []) if module is not None else []
+    run, passed = CASES["run"], CASES["passed"]
+    if run:
+        per_release = ", ".join(f"{release}: {passed[release]}/{run[release]}" for release in sorted(run))
         terminalreporter.write_line(
-            f"adversarial: {ATTACK_RESULTS['run']} cases run, {ATTACK_RESULTS['passed']} passed{known}, "
-            f"bypasses found = {len(bypasses)}" + (f" ({', '.join(bypasses)})" if bypasses else "")
+            f"adversarial: {run.total()} cases run, {passed.total()} passed, bypasses found = {len(bypasses)}"
+            + (f" ({', '.join(bypasses)})" if bypasses else "")
+            + f"; per release passed/run: {per_release}"
         )
 
 
@@ -77,15 +94,42 @@ class Deployment:
         return install.main([command, "--url", self.server.url, "--api-key", key or self.people.admin.jwt, *args])
 
     def configure(self, **valves) -> None:
-        """Put the guard's valves at their defaults plus `valves`, and wait until the route guard sees them."""
+        """Put the guard's valves at their defaults plus `valves`, and wait until the route guard acts on them."""
         wanted = json.dumps(valves, sort_keys=True)
         if wanted == self.valves:
             return
         path = self.server.data_dir.parent / "valves.json"
         path.write_text(json.dumps(DEFAULT_VALVES | valves))
         assert self.installer("install", "--valves", str(path)) == 0
-        time.sleep(VALVES_SETTLE_SECONDS)
+        self.wait_for_policy(written=time.monotonic())
         self.valves = wanted
+
+    def policy_in_force(self) -> str | None:
+        """The X-API-Key-Guard-Policy header on an admin key request: the stored valves the guard acted on."""
+        response = self.server.call("GET", "/api/v1/auths/", self.people.admin.api_key)
+        return response.headers.get(install.POLICY_HEADER)
+
+    @property
+    def state_seconds(self) -> float:
+        """How long the guard in this server trusts its cached function state (valves, active flag)."""
+        test_value = self.server.env().get("API_KEY_GUARD_TEST_CACHE_SECONDS")
+        return float(test_value) if test_value else GUARD.FUNCTION_STATE_TTL_SECONDS
+
+    def wait_for_policy(self, written: float | None = None) -> None:
+        """Wait until the route guard judges key requests by the valves stored at `written` (default: now),
+        or, with route_guard off, judges none.
+
+        One worker answering with the new fingerprint speaks for itself only: with several workers the
+        others re-read their cached state within the cache lifetime, so wait that long after the write too."""
+        stored = self.server.ok("GET", f"/api/v1/functions/id/{FUNCTION_ID}/valves", self.people.admin.jwt)
+        judging = GUARD.stored_valves(stored).route_guard
+        wanted = GUARD.policy_fingerprint(stored) if judging else None
+        written = time.monotonic() if written is None else written
+        every_worker = written + (self.state_seconds if self.server.workers > 1 else 0)
+        wait_for(
+            lambda: self.policy_in_force() == wanted and time.monotonic() >= every_worker,
+            f"policy {wanted} in force on {self.server.url}",
+        )
 
 
 def leaked(deployment: Deployment) -> list[str]:

@@ -14,6 +14,10 @@ from .provision import openwebui_bin, provision
 
 STARTUP_TIMEOUT = 180.0
 PASSWORD = "Correct-Horse-Battery-9"
+# Harness only (API_KEY_GUARD_TEST_CACHE_SECONDS): the guard's group and valve caches live this long
+# on test servers, so a test waiting for a change polls for a fraction of a second.
+TEST_CACHE_SECONDS = 0.5
+ANTHROPIC_ROUTES = ("/api/message", "/api/v1/messages")
 
 
 def free_port() -> int:
@@ -55,10 +59,31 @@ class OpenWebUI:
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
 
+    def at_least(self, release: str) -> bool:
+        return version_tuple(self.version) >= version_tuple(release)
+
     @property
-    def modern(self) -> bool:
-        """0.9+ reads the custom API key header and has per-user key permissions."""
-        return version_tuple(self.version) >= (0, 9, 0)
+    def admin_from_env(self) -> bool:
+        """WEBUI_ADMIN_EMAIL/PASSWORD make the admin (seen on 0.8.12; on 0.6.22 the first sign-up does)."""
+        return self.at_least("0.8.0")
+
+    @property
+    def key_permission(self) -> bool:
+        """0.6.37+: an ordinary user needs the features.api_keys permission to hold a key."""
+        return self.at_least("0.6.37")
+
+    @property
+    def members_table(self) -> str:
+        """Where group membership lives: a group_member table (seen on 0.8.12), else a column of "group"."""
+        return "group_member" if self.at_least("0.8.0") else '"group"'
+
+    @property
+    def workers(self) -> int:
+        return int(self.env().get("UVICORN_WORKERS") or 1)
+
+    def reads_custom_key_header(self, path: str) -> bool:
+        """0.9+: core reads x-api-key on every route; 0.8: only on the Anthropic-style message routes."""
+        return self.at_least("0.9.0") or (self.at_least("0.8.0") and path in ANTHROPIC_ROUTES)
 
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WEBUI_", "API_KEY_GUARD_"))}
@@ -83,6 +108,7 @@ class OpenWebUI:
             WEBUI_ADMIN_PASSWORD=PASSWORD,
             WEBUI_ADMIN_NAME="Admin",
             GLOBAL_LOG_LEVEL="INFO",
+            API_KEY_GUARD_TEST_CACHE_SECONDS=str(TEST_CACHE_SECONDS),
         )
         env.update(self.extra_env)
         return env
@@ -169,14 +195,14 @@ class Bootstrap:
 
     def run(self) -> "Bootstrap":
         s = self.server
-        if s.modern:
+        if s.admin_from_env:
             self.signin(self.admin)
-        else:  # 0.6: the first sign-up becomes the admin
+        else:  # the first sign-up becomes the admin
             data = s.ok(
                 "POST", "/api/v1/auths/signup", json={"name": "Admin", "email": self.admin.email, "password": PASSWORD}
             )
             self.admin.id, self.admin.jwt = data["id"], data["token"]
-        if s.modern:  # 0.9+: ordinary users need the api_keys permission to hold a key
+        if s.key_permission:
             perms = s.ok("GET", "/api/v1/users/default/permissions", self.admin.jwt)
             perms.setdefault("features", {})["api_keys"] = True
             s.ok("POST", "/api/v1/users/default/permissions", self.admin.jwt, json=perms)
@@ -205,10 +231,10 @@ class Bootstrap:
 
     def _change_group(self, action: str, user_id: str) -> None:
         s, path = self.server, f"/api/v1/groups/id/{self.group_id}"
-        if s.modern:
+        if s.at_least("0.8.0"):
             s.ok("POST", f"{path}/users/{action}", self.admin.jwt, json={"user_ids": [user_id]})
             return
-        group = s.ok("GET", path, self.admin.jwt)  # 0.6: the whole member list is replaced
+        group = s.ok("GET", path, self.admin.jwt)  # 0.6.22: the whole member list is replaced
         members = set(group.get("user_ids") or [])
         members = members | {user_id} if action == "add" else members - {user_id}
         body = {"name": group["name"], "description": group["description"], "user_ids": sorted(members)}

@@ -1,4 +1,4 @@
-"""Adversarial and fault suite (issue #7), version `attacks.SUITE_VERSION`, on both pinned releases.
+"""Adversarial and fault suite (issues #7, #10), on every pinned Open WebUI release.
 
 Each case is a named row with its exact expected outcome (see `attacks.py` for the outcome words)
 and whether the model backend may be called. Attack tables and allowed tables are kept apart:
@@ -7,8 +7,8 @@ call; a row that breaks it is recorded as a bypass for the summary line printed 
 the run (`adversarial: N cases run, N passed, bypasses found = 0`).
 
 Default valves (admin-only keys) unless a row says otherwise; alice is an ordinary user, gina a
-member of the `automation` group. Rows whose outcome differs by release give a pair
-(0.9+ outcome, 0.6 outcome).
+member of the `automation` group. A row whose outcome differs by release maps the first release
+where each outcome starts to that outcome: {"0.6": "core-401", "0.9": "guard"} (`attacks.on_release`).
 """
 
 import json
@@ -20,47 +20,60 @@ import time
 import pytest
 
 from .attacks import (
-    FUNCTION_ID,
+    BACKEND_SETTLE_SECONDS,
     add_account,
     bearer,
     database,
     fill_headers,
-    for_version,
     guard_error_lines,
     log_text,
+    on_release,
     send,
     set_role,
     verdict,
 )
-from .conftest import DEFAULT_VALVES, VALVES_SETTLE_SECONDS, leaked
+from .conftest import DEFAULT_VALVES, FUNCTION_ID, GUARD, leaked, wait_for
 from .provision import venv_dir
 from .routes import CHAT_BODY
 
-GROUPS_TTL_SECONDS = 10.0  # the guard's GROUPS_TTL_SECONDS
 PROVIDER = "/openai/chat/completions"  # a model route that never runs filters
 USERS_ON_CHAT = {"api_key_roles": "admin,user"}  # alice admitted, on the default user endpoint list
 K, J, A, AJ = "{alice_key}", "{alice_jwt}", "{admin_key}", "{admin_jwt}"
 JUNK = "sk-" + "0" * 32  # a throwaway key no account has
+# Outcomes that start at some release ({first release: outcome from it on}; see attacks.on_release).
+# From 0.8 (FastAPI 0.135+) core takes any two-part Authorization value and strips stray blanks;
+# 0.6.22 (FastAPI 0.115) refuses them. From 0.9 core reads x-api-key on every route; 0.8 only on
+# the Anthropic-style message routes, 0.6 nowhere.
+GUARD_FROM_0_8 = {"0.6": "core-401", "0.8": "guard"}
+OK_FROM_0_8 = {"0.6": "core-401", "0.8": "ok"}
+GUARD_FROM_0_9 = {"0.6": "core-401", "0.9": "guard"}
+OK_FROM_0_9 = {"0.6": "core-401", "0.9": "ok"}
+
+
+def named(case_id: str):
+    """A single case, so its test id reads like the table rows: test_x[owui-0.12.4-policy:demoted-admin]."""
+    return pytest.mark.parametrize("case", [pytest.param(case_id, id=case_id)])
 
 
 # =============================================================================================
 # Credential transport and parsing. Target: POST /openai/chat/completions, default valves.
-# Core's credential order (0.12): Authorization with scheme Bearer (any case), the `token`
-# cookie, then any two-part Authorization value (`Basic sk-…`), then x-api-key. 0.6 reads only
-# the first two. The guard judges the credential core authenticated, whatever carried it.
+# Core's credential order (0.8 on): Authorization with scheme Bearer (any case), the `token`
+# cookie, then any two-part Authorization value (`Basic sk-…`), then x-api-key (0.9 on; 0.8 on
+# the message routes only). 0.6.22 reads only the first two. The guard judges the credential
+# core authenticated, whatever carried it.
 # =============================================================================================
 TRANSPORT_ATTACKS = [
     pytest.param([("Authorization", f"Bearer {K}")], "guard", id="transport:bearer"),
     pytest.param([("authorization", f"bearer {K}")], "guard", id="transport:lower-case-header-and-scheme"),
     pytest.param([("Authorization", f"BEARER {K}")], "guard", id="transport:upper-case-scheme"),
     pytest.param([("Authorization", f"BeArEr {K}")], "guard", id="transport:mixed-case-scheme"),
-    # FastAPI 0.136 (Open WebUI 0.12) strips the credential; 0.115 (0.6) keeps " sk-…", which no key matches.
-    pytest.param([("Authorization", f"Bearer  {K}")], ("guard", "core-401"), id="transport:bearer-two-spaces"),
+    # FastAPI 0.135+ (Open WebUI 0.8.12 on) strips the credential; 0.115 (0.6.22) keeps " sk-…", which no key matches.
+    pytest.param([("Authorization", f"Bearer  {K}")], GUARD_FROM_0_8, id="transport:bearer-two-spaces"),
     pytest.param([("Authorization", f"Bearer\t{K}")], "core-401", id="transport:bearer-tab"),
-    pytest.param([("Authorization", f"Bearer {K} ")], ("guard", "core-401"), id="transport:trailing-space"),
+    pytest.param([("Authorization", f"Bearer {K} ")], GUARD_FROM_0_8, id="transport:trailing-space"),
     pytest.param([("Authorization", f"Bearer {K} x")], "core-401", id="transport:bearer-three-parts"),
-    pytest.param([("Authorization", f"Basic {K}")], ("guard", "core-401"), id="transport:basic-scheme"),
-    pytest.param([("Authorization", f"Token {K}")], ("guard", "core-401"), id="transport:token-scheme"),
+    pytest.param([("Authorization", f"Basic {K}")], GUARD_FROM_0_8, id="transport:basic-scheme"),
+    pytest.param([("Authorization", f"Token {K}")], GUARD_FROM_0_8, id="transport:token-scheme"),
     pytest.param([("Authorization", K)], "core-401", id="transport:no-scheme"),
     pytest.param(
         [("Authorization", f"Bearer {K}"), ("Authorization", f"Bearer {A}")],
@@ -71,17 +84,15 @@ TRANSPORT_ATTACKS = [
     pytest.param([("Cookie", f"a=1; token={K}; b=2")], "guard", id="transport:cookie-among-others"),
     pytest.param([("Cookie", f'token="{K}"')], "guard", id="transport:cookie-quoted"),
     pytest.param([("Cookie", f"token={JUNK}; token={K}")], "guard", id="transport:two-token-cookies-last-wins"),
-    pytest.param([("x-api-key", K)], ("guard", "core-401"), id="transport:custom-header-only"),
-    pytest.param([("X-API-KEY", K)], ("guard", "core-401"), id="transport:custom-header-upper-case"),
+    pytest.param([("x-api-key", K)], GUARD_FROM_0_9, id="transport:custom-header-only"),
+    pytest.param([("X-API-KEY", K)], GUARD_FROM_0_9, id="transport:custom-header-upper-case"),
     pytest.param([("x-api-key", f"Bearer {K}")], "core-401", id="transport:custom-header-with-scheme"),
     pytest.param(
         [("Authorization", f"Bearer {K}"), ("Cookie", f"token={J}")], "guard", id="order:key-bearer-jwt-cookie"
     ),
     pytest.param([("Authorization", f"Bearer {K}"), ("x-api-key", A)], "guard", id="order:key-bearer-admin-key-header"),
     pytest.param([("Cookie", f"token={K}"), ("x-api-key", A)], "guard", id="order:key-cookie-admin-key-header"),
-    pytest.param(
-        [("Authorization", f"Basic {K}"), ("x-api-key", J)], ("guard", "core-401"), id="order:key-basic-jwt-header"
-    ),
+    pytest.param([("Authorization", f"Basic {K}"), ("x-api-key", J)], GUARD_FROM_0_8, id="order:key-basic-jwt-header"),
     pytest.param(
         [("Authorization", f"Basic {A}"), ("Cookie", f"token={K}")], "guard", id="order:key-cookie-beats-admin-basic"
     ),
@@ -98,7 +109,7 @@ TRANSPORT_ATTACKS = [
 TRANSPORT_ALLOWED = [
     pytest.param([("Authorization", f"Bearer {A}")], "ok", id="transport-allowed:admin-key-bearer"),
     pytest.param([("Cookie", f"token={A}")], "ok", id="transport-allowed:admin-key-cookie"),
-    pytest.param([("x-api-key", A)], ("ok", "core-401"), id="transport-allowed:admin-key-custom-header"),
+    pytest.param([("x-api-key", A)], OK_FROM_0_9, id="transport-allowed:admin-key-custom-header"),
     pytest.param(
         [("Authorization", f"Bearer {A}"), ("Authorization", f"Bearer {K}")],
         "ok",
@@ -107,7 +118,7 @@ TRANSPORT_ALLOWED = [
     pytest.param([("Authorization", f"Bearer {J}"), ("Cookie", f"token={K}")], "ok", id="order-allowed:jwt-bearer"),
     pytest.param([("Cookie", f"token={J}"), ("x-api-key", K)], "ok", id="order-allowed:jwt-cookie-key-header"),
     pytest.param([("Cookie", f"token={J}"), ("Authorization", f"Basic {K}")], "ok", id="order-allowed:jwt-cookie"),
-    pytest.param([("Authorization", f"Basic {J}"), ("x-api-key", K)], ("ok", "core-401"), id="order-allowed:jwt-basic"),
+    pytest.param([("Authorization", f"Basic {J}"), ("x-api-key", K)], OK_FROM_0_8, id="order-allowed:jwt-basic"),
 ]
 
 
@@ -120,14 +131,29 @@ def headers_for(deployment, headers: list) -> list:
 def test_transport_attack(request, deployment, headers, expected):
     deployment.configure()
     answer = send(deployment, "POST", PROVIDER, fill_headers(deployment, headers_for(deployment, headers)), CHAT_BODY)
-    verdict(request, answer, for_version(deployment, expected), attack=True)
+    verdict(request, answer, on_release(deployment, expected), attack=True)
+
+
+# 0.8 reads x-api-key on the Anthropic-style message route only; there the guard judges it like any key.
+MESSAGES = "/api/v1/messages"
+MESSAGES_BODY = {**CHAT_BODY, "max_tokens": 16}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [pytest.param([("x-api-key", K)], {"0.6": "core-405", "0.8": "guard"}, id="transport:custom-header-on-messages")],
+)
+def test_transport_attack_on_the_messages_route(request, deployment, headers, expected):
+    deployment.configure()
+    answer = send(deployment, "POST", MESSAGES, fill_headers(deployment, headers), MESSAGES_BODY)
+    verdict(request, answer, on_release(deployment, expected), attack=True)
 
 
 @pytest.mark.parametrize(("headers", "expected"), TRANSPORT_ALLOWED)
 def test_transport_allowed(request, deployment, headers, expected):
     deployment.configure()
     answer = send(deployment, "POST", PROVIDER, fill_headers(deployment, headers), CHAT_BODY)
-    expected = for_version(deployment, expected)
+    expected = on_release(deployment, expected)
     verdict(request, answer, expected, attack=False, backend=expected == "ok")
 
 
@@ -190,6 +216,8 @@ PATH_ALLOWED = [
     pytest.param("POST", "/api/chat%2Fcompletions", "ok", True, id="path-allowed:encoded-slash-routes-to-chat"),
     pytest.param("POST", "/api/%63hat/completions", "ok", True, id="path-allowed:encoded-letter"),
     pytest.param("GET", "/api/models", "ok", None, id="path-allowed:model-list"),
+    # The router does not strip the slash: the web app's catch-all answers with its HTML shell, no data.
+    pytest.param("GET", "/api/models/", "page", False, id="path-allowed:trailing-slash-on-model-list"),
     pytest.param("GET", "/api/models?x=/openai/chat/completions", "ok", None, id="path-allowed:other-path-in-query"),
     # Prefixes admit the whole subtree: the default user entry /api/v1/models also admits the model
     # management API under it; only core's own permission check (workspace.models) refuses alice.
@@ -210,7 +238,7 @@ def path_body(method: str, target: str = ""):
 def test_path_attack(request, deployment, method, target, expected):
     deployment.configure(**USERS_ON_CHAT)
     answer = send(deployment, method, target, bearer(deployment.people.alice.api_key), path_body(method))
-    verdict(request, answer, for_version(deployment, expected), attack=True)
+    verdict(request, answer, on_release(deployment, expected), attack=True)
 
 
 @pytest.mark.parametrize(("method", "target", "expected", "backend"), PATH_ALLOWED)
@@ -276,10 +304,11 @@ def test_methods(request, deployment, method, target, extra, expected):
     deployment.configure()
     headers = [*bearer(deployment.people.alice.api_key), *extra]
     answer = send(deployment, method, target, headers, CHAT_BODY if method in ("POST", "PUT", "post") else None)
-    verdict(request, answer, for_version(deployment, expected), attack=True)
+    verdict(request, answer, on_release(deployment, expected), attack=True)
 
 
-def test_method_cors_preflight_is_answered_without_authentication(deployment):
+@named("method-allowed:cors-preflight")
+def test_method_cors_preflight_is_answered_without_authentication(case, deployment):
     """method-allowed:cors-preflight. Browsers send no credential on a preflight; Open WebUI's CORS
     middleware answers it before any authentication: no body, no backend call."""
     deployment.configure()
@@ -298,7 +327,8 @@ def key_answer(deployment, account, target="/api/models", transport="bearer"):
     return send(deployment, "GET", target, headers)
 
 
-def test_policy_blocked_admin_key_denied(request, deployment):
+@named("policy:blocked-admin")
+def test_policy_blocked_admin_key_denied(case, request, deployment):
     """policy:blocked-admin (by e-mail, other case) — the admin's key is denied on every transport."""
     deployment.configure(api_key_blocked_users="ADMIN@Example.com")
     admin = deployment.people.admin
@@ -307,7 +337,8 @@ def test_policy_blocked_admin_key_denied(request, deployment):
     assert "api_key_blocked_users" in key_answer(deployment, admin).detail
 
 
-def test_policy_blocked_admin_session_still_works(request, deployment):
+@named("policy-allowed:blocked-admin-session")
+def test_policy_blocked_admin_session_still_works(case, request, deployment):
     """policy-allowed:blocked-admin-session — blocking concerns keys; the admin's session is untouched."""
     deployment.configure(api_key_blocked_users="admin@example.com")
     verdict(
@@ -319,14 +350,16 @@ def test_policy_blocked_admin_session_still_works(request, deployment):
     )
 
 
-def test_policy_blocked_by_user_id(request, deployment):
+@named("policy:blocked-admin-by-id")
+def test_policy_blocked_by_user_id(case, request, deployment):
     """policy:blocked-admin-by-id — the blocked list accepts user ids too."""
     admin = deployment.people.admin
     deployment.configure(api_key_blocked_users=admin.id)
     verdict(request, key_answer(deployment, admin), "guard", attack=True)
 
 
-def test_policy_demoted_admin_denied_at_once(request, deployment):
+@named("policy:demoted-admin")
+def test_policy_demoted_admin_denied_at_once(case, request, deployment):
     """policy:demoted-admin — the route guard reads the role core just loaded: no cache, no delay."""
     deployment.configure()
     dora = add_account(deployment, "dora", role="admin")
@@ -335,7 +368,8 @@ def test_policy_demoted_admin_denied_at_once(request, deployment):
     verdict(request, key_answer(deployment, dora), "guard", attack=True)
 
 
-def test_policy_promoted_user_allowed_at_once(request, deployment):
+@named("policy-allowed:promoted-user")
+def test_policy_promoted_user_allowed_at_once(case, request, deployment):
     """policy-allowed:promoted-user — and the other way round."""
     deployment.configure()
     paul = add_account(deployment, "paul")
@@ -359,7 +393,8 @@ def test_policy_pending_user(request, deployment, roles, expected):
     verdict(request, key_answer(deployment, pat), expected, attack=True)
 
 
-def test_policy_deleted_users_key_refused_by_core(request, deployment):
+@named("policy:deleted-user")
+def test_policy_deleted_users_key_refused_by_core(case, request, deployment):
     """policy:deleted-user — core no longer finds the key (its own 401); the guard is never asked."""
     deployment.configure(**USERS_ON_CHAT)
     dan = add_account(deployment, "dan")
@@ -368,7 +403,8 @@ def test_policy_deleted_users_key_refused_by_core(request, deployment):
     verdict(request, key_answer(deployment, dan), "core-401", attack=True)
 
 
-def test_policy_admitted_by_account(request, deployment):
+@named("policy-allowed:admitted-by-email")
+def test_policy_admitted_by_account(case, request, deployment):
     """policy-allowed:admitted-by-email — api_key_users admits alice, on the user endpoint list only."""
     deployment.configure(api_key_users="Alice@example.com")
     alice = deployment.people.alice
@@ -376,18 +412,39 @@ def test_policy_admitted_by_account(request, deployment):
     verdict(request, send(deployment, "POST", PROVIDER, bearer(alice.api_key), CHAT_BODY), "guard", attack=True)
 
 
-def test_policy_removed_from_group_denied_after_the_cache_ttl(request, deployment):
-    """policy:removed-from-group — allowed while the 10 s group cache lasts, denied after it."""
+def outcome_becomes(deployment, account, outcome: str):
+    """Poll the account's key until it gets `outcome` (a group change is seen once the group cache expires)."""
+    return wait_for(
+        lambda: (answer := key_answer(deployment, account)).outcome == outcome and answer,
+        f"{account.name}'s key answered {outcome}",
+    )
+
+
+@named("policy-allowed:monitor-mode-logs-would-deny")
+def test_policy_monitor_mode_serves_and_logs_would_deny(case, request, deployment):
+    """policy-allowed:monitor-mode-logs-would-deny — a dry run: alice's key is served, and the audit line
+    says the guard would have denied it, so an operator can review a policy before enforcing it."""
+    deployment.configure(mode="monitor")
+    alice, before = deployment.people.alice, len(log_text(deployment))
+    answer = send(deployment, "POST", PROVIDER, bearer(alice.api_key), CHAT_BODY)
+    verdict(request, answer, "ok", attack=False, backend=True)
+    assert answer.guard_header == "monitor"
+    wanted = f"api_key_guard would-deny via=route reason=not_admitted key=sk-…{alice.api_key[-4:]} user={alice.id}"
+    wait_for(lambda: wanted in log_text(deployment)[before:], f"'{wanted}' in {deployment.server.log_path}")
+
+
+@named("policy:removed-from-group")
+def test_policy_removed_from_group_denied_after_the_cache_ttl(case, request, deployment):
+    """policy:removed-from-group — allowed while the group cache lasts (10 s in production), denied after it."""
     deployment.configure(api_key_groups="automation")
     people = deployment.people
     verdict(request, key_answer(deployment, people.gina), "ok", attack=False, backend=None)
     people.remove_group_member(people.gina.id)
     try:
-        assert key_answer(deployment, people.gina).outcome in ("ok", "guard")  # within the TTL: either is fine
-        time.sleep(GROUPS_TTL_SECONDS + 1)
-        verdict(request, key_answer(deployment, people.gina), "guard", attack=True)
+        verdict(request, outcome_becomes(deployment, people.gina, "guard"), "guard", attack=True)
     finally:
         people.add_group_member(people.gina.id)
+        outcome_becomes(deployment, people.gina, "ok")
 
 
 # =============================================================================================
@@ -395,42 +452,50 @@ def test_policy_removed_from_group_denied_after_the_cache_ttl(request, deploymen
 # by default) with the guard's 403, unless it is listed here with the reason it is exempt.
 # Exempt routes are never sent anything. A route a new release adds fails until reviewed.
 # =============================================================================================
-BOTH, V6, V12 = "both", "0.6", "0.12"
+NOT_EXEMPT = None  # in an exemption map: from this release on the route is guarded, or not served
 EXEMPT = {
-    "/openapi.json": (BOTH, "FastAPI schema, public"),
-    "/docs": (BOTH, "FastAPI docs page, public"),
-    "/docs/oauth2-redirect": (BOTH, "FastAPI docs helper, public"),
-    "/health": (BOTH, "health probe, no authentication"),
-    "/health/db": (BOTH, "health probe, no authentication"),
-    "/ready": (V12, "readiness probe, no authentication"),
-    "/api/config": (BOTH, "public client configuration (optional session, never a key)"),
-    "/api/version": (BOTH, "public"),
-    "/api/changelog": (BOTH, "public"),
-    "/manifest.json": (BOTH, "web app manifest, public"),
-    "/opensearch.xml": (BOTH, "public"),
-    "/ollama/": (BOTH, "Ollama status probe, no authentication"),
-    "/ollama/api/version": (V6, "Ollama version, no authentication"),
-    "/ollama/api/version/{url_idx}": (V6, "Ollama version, no authentication"),
-    "/api/v1/retrieval/": (V6, "retrieval status, no authentication"),
-    "/api/v1/retrieval/ef/{text}": (V6, "embeds text with NO authentication (core's own hole; README known limits)"),
-    "/api/v1/memories/ef": (V6, "embedding self-test, no authentication"),
-    "/api/v1/auths/signin": (BOTH, "password sign-in: state-changing, authenticates no key"),
-    "/api/v1/auths/signup": (BOTH, "sign-up: state-changing, authenticates no key"),
-    "/api/v1/auths/ldap": (BOTH, "LDAP sign-in"),
-    "/api/v1/auths/signout": (BOTH, "clears cookies"),
-    "/api/v1/auths/oauth/{provider}/token/exchange": (V12, "OAuth token exchange, no key"),
-    "/api/v1/auths/mfa/challenge": (V12, "MFA step of a password sign-in"),
-    "/api/v1/auths/mfa/enroll/start": (V12, "MFA step of a password sign-in"),
-    "/api/v1/auths/mfa/enroll/confirm": (V12, "MFA step of a password sign-in"),
-    "/api/v1/auths/mfa/verify": (V12, "MFA step of a password sign-in"),
-    "/api/v1/auths/mfa/recover": (V12, "MFA step of a password sign-in"),
-    "/api/v1/channels/webhooks/{webhook_id}/{token}": (V12, "webhook authenticated by its own token"),
-    "/api/v1/chats/share/{share_id}": (V12, "optional sign-in: a denied key is treated as anonymous"),
-    "/oauth/{provider}/login": (BOTH, "OAuth redirect"),
-    "/oauth/{provider}/callback": (BOTH, "OAuth redirect"),
-    "/oauth/{provider}/login/callback": (V12, "OAuth redirect"),
-    "/oauth/clients/{client_id}/callback": (V12, "OAuth redirect"),
-    "/oauth/backchannel-logout": (V12, "OAuth logout notification"),
+    "/openapi.json": "FastAPI schema, public",
+    "/docs": "FastAPI docs page, public",
+    "/docs/oauth2-redirect": "FastAPI docs helper, public",
+    "/health": "health probe, no authentication",
+    "/health/db": "health probe, no authentication",
+    "/ready": {"0.6": NOT_EXEMPT, "0.8": "readiness probe, no authentication"},
+    "/api/config": "public client configuration (optional session, never a key)",
+    "/api/version": "public",
+    "/api/changelog": "public",
+    "/manifest.json": "web app manifest, public",
+    "/opensearch.xml": "public",
+    "/ollama/": "Ollama status probe, no authentication",
+    "/ollama/api/version": {"0.6": "Ollama version, no authentication", "0.12": NOT_EXEMPT},
+    "/ollama/api/version/{url_idx}": {"0.6": "Ollama version, no authentication", "0.12": NOT_EXEMPT},
+    "/api/v1/retrieval/": {"0.6": "retrieval settings, no authentication", "0.10": NOT_EXEMPT},
+    "/api/v1/retrieval/ef/{text}": {
+        "0.6": "ENV=dev only: embeds text with NO authentication, a call to the embedding backend (README)",
+        "0.12": NOT_EXEMPT,
+    },
+    "/api/v1/memories/ef": {"0.6": "embedding self-test, no authentication", "0.8": NOT_EXEMPT},
+    "/api/v1/auths/signin": "password sign-in: state-changing, authenticates no key",
+    "/api/v1/auths/signup": "sign-up: state-changing, authenticates no key",
+    "/api/v1/auths/ldap": "LDAP sign-in",
+    "/api/v1/auths/signout": "clears cookies",
+    "/api/v1/auths/oauth/{provider}/token/exchange": {"0.6": NOT_EXEMPT, "0.8": "OAuth token exchange, no key"},
+    **{
+        f"/api/v1/auths/mfa/{step}": {"0.6": NOT_EXEMPT, "0.12": "MFA step of a password sign-in"}
+        for step in ("challenge", "enroll/start", "enroll/confirm", "verify", "recover")
+    },
+    "/api/v1/channels/webhooks/{webhook_id}/{token}": {
+        "0.6": NOT_EXEMPT,
+        "0.8": "webhook authenticated by its own token",
+    },
+    "/api/v1/chats/share/{share_id}": {
+        "0.6": NOT_EXEMPT,
+        "0.12": "optional sign-in: a denied key is treated as anonymous",
+    },
+    "/oauth/{provider}/login": "OAuth redirect",
+    "/oauth/{provider}/callback": "OAuth redirect",
+    "/oauth/{provider}/login/callback": {"0.6": NOT_EXEMPT, "0.8": "OAuth redirect"},
+    "/oauth/clients/{client_id}/callback": {"0.6": NOT_EXEMPT, "0.8": "OAuth redirect"},
+    "/oauth/backchannel-logout": {"0.6": NOT_EXEMPT, "0.10": "OAuth logout notification"},
 }
 # Mounts (static files, socket.io, the web app) and websocket routes: socket.io and the two 0.12
 # websockets (/api/v1/audio/realtime, terminals) authenticate a session JWT in the first message
@@ -442,9 +507,11 @@ LIST_ROUTES = (
 )
 
 
-def app_routes(deployment) -> list:
+ROUTE_TABLES: dict[str, list] = {}  # per release: reading one imports the whole app (seconds)
+
+
+def read_routes(server) -> list:
     """(path, methods) of this release's app, imported in its own venv with the server's settings."""
-    server = deployment.server
     result = subprocess.run(
         [str(venv_dir(server.version) / "bin" / "python"), "-c", LIST_ROUTES],
         env={**server.env(), "FROM_INIT_PY": "true"},
@@ -458,12 +525,21 @@ def app_routes(deployment) -> list:
     return json.loads(line.removeprefix("ROUTES="))
 
 
+def app_routes(deployment) -> list:
+    server = deployment.server
+    if server.version not in ROUTE_TABLES:
+        ROUTE_TABLES[server.version] = read_routes(server)
+    return ROUTE_TABLES[server.version]
+
+
 def exempt_here(deployment) -> dict:
-    line = V12 if deployment.server.modern else V6
-    return {path: reason for path, (where, reason) in EXEMPT.items() if where in (BOTH, line)}
+    """The exemptions that apply to this release: path -> reason."""
+    here = {path: on_release(deployment, reason) for path, reason in EXEMPT.items()}
+    return {path: reason for path, reason in here.items() if reason is not NOT_EXEMPT}
 
 
-def test_route_table_contract(request, deployment):
+@named("routes:every-route-guarded-or-exempt")
+def test_route_table_contract(case, request, deployment):
     """routes:every-route-guarded-or-exempt"""
     deployment.configure()
     routes = app_routes(deployment)
@@ -482,29 +558,121 @@ def test_route_table_contract(request, deployment):
             probed += 1
             if answer.outcome != "guard":
                 unguarded[f"{method} {path}"] = f"{answer.status} {answer.text[:80]}"
-    time.sleep(0.5)
-    assert probed > 300 if deployment.server.modern else probed > 250
+    time.sleep(BACKEND_SETTLE_SECONDS)
+    assert probed > 250, "the route table was read"
     assert unguarded == {}, "routes neither guarded nor exempt (review, then guard or list in EXEMPT)"
     assert deployment.backend.calls == before
 
 
-def test_route_table_exempt_list_is_current(deployment):
+@named("routes:exempt-list-has-no-stale-entries")
+def test_route_table_exempt_list_is_current(case, deployment):
     """routes:exempt-list-has-no-stale-entries — every exemption names a route this release serves."""
     paths = {path for path, _ in app_routes(deployment)}
     assert sorted(set(exempt_here(deployment)) - paths) == []
+
+
+# A path that looks like it carries a model: the guard applies model lists to the routes in its
+# MODEL_ROUTES and trims the listings in MODEL_LISTINGS; every other such route of the running app
+# must be reviewed here, with the reason it names no model a key could be refused. A model route a
+# new release adds fails until it is added to the guard or reviewed.
+MODEL_LOOKING = re.compile(
+    r"completions|/chat(/|$)|embed|generate|responses|messages?(/|$)|tasks|compact|^/openai/|^/ollama/"
+)
+NOT_MODEL_ROUTES = {
+    "/api/tasks": "lists the caller's running tasks",
+    "/api/tasks/stop/{task_id}": "stops a task",
+    "/api/tasks/chat/{chat_id}": "lists a chat's tasks",
+    "/api/tasks/chat/{chat_id:path}": "lists a chat's tasks",
+    "/api/tasks/chat/{chat_id:path}/stop": "stops a chat's tasks",
+    "/api/v1/tasks/config": "task settings (admin)",
+    "/api/v1/tasks/config/update": "task settings (admin)",
+    "/api/v1/tasks/active/chats": "which chats have running tasks",
+    "/api/v1/analytics/messages": "usage statistics (admin)",
+    "/api/v1/retrieval/embedding": "embedding settings (admin)",
+    "/api/v1/retrieval/embedding/update": "embedding settings (admin)",
+    "/api/v1/chats/{id}/messages/{message_id}": "edits a stored message",
+    "/api/v1/chats/{id}/messages/{message_id}/event": "stores a message event",
+    "/api/v1/chats/{id}/messages/{message_id}/resolve": "resolves a stored message",
+    "/api/v1/channels/{id}/messages": "reads channel messages",
+    "/api/v1/channels/{id}/messages/pinned": "reads channel messages",
+    "/api/v1/channels/{id}/messages/{message_id}": "reads a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/data": "reads a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/thread": "reads a thread",
+    "/api/v1/channels/{id}/messages/{message_id}/delete": "deletes a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/pin": "pins a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/reactions/add": "reacts to a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/reactions/remove": "reacts to a channel message",
+    "/api/v1/channels/{id}/messages/{message_id}/update": "edits a channel message",
+    "/api/v1/notes/{id}/chat": "links a note to a chat",
+    "/ollama/": "Ollama status probe",
+    "/ollama/config": "Ollama settings (admin)",
+    "/ollama/config/update": "Ollama settings (admin)",
+    "/ollama/verify": "checks an Ollama connection (admin)",
+    "/ollama/api/version": "Ollama version",
+    "/ollama/api/version/{url_idx}": "Ollama version",
+    "/ollama/api/ps": "lists loaded models",
+    "/ollama/api/show": "describes a model, no inference",
+    "/ollama/api/unload": "model management (admin)",
+    **{
+        f"/ollama/api/{verb}{idx}": "model management (admin)"
+        for verb in ("pull", "push", "create", "copy", "delete")
+        for idx in ("", "/{url_idx}")
+    },
+    **{
+        f"/ollama/models/{verb}{idx}": "model files (admin)"
+        for verb in ("download", "upload")
+        for idx in ("", "/{url_idx}")
+    },
+    "/openai/config": "OpenAI settings (admin)",
+    "/openai/config/update": "OpenAI settings (admin)",
+    "/openai/verify": "checks an OpenAI connection (admin)",
+    **{
+        f"/openai/models/{{url_idx}}/{verb}": "model management on a connection (admin)"
+        for verb in ("catalog", "download", "download/status/{job_id}", "load", "sse", "unload")
+    },
+    # Model-bearing, but the guard does not apply model lists to them yet (reported to the lead):
+    "/api/v1/chats/{id}/compact": "GAP: summarises a chat with the model its body names",
+    "/ollama/v1/responses": "GAP: Responses API on an Ollama connection",
+    "/ollama/v1/responses/{url_idx}": "GAP: Responses API on an Ollama connection",
+    "/api/v1/channels/{id}/messages/post": "GAP: a @model mention makes the model answer in the channel (0.8+)",
+}
+
+
+def unreviewed_model_routes(paths: set) -> list[str]:
+    known = GUARD.MODEL_ROUTES | GUARD.MODEL_LISTINGS | set(NOT_MODEL_ROUTES)
+    return sorted(path for path in paths if MODEL_LOOKING.search(path) and path not in known)
+
+
+@named("routes:every-model-route-known")
+def test_every_model_looking_route_is_a_guard_model_route_or_reviewed(case, deployment):
+    """routes:every-model-route-known — a new release's model route fails until the guard or a reviewer knows it."""
+    assert [path for path in NOT_MODEL_ROUTES if not MODEL_LOOKING.search(path)] == [], "reviewed for nothing"
+    assert unreviewed_model_routes({path for path, methods in app_routes(deployment) if methods}) == []
 
 
 # =============================================================================================
 # Faults.
 # =============================================================================================
 def store_valves(deployment, valves: dict) -> None:
+    """Write valves behind Open WebUI's back (no API call, so no worker drops its cache): seen within the TTL."""
     with database(deployment) as db:
         db.execute("UPDATE function SET valves = ? WHERE id = ?", (json.dumps(valves), FUNCTION_ID))
     deployment.valves = ""  # the harness must rewrite them next time
-    time.sleep(VALVES_SETTLE_SECONDS)
+    deployment.wait_for_policy()
 
 
-def test_fault_invalid_stored_valves(request, deployment):
+def new_error_lines(deployment, before: int, count: int) -> list[str]:
+    """The guard's ERROR lines written since `before`, once there are at least `count` of them."""
+
+    def enough():
+        lines = guard_error_lines(deployment)[before:]
+        return lines if len(lines) >= count else None
+
+    return wait_for(enough, f"{count} guard_error line(s) in {deployment.server.log_path}")
+
+
+@named("fault:invalid-stored-valves")
+def test_fault_invalid_stored_valves(case, request, deployment):
     """fault:invalid-stored-valves — keys (the admin's too) fail closed, one ERROR line each; sessions chat."""
     deployment.configure()
     people = deployment.people
@@ -521,8 +689,7 @@ def test_fault_invalid_stored_valves(request, deployment):
             assert answer.guard_header == "fail-closed"
         chat = send(deployment, "POST", "/api/chat/completions", bearer(people.alice.jwt), CHAT_BODY)
         verdict(request, chat, "ok", attack=False, backend=True)
-        time.sleep(0.5)
-        new = guard_error_lines(deployment)[before:]
+        new = new_error_lines(deployment, before, len(denied))
         assert len(new) == len(denied), new
         assert all("api_key_roles" in line for line in new), new
     finally:
@@ -530,12 +697,13 @@ def test_fault_invalid_stored_valves(request, deployment):
     verdict(request, key_answer(deployment, people.admin), "ok", attack=False, backend=None)
 
 
-def test_fault_group_lookup_failing(request, deployment):
+@named("fault:group-lookup-fails")
+def test_fault_group_lookup_failing(case, request, deployment):
     """fault:group-lookup-fails — the membership table is gone: keys fail closed with one ERROR line each,
     sessions keep working on routes that do not need groups."""
     deployment.configure()
     fay = add_account(deployment, "fay", role="admin")  # a fresh user: no cached groups
-    table = "group_member" if deployment.server.modern else '"group"'
+    table = deployment.server.members_table
     before = len(guard_error_lines(deployment))
     with database(deployment) as db:
         db.execute(f"ALTER TABLE {table} RENAME TO broken_for_test")
@@ -544,8 +712,7 @@ def test_fault_group_lookup_failing(request, deployment):
         verdict(request, denied, "guard-error", attack=True)
         session = send(deployment, "GET", "/api/v1/chats/", bearer(fay.jwt))
         verdict(request, session, "ok", attack=False)
-        time.sleep(0.5)
-        new = guard_error_lines(deployment)[before:]
+        new = new_error_lines(deployment, before, 1)
         assert len(new) == 1 and "OperationalError" in new[0], new
     finally:
         with database(deployment) as db:
@@ -553,7 +720,8 @@ def test_fault_group_lookup_failing(request, deployment):
     verdict(request, key_answer(deployment, fay), "ok", attack=False, backend=None)
 
 
-def test_fault_function_fails_to_load(request, deployment, capsys):
+@named("fault:function-fails-to-load")
+def test_fault_function_fails_to_load(case, request, deployment, capsys):
     """fault:function-fails-to-load — Open WebUI switches it off; `install.py status` says so and exits 1."""
     deployment.configure()
     with database(deployment) as db:
@@ -582,7 +750,8 @@ def grant_user_api_keys(deployment) -> None:
     server.ok("POST", "/api/v1/users/default/permissions", admin.jwt, json=perms)
 
 
-def test_fault_restart_mid_suite(request, deployment, capsys):
+@named("fault:restart")
+def test_fault_restart_mid_suite(case, request, deployment, capsys):
     """fault:restart — after a restart the guard is armed by the documented model listing, and stays right."""
     deployment.configure()
     deployment.server.restart()
@@ -590,7 +759,7 @@ def test_fault_restart_mid_suite(request, deployment, capsys):
     assert deployment.installer("status", key=deployment.people.admin.api_key) == 1
     assert "route guard: NOT armed" in capsys.readouterr().out
     deployment.server.ok("GET", "/api/models", deployment.people.admin.jwt)  # the documented arming
-    if deployment.server.modern:  # the harness runs without persistent config: grant users keys again
+    if deployment.server.key_permission:  # the harness runs without persistent config: grant users keys again
         grant_user_api_keys(deployment)
     alice = deployment.people.alice
     verdict(request, send(deployment, "POST", PROVIDER, bearer(alice.api_key), CHAT_BODY), "guard", attack=True)
@@ -609,6 +778,7 @@ P1 = {"api_key_roles": "admin"}
 P2 = {"api_key_roles": "admin,user", "api_key_allowed_endpoints_user": "/api/v1/models"}
 NOT_ADMITTED = "API keys are not enabled for role 'user'"
 NOT_THIS_PATH = "may not call /api/models"
+DISCRIMINATES = "alice /api/v1/models"  # the probe whose answer tells the two policies apart
 
 
 def classify(probe: str, answer) -> set:
@@ -622,7 +792,8 @@ def classify(probe: str, answer) -> set:
     return {"P1", "P2"} if answer.outcome == "ok" else set()  # admin: allowed by both
 
 
-def test_fault_valve_changes_under_concurrent_traffic(deployment):
+@named("fault:valve-flips-under-traffic")
+def test_fault_valve_changes_under_concurrent_traffic(case, deployment):
     """fault:valve-flips-under-traffic — every answer matches one complete policy; no 5xx."""
     deployment.configure()
     people, folder = deployment.people, deployment.server.data_dir.parent
@@ -649,7 +820,13 @@ def test_fault_valve_changes_under_concurrent_traffic(deployment):
     try:
         for name in ("P2", "P1", "P2", "P1"):
             assert deployment.installer("install", "--valves", str(files[name])) == 0
-            time.sleep(1.5)
+            mark = len(answers)
+            wait_for(
+                lambda name=name, mark=mark: any(
+                    classify(probe, answer) == {name} for probe, answer in answers[mark:] if probe == DISCRIMINATES
+                ),
+                f"{name} observed under traffic",
+            )
     finally:
         stop.set()
         for thread in threads:
@@ -667,13 +844,15 @@ def test_fault_valve_changes_under_concurrent_traffic(deployment):
 # Leaks: runs last in this module for each server; the harness scans the whole log again when
 # the server stops (conftest.start_deployment), so nothing written later escapes either.
 # =============================================================================================
-def test_leaks_no_credential_in_the_server_log(deployment):
+@named("leaks:no-secret-in-server-log")
+def test_leaks_no_credential_in_the_server_log(case, deployment):
     """leaks:no-secret-in-server-log — the secret part of every key and session token used: zero hits."""
     assert log_text(deployment), "the server log exists and is not empty"
     assert leaked(deployment) == []
 
 
-def test_leaks_alice_key_tail_only_as_fingerprint(deployment):
+@named("leaks:fingerprint-only")
+def test_leaks_alice_key_tail_only_as_fingerprint(case, deployment):
     """leaks:fingerprint-only — denials were logged with `sk-…` + the last 4, never more of the key."""
     key = deployment.people.alice.api_key
     text = log_text(deployment)

@@ -32,8 +32,9 @@ class Caller:
         return f"{self.who}/{self.transport}"
 
 
-def callers(modern: bool) -> list[Caller]:
-    transports = ["bearer", "bearer-lower", "cookie"] + (["x-api-key"] if modern else [])
+def callers(server, path: str) -> list[Caller]:
+    """Every transport core reads a key from on this route, for each person; sessions for two of them."""
+    transports = ["bearer", "bearer-lower", "cookie"] + (["x-api-key"] if server.reads_custom_key_header(path) else [])
     keys = [Caller(who, t) for who in ("admin", "alice", "gina") for t in transports]
     sessions = [Caller(who, t) for who in ("admin", "alice") for t in ("session-bearer", "session-cookie")]
     return keys + sessions
@@ -85,7 +86,7 @@ def test_matrix(deployment, scenario, route):
     if route not in routes_for(deployment.version):
         pytest.skip(f"{route.id} does not exist on Open WebUI {deployment.server.version}")
     deployment.configure(**SCENARIOS[scenario])
-    everyone = callers(deployment.server.modern)
+    everyone = callers(deployment.server, route.path)
     expected = {c.id: "allowed" if expected_allowed(scenario, c, route.path) else "denied" for c in everyone}
     actual = {c.id: outcome(deployment, route, c) for c in everyone}
     assert actual == expected
