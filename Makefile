@@ -9,10 +9,16 @@ lint: deps
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-# Everything CI runs: lint, unit, installer and the end-to-end suite on every pinned Open WebUI.
+# Everything CI runs, cheapest first so a mistake fails in seconds: lint, unit and installer tests,
+# then provisioning (constraints-pinned, cached) and the end-to-end suite on every pinned Open WebUI.
 test: lint
+	$(PYTHON) -m pytest -m "not e2e"
 	$(PYTHON) -m tests.e2e.provision
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m e2e
+
+e2e: deps
+	$(PYTHON) -m tests.e2e.provision
+	$(PYTHON) -m pytest -m e2e
 
 unit: deps
 	$(PYTHON) -m pytest -m "not e2e"
