@@ -24,6 +24,7 @@ FN = f"{URL}/api/v1/functions/id/api_key_guard"
 FN_PATH = "/api/v1/functions/id/api_key_guard"
 CREATE = f"{URL}/api/v1/functions/create"
 MODELS = f"{URL}/api/models"
+ARMING_LISTINGS = [("GET", "/api/models")] * 16  # one per new connection, so every worker loads the guard
 CONFIG = f"{URL}/api/v1/auths/admin/config"
 PERMISSIONS = f"{URL}/api/v1/users/default/permissions"
 CONNECTIONS_PATH = "/api/v1/configs/connections"
@@ -217,7 +218,7 @@ def test_fresh_install_creates_arms_stores_valves_activates_and_verifies(
         ("POST", f"{FN_PATH}/valves/update"),
         ("POST", f"{FN_PATH}/toggle"),
         ("POST", f"{FN_PATH}/toggle/global"),
-        ("GET", "/api/models"),
+        *ARMING_LISTINGS,
         ("GET", f"{FN_PATH}/valves"),
         ("GET", FN_PATH),
     ]
@@ -667,7 +668,7 @@ def test_install_verifies_the_outcome(
         [f"api_key_guard {local.version} is installed and current; nothing changed"],
         [expand(error)],
     )
-    assert sent(server)[3:] == [("GET", "/api/models"), ("GET", f"{FN_PATH}/valves")] + [("GET", FN_PATH)] * probes
+    assert sent(server)[3:] == [*ARMING_LISTINGS, ("GET", f"{FN_PATH}/valves")] + [("GET", FN_PATH)] * probes
     assert slept == [0.2] * (probes - 1)
 
 
