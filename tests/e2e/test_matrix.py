@@ -1,15 +1,15 @@
 """The product's claim, cell by cell, on real servers: who, how, where -> allowed or denied.
 
 A denied API-key request must get a non-2xx answer carrying the guard's message
-and cause no call to the model backend; everything allowed must get a 2xx."""
+and cause no call to the model backend; everything allowed must get a 2xx, from the model
+where the route reaches one."""
 
 from dataclasses import dataclass
 
 import pytest
 
+from .attacks import GUARD_PREFIX
 from .routes import ROUTES, USER_ENDPOINTS, routes_for
-
-GUARD_PREFIX = "API Key Guard: "
 
 SCENARIOS = {
     "default-admin-only": {},
@@ -66,8 +66,8 @@ def outcome(deployment, route, caller: Caller) -> str:
     before = deployment.backend.calls
     response = deployment.server.call(route.method, route.path, json=route.body, **credentials(deployment, caller))
     backend_calls = deployment.backend.calls - before
-    if 200 <= response.status_code < 300:
-        return "allowed"
+    if 200 <= response.status_code < 300 and (backend_calls or not route.model_access):
+        return "allowed"  # a served model route reached the model: a 2xx without an answer is no pass
     detail = (
         response.json().get("detail", "")
         if response.headers.get("content-type", "").startswith("application/json")
