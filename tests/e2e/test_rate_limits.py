@@ -29,6 +29,10 @@ MAX_REQUESTS = 60  # bound on a burst that waits for every worker to refuse
 WINDOW_SECONDS = 60
 AFTER_WINDOW_SLACK_SECONDS = 5.0  # request latency on a loaded machine, past Retry-After
 DEGRADED_LINE = "api_key_guard rate-limit counters degraded"
+# A degraded worker tries Redis again after the guard's REDIS_RETRY_SECONDS; this much more covers the poll.
+RECOVERY_SECONDS = load_guard().REDIS_RETRY_SECONDS + 3.0
+RECOVERY_POLL_SECONDS = 0.1
+CORE_READS_SETTINGS_FROM_REDIS_UNTIL = (0, 10, 0)  # measured on 0.6.22 and 0.8.12; 0.10+ keep settings in the database
 fingerprint = load_guard().fingerprint
 
 
@@ -209,15 +213,38 @@ def test_with_redis_stopped_the_guard_keeps_serving_and_limits_per_worker(topolo
     redis.stop()
     try:
         served = burst(deployment, account.api_key)
+        calls = model_calls(deployment.backend) - before
     finally:
         redis.start()
     per_worker = {w: outcome([s for s in served if s.worker == w]) for w in {s.worker for s in served}}
     assert {
         "per worker": sorted(per_worker.values()),
-        "counters": sorted({s.headers.get("x-api-key-guard-counters") for s in served}),
-        "model calls": model_calls(deployment.backend) - before,
+        "counters": sorted({s.headers.get("x-api-key-guard-counters") for s in served}, key=str),
+        "model calls": calls,
         "ERROR lines": log_lines(deployment, log_start, "ERROR", DEGRADED_LINE),
-    } == {
+    } == without_redis(deployment.version)
+    back = seconds_until_counting_in_redis(deployment, account.api_key)
+    assert len(back) == WORKERS, f"workers counting in Redis again {RECOVERY_SECONDS} s after it came back: {back}"
+
+
+def seconds_until_counting_in_redis(deployment, token: str) -> dict[int, float]:
+    """Per worker, how long after now it first answered with its counters in Redis."""
+    started, first = time.monotonic(), {}
+    while len(first) < WORKERS and time.monotonic() - started < RECOVERY_SECONDS:
+        for served in burst(deployment, token, count=WORKERS):
+            if served.headers.get("x-api-key-guard-counters") == "redis":
+                first.setdefault(served.worker, round(time.monotonic() - started, 1))
+        time.sleep(RECOVERY_POLL_SECONDS)
+    return first
+
+
+def without_redis(version: tuple) -> dict:
+    """What a key gets while Redis is down: each worker limits on its own, and says so."""
+    if version < CORE_READS_SETTINGS_FROM_REDIS_UNTIL:
+        # Core reads every setting from Redis on each access (AppConfig, persistent config on): every
+        # request is a 500 before routing, so the guard is never reached, and no model call happens.
+        return {"per worker": [(0, [500])] * WORKERS, "counters": [None], "model calls": 0, "ERROR lines": 0}
+    return {
         "per worker": [(5, [429])] * WORKERS,
         "counters": ["degraded"],
         "model calls": 5 * WORKERS,
