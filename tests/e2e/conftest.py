@@ -54,7 +54,8 @@ def pytest_terminal_summary(terminalreporter):
     bypasses = getattr(module, "BYPASSES", []) if module is not None else []
     run, passed = CASES["run"], CASES["passed"]
     if run:
-        per_release = ", ".join(f"{release}: {passed[release]}/{run[release]}" for release in sorted(run))
+        releases = sorted(run, key=lambda release: [int(part) for part in release.split(".") if part.isdigit()])
+        per_release = ", ".join(f"{release}: {passed[release]}/{run[release]}" for release in releases)
         terminalreporter.write_line(
             f"adversarial: {run.total()} cases run, {passed.total()} passed, bypasses found = {len(bypasses)}"
             + (f" ({', '.join(bypasses)})" if bypasses else "")
