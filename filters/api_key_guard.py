@@ -1165,6 +1165,23 @@ def _reject(
     return Refusal(status, block_text(valves.block_message, decision), decision.reason, headers)
 
 
+# How Open WebUI writes a model mention in a channel message: <@M:model-id|label>.
+MODEL_MENTION = re.compile(r"<@M:([^|>]+)(?:\|[^>]+)?>")
+
+
+def mentioned_model(body: Any) -> tuple[str | None, str]:
+    """(model, problem) for a channel message, where a @model mention (or a reply to a model's message)
+    makes that model answer; a message that can call no model names none, and that is no problem."""
+    if not isinstance(body, dict):
+        return None, "the request body is not a JSON object"
+    if body.get("reply_to_id"):
+        return None, "a reply can make the model of the message it answers respond"
+    mentioned = sorted(set(MODEL_MENTION.findall(str(body.get("content") or ""))))
+    if len(mentioned) > 1:
+        return None, "the message mentions several models"
+    return (mentioned[0], "") if mentioned else (None, "")
+
+
 def model_of(body: Any) -> tuple[str | None, str]:
     """(model, problem): the model a request body names, or why none could be read."""
     if not isinstance(body, dict):
@@ -1252,6 +1269,7 @@ MODEL_ROUTES = frozenset(
         "/api/v1/chat/completions",
         "/api/chat/completed",
         "/api/chat/actions/{action_id}",
+        "/api/v1/chats/{id}/compact",
         "/api/embeddings",
         "/api/v1/embeddings",
         "/api/message",
@@ -1286,6 +1304,8 @@ MODEL_ROUTES = frozenset(
         ),
     }
 )
+# Routes where a message can make a model answer by mentioning it (channels, 0.8+).
+MENTION_ROUTES = frozenset({"/api/v1/channels/{id}/messages/post"})
 # GET routes that list models; for a key limited to some models they list only those.
 MODEL_LISTINGS = frozenset(
     {
@@ -1304,7 +1324,8 @@ MODEL_LISTINGS = frozenset(
 MAX_MODEL_BODY_BYTES = 8 * 2**20
 ROUTE_KIND_CACHE_ENTRIES = 4096
 MAX_VALVES_BODY_BYTES = 2**20
-MODEL_ROUTE, LISTING = "model", "listing"
+MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
+MODEL_READERS = {MODEL_ROUTE: model_of, MENTIONS: mentioned_model}
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -1454,7 +1475,7 @@ class RouteGuard:
         kind = self._kinds.get(key, "")
         if kind == "":
             template = routed_template(self.app, scope)
-            kind = MODEL_ROUTE if template in MODEL_ROUTES else None
+            kind = MODEL_ROUTE if template in MODEL_ROUTES else MENTIONS if template in MENTION_ROUTES else None
             if template in MODEL_LISTINGS and scope["method"] == "GET":
                 kind = LISTING
             if len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
@@ -1464,8 +1485,8 @@ class RouteGuard:
     async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
         if is_api_key(scope_credential(scope)):
             kind = self.route_kind(scope)
-            if kind == MODEL_ROUTE:
-                receive = await self.read_model(scope, receive)
+            if kind in MODEL_READERS:
+                receive = await self.read_model(scope, receive, MODEL_READERS[kind])
             elif kind == LISTING:  # an uncompressed answer, so it can be trimmed
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
         send = self.marking(scope, send)
@@ -1478,7 +1499,7 @@ class RouteGuard:
             if scope["method"] != "GET" and scope["path"].startswith(self.own_path):
                 self.state.forget()
 
-    async def read_model(self, scope: dict, receive: Callable) -> Callable:
+    async def read_model(self, scope: dict, receive: Callable, reader: Callable) -> Callable:
         """Read the body of a model-bearing key request once, note its model, hand it on byte for byte."""
         try:
             active, valves, _ = await self.state.current()
@@ -1502,7 +1523,7 @@ class RouteGuard:
                 body = json.loads(b"".join(m.get("body", b"") for m in messages) or b"null")
             except ValueError:
                 body = None
-            scope[SCOPE_MODEL] = model_of(body)
+            scope[SCOPE_MODEL] = reader(body)
 
         async def replay():
             return messages.pop(0) if messages else await receive()
@@ -1582,7 +1603,7 @@ class RouteGuard:
         model, problem, kind = None, "", None
         if scope is not None:
             kind = self.route_kind(scope)
-            if kind == MODEL_ROUTE:
+            if kind in MODEL_READERS:
                 model, problem = scope.get(SCOPE_MODEL, (None, "the guard could not read the request body"))
         person = {"id": user.id, "email": user.email, "role": user.role}
         path = scope["path"] if scope is not None else None

@@ -110,3 +110,24 @@ def test_policy_fingerprint_is_stable_and_short():
     assert g.policy_fingerprint({"b": 1, "a": "x"}) == g.policy_fingerprint({"a": "x", "b": 1})
     assert g.policy_fingerprint(None) == g.policy_fingerprint({}) != g.policy_fingerprint({"a": "x"})
     assert len(g.policy_fingerprint({})) == 12
+
+
+MENTIONS = [
+    pytest.param({"content": "hello"}, (None, ""), id="no-mention-calls-no-model"),
+    pytest.param({"content": "hi <@M:gpt-premium|GPT> there"}, ("gpt-premium", ""), id="labelled-mention"),
+    pytest.param({"content": "<@M:other-1>"}, ("other-1", ""), id="bare-mention"),
+    pytest.param({"content": "<@U:u-1|Bob>"}, (None, ""), id="user-mention"),
+    pytest.param({"content": "<@M:a> <@M:b|B>"}, (None, "the message mentions several models"), id="two-models"),
+    pytest.param({"content": "<@M:a> <@M:a|A>"}, ("a", ""), id="same-model-twice"),
+    pytest.param(
+        {"content": "ok", "reply_to_id": "m-1"},
+        (None, "a reply can make the model of the message it answers respond"),
+        id="reply",
+    ),
+    pytest.param("text", (None, "the request body is not a JSON object"), id="not-an-object"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), MENTIONS)
+def test_mentioned_model(body, expected):
+    assert g.mentioned_model(body) == expected

@@ -98,3 +98,32 @@ def test_one_request_writes_one_audit_line(deployment):
     body = with_model(ROUTES[0].body, "other-model")
     assert answer(deployment, "POST", "/api/chat/completions", deployment.people.alice.api_key, body)[0] == 200
     assert log.read_text(errors="replace").count(marker) - before == 1
+
+
+# Routes where the model is named some other way, each refused before its handler for an unlisted model.
+OTHER_WAYS = [
+    pytest.param("/api/v1/chats/any/compact", {"model": "test-model"}, DENIED_MODEL, (0, 10, 0), id="compact"),
+    pytest.param(
+        "/api/v1/channels/any/messages/post",
+        {"content": "hi <@M:test-model|Test>"},
+        DENIED_MODEL,
+        (0, 6, 0),
+        id="channel-model-mention",
+    ),
+    pytest.param(
+        "/api/v1/channels/any/messages/post",
+        {"content": "<@M:other-model> and <@M:test-model>"},
+        "API Key Guard: API keys of role 'user' may only use the models in api_key_allowed_models_user, and the "
+        "model of this request cannot be checked: the message mentions several models",
+        (0, 6, 0),
+        id="channel-two-mentions",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "detail", "since"), OTHER_WAYS)
+def test_model_named_another_way_is_refused(deployment, path, body, detail, since):
+    if deployment.version < since:
+        pytest.skip(f"{path} does not exist on Open WebUI {deployment.server.version}")
+    deployment.configure(**USERS_OTHER_MODELS)
+    assert answer(deployment, "POST", path, deployment.people.alice.api_key, body) == (403, detail, 0)
