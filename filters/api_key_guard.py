@@ -54,6 +54,7 @@ REASON_ENDPOINT = "endpoint_not_allowed"
 REASON_MODEL = "model_not_allowed"
 REASON_MODEL_UNREADABLE = "model_unreadable"
 REASON_GUARD_ERROR = "guard_error"
+REASON_RATE_LIMITED = "rate_limited"
 
 REASON_TEXT = {
     REASON_SESSION: "browser session, not judged by API Key Guard",
@@ -69,6 +70,7 @@ REASON_TEXT = {
         "API keys of role '{role}' may only use the models in {valve}, and the model of this request "
         "cannot be checked: {problem}"
     ),
+    REASON_RATE_LIMITED: "API keys of role '{role}' are limited to {limit} per {unit} ({valve}); retry in {seconds} s",
     REASON_GUARD_ERROR: (
         "API Key Guard could not evaluate this API key request and denied it; "
         "an administrator must check the server log"
@@ -101,8 +103,6 @@ CACHE_MAX_ENTRIES = 4096
 # The valves api_key_rate_limit_admin / _user cap admitted API-key requests per
 # user, on every route the guard sees, in one or more windows.
 # ---------------------------------------------------------------------------
-REASON_RATE_LIMITED = "rate_limited"
-RATE_LIMITED_TEXT = "API keys of role '{role}' are limited to {limit} per {unit} ({valve}); retry in {seconds} s"
 
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 RATE_LIMIT_FORM = (
@@ -526,7 +526,7 @@ def rate_limit_headers(limit: RateLimit, verdict: Verdict) -> dict[str, str]:
 
 
 def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, Any]:
-    """The fields of RATE_LIMITED_TEXT for a denied verdict."""
+    """The fields of the rate_limited reason text for a denied verdict."""
     window = verdict.window
     return {
         "role": role,
@@ -1118,7 +1118,7 @@ async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: s
     if verdict.allowed:
         return None, headers
     fields = rate_limited_fields(verdict, facts.role or "-", f"api_key_rate_limit_{kind}")
-    decision = Decision(False, REASON_RATE_LIMITED, RATE_LIMITED_TEXT.format(**fields))
+    decision = _decision(False, REASON_RATE_LIMITED, **fields)
     return _reject(decision, facts, token, where, policy.enforce, valves, None, False, 429, headers), headers
 
 

@@ -282,7 +282,7 @@ def test_headers(verdict, headers):
 def test_reason_text():
     verdict = Verdict(False, COUNTERS_REDIS, MINUTE_DAY.windows[0], 11.2, (0, 995), (11.2, 80000.5))
     fields = block.rate_limited_fields(verdict, "user", "api_key_rate_limit_user")
-    assert block.RATE_LIMITED_TEXT.format(**fields) == (
+    assert block.REASON_TEXT[block.REASON_RATE_LIMITED].format(**fields) == (
         "API keys of role 'user' are limited to 5 per minute (api_key_rate_limit_user); retry in 12 s"
     )
 
