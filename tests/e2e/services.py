@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +274,26 @@ def on_fresh_connection(server, method: str, path: str, token: str, body: dict |
         return Served(response.status, {k.lower(): v for k, v in response.getheaders()}, data, worker)
     finally:
         connection.close()
+
+
+def in_waves(server, token: str, requests: list[tuple], enough: Callable[[list], bool], limit: int) -> list[Served]:
+    """Cycle through `requests` ((method, path, body)) on new connections until `enough(served)` or `limit`.
+
+    WORKERS at a time: sent one after another, the kernel tends to hand them all to the worker that
+    answered last, and a claim about every worker would rest on one."""
+    served: list[Served] = []
+    with ThreadPoolExecutor(WORKERS) as pool:
+        while len(served) < limit and not enough(served):
+            wave = [requests[(len(served) + i) % len(requests)] for i in range(WORKERS)]
+            futures = [pool.submit(on_fresh_connection, server, m, path, token, body) for m, path, body in wave]
+            served += [future.result() for future in futures]
+    return served
+
+
+def model_calls(backend) -> int:
+    """Backend calls that gave a model to a caller (POSTs; model listings, as at startup, are not)."""
+    with backend.lock:
+        return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
 
 
 def accepting_worker(server, client_port: int) -> int | None:

@@ -6,7 +6,7 @@ Redis fails lock every key out. Each test uses its own user, so counters never l
 
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 
@@ -16,7 +16,7 @@ from .conftest import start_deployment
 from .provision import VERSIONS
 from .routes import CHAT_BODY
 from .server import PASSWORD, Account
-from .services import WORKERS, on_fresh_connection, start_topology
+from .services import WORKERS, in_waves, model_calls, on_fresh_connection, start_topology
 
 LIMITS = {
     "api_key_roles": "admin,user",
@@ -56,25 +56,14 @@ def new_account(deployment, name: str, role: str = "user") -> Account:
     return account
 
 
-def model_calls(backend) -> int:
-    with backend.lock:
-        return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
-
-
 def burst(deployment, token: str, count: int | None = None) -> list:
-    """`count` requests, or (None) requests until every worker has refused one; each on a new
-    connection, WORKERS at a time: one after another, the kernel tends to hand them all to one worker."""
-    served = []
-    with ThreadPoolExecutor(WORKERS) as pool:
-        while len(served) < (count or MAX_REQUESTS):
-            wave = [
-                pool.submit(on_fresh_connection, deployment.server, "POST", ROUTE, token, CHAT_BODY)
-                for _ in range(WORKERS)
-            ]
-            served += [future.result() for future in wave]
-            if count is None and len({s.worker for s in served if s.status == 429}) >= WORKERS:
-                break
-    return served
+    """`count` requests, or (None) requests until every worker has refused one."""
+    enough = (lambda served: len(served) >= count) if count else refused_by_every_worker
+    return in_waves(deployment.server, token, [("POST", ROUTE, CHAT_BODY)], enough, count or MAX_REQUESTS)
+
+
+def refused_by_every_worker(served: list) -> bool:
+    return len({s.worker for s in served if s.status == 429}) >= WORKERS
 
 
 def outcome(served: list) -> tuple[int, list[int]]:
@@ -121,33 +110,44 @@ def log_size(deployment) -> int:
     return deployment.server.log_path.stat().st_size
 
 
+@dataclass(frozen=True)
+class Spent:
+    """A user who spent the user limit in one burst that every worker refused."""
+
+    account: Account
+    served: list
+    started: float  # before the first request
+    ended: float  # after the last answer
+    calls: int  # model calls the burst caused
+    log_start: int
+
+
 @pytest.fixture(scope="module")
-def limited_user(topology):
-    """A user who spent the user limit in one burst across both workers: (account, burst, burst start)."""
+def spent(topology) -> Spent:
     deployment = topology.deployment
     account = new_account(deployment, "limited")
     before, log_start, started = model_calls(deployment.backend), log_size(deployment), time.monotonic()
     served = burst(deployment, account.api_key)
-    return account, served, started, model_calls(deployment.backend) - before, log_start
+    calls = model_calls(deployment.backend) - before
+    return Spent(account, served, started, time.monotonic(), calls, log_start)
 
 
-def test_a_user_key_gets_exactly_its_limit_then_429_across_workers(topology, limited_user):
-    deployment, redis = topology.deployment, topology.redis
-    account, served, _, calls, log_start = limited_user
+def test_a_user_key_gets_exactly_its_limit_then_429_across_workers(topology, spent):
+    deployment, redis, account, served = topology.deployment, topology.redis, spent.account, spent.served
     key = f"open-webui:api_key_guard:rl:{{{account.id}}}:{WINDOW_SECONDS}"
     shape = refusal_shape(served, "user", 5, "api_key_rate_limit_user")
     assert {
         "answers, other statuses": outcome(served),
-        "refused by workers": len({s.worker for s in served if s.status == 429}),
+        "refused by every worker": refused_by_every_worker(served),
         "remaining as told": sorted(remaining(s for s in served if s.status == 200)),
         "counters": sorted({s.headers.get("x-api-key-guard-counters") for s in served}),
-        "model calls": calls,
+        "model calls": spent.calls,
         "entries in Redis": redis.command("ZCARD", key),
-        "audit lines": log_lines(deployment, log_start, "api_key_guard limit ", fingerprint(account.api_key)),
+        "audit lines": log_lines(deployment, spent.log_start, "api_key_guard limit ", fingerprint(account.api_key)),
         "429": shape,
     } == {
         "answers, other statuses": (5, [429]),
-        "refused by workers": WORKERS,
+        "refused by every worker": True,
         "remaining as told": [0, 1, 2, 3, 4],
         "counters": ["redis"],
         "model calls": 5,
@@ -165,10 +165,8 @@ def test_admin_keys_follow_their_own_valve(topology):
     assert (outcome(served), shape) == ((3, [429]), expected_shape(*shape["expected"]))
 
 
-def test_sessions_are_never_limited(topology, limited_user):
-    deployment = topology.deployment
-    account = limited_user[0]  # the same user whose key is spent
-    served = burst(deployment, account.jwt, count=8)
+def test_sessions_are_never_limited(topology, spent):
+    served = burst(topology.deployment, spent.account.jwt, count=8)  # the session of the user whose key is spent
     assert [(s.status, "ratelimit" in s.headers) for s in served] == [(200, False)] * 8
 
 
@@ -192,15 +190,14 @@ def test_monitor_mode_serves_and_only_logs_would_limit(topology):
     assert seen == {"statuses": [200] * 8, "model calls": 8, "would-limit lines": 3, "limit lines": 0}
 
 
-def test_a_spent_key_is_served_again_after_the_window(topology, limited_user):
-    deployment = topology.deployment
-    account, served, started = limited_user[:3]
-    response = served[-1]
-    # Do what a well-behaved client does: wait as long as Retry-After says, then try again.
-    while response.status == 429 and time.monotonic() - started < 2 * WINDOW_SECONDS:
-        time.sleep(int(response.headers["retry-after"]))
-        response = on_fresh_connection(deployment.server, "POST", ROUTE, account.api_key, CHAT_BODY)
-    waited = time.monotonic() - started
+def test_a_spent_key_is_served_again_after_the_window(topology, spent):
+    response, answered = spent.served[-1], spent.ended
+    # A well-behaved client: wait as long as Retry-After said, counted from that answer, then try again.
+    while response.status == 429 and time.monotonic() - spent.started < 2 * WINDOW_SECONDS:
+        time.sleep(max(0.0, answered + int(response.headers["retry-after"]) - time.monotonic()))
+        response = on_fresh_connection(topology.deployment.server, "POST", ROUTE, spent.account.api_key, CHAT_BODY)
+        answered = time.monotonic()
+    waited = time.monotonic() - spent.started
     assert (response.status, WINDOW_SECONDS <= waited <= WINDOW_SECONDS + AFTER_WINDOW_SLACK_SECONDS) == (200, True), (
         f"{response.status} after {waited:.1f} s"
     )

@@ -15,7 +15,15 @@ from . import test_matrix as single_process
 from .conftest import DEFAULT_VALVES, start_deployment
 from .provision import VERSIONS
 from .routes import CHAT_BODY
-from .services import STATE_TTL_SECONDS, WORKERS, on_fresh_connection, start_topology, uvicorn_workers
+from .services import (
+    STATE_TTL_SECONDS,
+    WORKERS,
+    in_waves,
+    model_calls,
+    on_fresh_connection,
+    start_topology,
+    uvicorn_workers,
+)
 
 GUARD_ID = "api_key_guard"
 VALVES_PATH = f"/api/v1/functions/id/{GUARD_ID}/valves"
@@ -45,12 +53,6 @@ def deployment(topology):
     return topology.deployment
 
 
-def model_calls(backend) -> int:
-    """Calls that would have given a model to the caller (model listings at startup are not)."""
-    with backend.lock:
-        return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
-
-
 def status(deployment, capsys) -> dict:
     """`install.py status --json` with the admin's key (a session sees no guard headers)."""
     capsys.readouterr()
@@ -58,16 +60,14 @@ def status(deployment, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def every_worker_served(served: list) -> bool:
+    counts = [sum(s.worker == w for s in served) for w in {s.worker for s in served}]
+    return len(counts) >= WORKERS and min(counts) >= MIN_PER_WORKER
+
+
 def probe_every_worker(deployment, requests: list[tuple]) -> list:
-    """Cycle through `requests` on new connections until each worker served MIN_PER_WORKER of them."""
-    served, key = [], deployment.people.alice.api_key
-    while len(served) < MAX_PROBES:
-        method, path, body = requests[len(served) % len(requests)]
-        served.append(on_fresh_connection(deployment.server, method, path, key, body))
-        counts = [sum(s.worker == w for s in served) for w in {s.worker for s in served}]
-        if len(counts) >= WORKERS and min(counts) >= MIN_PER_WORKER:
-            break
-    return served
+    """Alice's key on `requests`, until each worker served MIN_PER_WORKER of them."""
+    return in_waves(deployment.server, deployment.people.alice.api_key, requests, every_worker_served, MAX_PROBES)
 
 
 def seconds_until_every_worker(deployment, condition, since: float) -> dict[int, float]:
