@@ -34,7 +34,8 @@ PG_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off", "m
 def postgres_bin(name: str) -> str:
     """A program of the PostgreSQL installation whose `postgres` is on PATH (/usr/local/bin here) or in
     Debian's versioned directory; resolved there, since Debian's /usr/bin wrappers need client packages."""
-    server = shutil.which("postgres") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))[-1:]), None)
+    candidates = [shutil.which("postgres"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), reverse=True)]
+    server = next((candidate for candidate in candidates if candidate), None)
     if server is None:
         raise RuntimeError("PostgreSQL not found; run .ci/system-deps")
     return str(Path(server).resolve().parent / name)
@@ -115,14 +116,15 @@ class Postgres:
         argv += ["-c", "listen_addresses=127.0.0.1", *settings]
         self.process = spawn(argv, self.log_path, self.root, **AS_POSTGRES)
         wait_until(self.accepts_connections, self.process, "PostgreSQL", self.log_path)
-        self.psql_admin("createdb", PG_DATABASE, allow_existing=True)
+        self.client("createdb", PG_DATABASE, allow_existing=True)
         return self
 
     def accepts_connections(self) -> bool:
         probe = [postgres_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER]
         return subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
 
-    def psql_admin(self, program: str, *args: str, allow_existing: bool = False) -> None:
+    def client(self, program: str, *args: str, allow_existing: bool = False) -> None:
+        """Run one of PostgreSQL's client programs against this server."""
         argv = [postgres_bin(program), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, *args]
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0 and not (allow_existing and "already exists" in result.stderr):
@@ -170,10 +172,6 @@ class Redis:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(payload.encode())
             return read_reply(sock.makefile("rb"))
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         end(self.process, signal.SIGTERM)
@@ -225,10 +223,6 @@ class Topology:
     deployment: object  # conftest.Deployment
     redis: Redis
     postgres: Postgres | None
-
-    @property
-    def database(self) -> str:
-        return "postgresql" if self.postgres else "sqlite"
 
 
 def start_topology(version: str, root: Path, request, start_deployment) -> Topology:
