@@ -36,6 +36,7 @@ import re
 import sys
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from time import sleep
@@ -83,6 +84,7 @@ TIMEOUT_SECONDS = 30
 # the worker that saved drops it at once): install probes until the guard shows the policy it wrote, bounded.
 PROBE_INTERVAL_SECONDS = 0.2
 WORKER_ARMING_LISTINGS = 16
+ARMING_CONCURRENCY = 4
 INSTALL_WAIT_SECONDS = 10.0
 STATUS_WAIT_SECONDS = 2.5
 # Open WebUI's replace_imports (utils/plugin.py) rewrites these substrings in the content it stores.
@@ -641,10 +643,10 @@ def verify_in_force(client: Client, guard: LocalGuard, function_id: str, announc
     """Return once the guard is active, global, armed and acting on the stored valves; or say why not."""
     # A model listing makes the worker that serves it load global filters, which arms the route guard there.
     # Each worker of a running multi-worker server must list once, and the kernel picks the worker of each
-    # new connection: this many listings on new connections reach every one of 2 workers all but surely
-    # (a miss is 2**-16), and of 4 with a miss chance of 1%; a restart arms all of them (armed at startup).
-    for _ in range(WORKER_ARMING_LISTINGS):
-        client.call("GET", "/api/models", fresh=True)
+    # new connection; one connection after another tends to land on the same idle worker, so the listings
+    # go ARMING_CONCURRENCY at a time: while one worker is busy with one, another accepts the next.
+    with ThreadPoolExecutor(ARMING_CONCURRENCY) as pool:
+        list(pool.map(lambda _: client.call("GET", "/api/models", fresh=True), range(WORKER_ARMING_LISTINGS)))
     stored = read_stored_valves(client, function_id)  # exactly what the guard reads
     live = watch(
         client, guard, function_id, stored, read_function(client, function_id, fresh=True), INSTALL_WAIT_SECONDS
