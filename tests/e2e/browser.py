@@ -50,12 +50,26 @@ def sign_in(browser: Browser, server: OpenWebUI, account: Account) -> Page:
     return page
 
 
+PASTE_ATTEMPTS = 3
+
+
 def paste(page: Page, editor: Locator, text: str) -> None:
-    """Copy `text` to the clipboard, then select all in `editor` and paste over it, as a person would."""
+    """Copy `text` to the clipboard, then select all in `editor` and paste over it, as a person would; and
+    look, as a person would, that it landed: a click before the editor is ready leaves its template in place
+    (seen on a loaded machine), so the paste is done again. The cursor ends on the last line, which shows."""
+    last_line = text.rstrip().splitlines()[-1].strip()
     page.evaluate("text => navigator.clipboard.writeText(text)", text)
-    editor.click()
-    page.keyboard.press("ControlOrMeta+A")
-    page.keyboard.press("ControlOrMeta+V")
+    expect(editor).not_to_have_text(re.compile(r"^\s*$"))  # the editor shows its template: it is ready
+    for attempt in range(PASTE_ATTEMPTS):
+        editor.click()
+        page.keyboard.press("ControlOrMeta+A")
+        page.keyboard.press("ControlOrMeta+V")
+        try:
+            expect(editor).to_contain_text(last_line, timeout=5_000)
+            return
+        except AssertionError:
+            if attempt == PASTE_ATTEMPTS - 1:
+                raise
 
 
 def labelled_or(scope: Page | Locator, name: str, icon: Locator) -> Locator:

@@ -140,7 +140,8 @@ def leaked(deployment: Deployment) -> list[str]:
     return [s[:6] + "…" + s[-4:] for s in deployment.secrets if (s[3:] if s.startswith("sk-") else s[-20:]) in text]
 
 
-def start_deployment(version: str, workdir: Path, request, **extra_env) -> Deployment:
+def start_deployment(version: str, workdir: Path, request, install_guard: bool = True, **extra_env) -> Deployment:
+    """A real server with its counting backend and people; the guard installed with defaults unless told not to."""
     backend = CountingBackend().start()
     request.addfinalizer(backend.stop)
     server = OpenWebUI(version, workdir / "data", backend.url, extra_env=extra_env)
@@ -154,7 +155,8 @@ def start_deployment(version: str, workdir: Path, request, **extra_env) -> Deplo
     request.addfinalizer(stop_and_scan_logs)
     server.start()
     deployment = Deployment(server, backend, Bootstrap(server).run())
-    deployment.configure()
+    if install_guard:
+        deployment.configure()
     return deployment
 
 

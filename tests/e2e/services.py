@@ -173,6 +173,10 @@ class Redis:
             sock.sendall(payload.encode())
             return read_reply(sock.makefile("rb"))
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         end(self.process, signal.SIGTERM)
 

@@ -20,11 +20,9 @@ from install import GUARD_FILE
 from tests.guard_loader import load_guard
 
 from . import browser
-from .backend import CountingBackend
-from .conftest import Deployment, leaked
+from .conftest import Deployment, start_deployment
 from .provision import VERSIONS
 from .routes import CHAT_BODY
-from .server import Bootstrap, OpenWebUI
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASES = (VERSIONS[0], VERSIONS[-1])  # the newest and the oldest pinned
@@ -50,21 +48,7 @@ FAILED: dict[str, str] = {}  # release -> the step that failed first
 def bare(request, tmp_path_factory) -> Deployment:
     """A real server with its people and their keys, and no guard yet: the admin is about to paste it."""
     version = request.param
-    backend = CountingBackend().start()
-    request.addfinalizer(backend.stop)
-    data = tmp_path_factory.mktemp(f"browser-{version}") / "data"
-    server = OpenWebUI(version, data, backend.url)
-    deployment = None
-
-    def stop_and_scan_logs():
-        server.stop()
-        if deployment is not None:
-            assert leaked(deployment) == [], f"credentials leaked into {server.log_path}"
-
-    request.addfinalizer(stop_and_scan_logs)
-    server.start()
-    deployment = Deployment(server, backend, Bootstrap(server).run())
-    return deployment
+    return start_deployment(version, tmp_path_factory.mktemp(f"browser-{version}"), request, install_guard=False)
 
 
 @pytest.fixture(scope="session")
