@@ -1510,40 +1510,22 @@ class RouteGuard:
             policy.allowed_models_admin.admits_all and policy.allowed_models_user.admits_all
         ):
             return receive
-        messages, size, more = [], 0, True
-        while more and size <= MAX_MODEL_BODY_BYTES:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        if size > MAX_MODEL_BODY_BYTES:
+        raw, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
+        if raw is None:
             scope[SCOPE_MODEL] = (None, f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
         else:
             try:
-                body = json.loads(b"".join(m.get("body", b"") for m in messages) or b"null")
+                body = json.loads(raw or b"null")
             except ValueError:
                 body = None
             scope[SCOPE_MODEL] = reader(body)
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
         return replay
 
     async def explaining_refused_save(self, receive: Callable, send: Callable) -> tuple[Callable, Callable]:
         """An admin saving invalid valves must learn which valve is wrong: Open WebUI 0.10+ answers
         every refused save with a fixed text, so the 400 it sends is given the guard's own reason."""
-        messages, size, more = [], 0, True
-        while more and size <= MAX_VALVES_BODY_BYTES:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        problem = valves_problem(b"".join(m.get("body", b"") for m in messages)) if not more else None
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
+        raw, replay = await buffered(receive, MAX_VALVES_BODY_BYTES)
+        problem = valves_problem(raw) if raw is not None else None
         if problem is None:
             return replay, send
         detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
@@ -1618,6 +1600,22 @@ class RouteGuard:
                 models = models_for(policy_from_valves(valves), person["role"])
                 scope[SCOPE_LISTING] = None if models.admits_all else models
         return refusal
+
+
+async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
+    """Read a request body once, up to `limit` bytes: (the body, or None past the limit; a receive
+    that hands every message on to the app byte for byte, the unread rest included)."""
+    messages, size, more = [], 0, True
+    while more and size <= limit:
+        message = await receive()
+        messages.append(message)
+        size += len(message.get("body", b""))
+        more = message["type"] == "http.request" and message.get("more_body", False)
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return (b"".join(m.get("body", b"") for m in messages) if size <= limit else None), replay
 
 
 def valves_problem(body: bytes) -> str | None:

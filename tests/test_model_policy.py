@@ -1,5 +1,6 @@
 """Model policy on every route: the pure pieces the route guard uses, as tables."""
 
+import asyncio
 import json
 
 import pytest
@@ -131,3 +132,24 @@ MENTIONS = [
 @pytest.mark.parametrize(("body", "expected"), MENTIONS)
 def test_mentioned_model(body, expected):
     assert g.mentioned_model(body) == expected
+
+
+BODIES_IN_CHUNKS = [
+    pytest.param([b'{"model": ', b'"m"}'], 100, b'{"model": "m"}', id="whole-body"),
+    pytest.param([b"x" * 60, b"y" * 60, b"z"], 100, None, id="past-the-limit"),
+]
+
+
+@pytest.mark.parametrize(("chunks", "limit", "body"), BODIES_IN_CHUNKS)
+def test_buffered_body_is_handed_on_byte_for_byte(chunks, limit, body):
+    sent = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    queue = list(sent)
+
+    async def receive():
+        return queue.pop(0)
+
+    async def read_all():
+        raw, replay = await g.buffered(receive, limit)
+        return raw, [await replay() for _ in sent]
+
+    assert asyncio.run(read_all()) == (body, sent)
