@@ -11,7 +11,7 @@
                                 [--id api_key_guard] [--file GUARD.py] [--no-arm-at-startup] [--dry-run]
                                 [--ca-bundle PATH]
     uv run install.py status --url URL --api-key KEY [--json] [--no-arm-at-startup] [--id ID] [--file GUARD.py]
-    uv run install.py uninstall --url URL --api-key KEY [--id ID] [--ca-bundle PATH]
+    uv run install.py uninstall --url URL --api-key KEY [--id ID] [--file GUARD.py] [--ca-bundle PATH]
 
 (`pipx run install.py ...`, or `python3 install.py ...` with requests and pydantic installed, work the same.)
 OPENWEBUI_URL and OPENWEBUI_API_KEY stand in for --url and --api-key. The credential is an
@@ -139,12 +139,6 @@ class NotArmedError(InstallError):
     exit_code = 1
 
 
-def fingerprint(credential: str) -> str:
-    """What output may show of the credential: its kind and, for long ones, the last 4 characters."""
-    kind = "sk-…" if credential.startswith("sk-") else "JWT …"
-    return kind + credential[-4:] if len(credential) >= 12 else kind
-
-
 # ---------------------------------------------------------------------------
 # The local guard file.
 # ---------------------------------------------------------------------------
@@ -191,10 +185,26 @@ class LocalGuard:
         """How long a worker other than the one that saved may act on the valves it cached before."""
         return self.module.FUNCTION_STATE_TTL_SECONDS
 
+    def fingerprint(self, credential: str) -> str:
+        """What output may show of a credential: the guard's own fingerprint, as in its log lines."""
+        return self.module.fingerprint(credential)
+
     def policy(self, stored: dict | None) -> str | None:
         """The guard's own fingerprint of these stored valves; None for a guard file older than fingerprints."""
         fingerprint_of = getattr(self.module, "policy_fingerprint", None)
         return fingerprint_of(stored) if fingerprint_of else None
+
+
+def guard_module(content: str, path: Path, name: str) -> types.ModuleType:
+    """The guard file run as Open WebUI's loader runs it: imports rewritten, in a module registered under
+    `name` while its code runs (pydantic resolves the Valves' annotations through sys.modules)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    try:
+        exec(compile(as_stored(content), str(path), "exec"), module.__dict__)  # noqa: S102 - the admin's guard file
+    finally:
+        sys.modules.pop(name, None)
+    return module
 
 
 def load_local_guard(path: Path = GUARD_FILE) -> LocalGuard:
@@ -209,10 +219,9 @@ def load_local_guard(path: Path = GUARD_FILE) -> LocalGuard:
     missing = [key for key in ("title", "version", "description") if key not in manifest]
     if missing:
         raise UsageError(f"{path} lacks frontmatter {', '.join(missing)} in its leading docstring")
-    module = types.ModuleType("api_key_guard_local")
     try:
         # The guard's module code only arms its route hooks inside Open WebUI; here it just defines Valves.
-        exec(compile(content, str(path), "exec"), module.__dict__)  # noqa: S102 - the admin's guard file, as Open WebUI runs it
+        module = guard_module(content, path, "api_key_guard_local")
     except Exception as exc:
         raise UsageError(f"the guard file {path} does not load: {type(exc).__name__}: {exc}") from exc
     if not isinstance(getattr(module, "Valves", None), type):
@@ -256,9 +265,10 @@ def network_reason(exc: requests.RequestException) -> str:
 class Client:
     """Sends every request (credential attached, redirects refused) and maps every failure to an InstallError."""
 
-    def __init__(self, url: str, credential: str, ca_bundle: str | None):
+    def __init__(self, url: str, credential: str, ca_bundle: str | None, shown: str):
         self.url = url
         self.credential = credential
+        self.shown = shown  # what output may show of the credential: the guard's own fingerprint of it
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {credential}"
         if ca_bundle:
@@ -339,8 +349,7 @@ class Client:
             )
         if status == 401 and not says_not_found(detail):
             return ServerError(
-                f"the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY "
-                f"(got {fingerprint(self.credential)}).{said}"
+                f"the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY (got {self.shown}).{said}"
             )
         if status == 404 and path.startswith(FUNCTIONS_API):
             return NotAnApiRoute(
@@ -356,7 +365,7 @@ class Client:
         except ValueError:
             return ""
         text = str(data.get("detail") or data) if isinstance(data, dict) else str(data)
-        return text.replace(self.credential, fingerprint(self.credential))
+        return text.replace(self.credential, self.shown)
 
 
 def function_path(function_id: str, action: str = "") -> str:
@@ -570,8 +579,7 @@ def requested_valves(guard: LocalGuard, valves_file: Path | None, assignments: l
     return requested
 
 
-def install(client: Client, args: argparse.Namespace) -> int:
-    guard = load_local_guard(args.file)
+def install(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     function_id, version = args.id, guard.version
     requested = requested_valves(guard, args.valves, args.set)
     found = read_function(client, function_id)
@@ -708,8 +716,7 @@ def api_key_posture(client: Client) -> tuple[dict, list[str]]:
     return facts, lines
 
 
-def status(client: Client, args: argparse.Namespace) -> int:
-    guard = load_local_guard(args.file)
+def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     function_id = args.id
     found = read_function(client, function_id)
     function = found.data if found else None
@@ -799,7 +806,7 @@ def status(client: Client, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # uninstall
 # ---------------------------------------------------------------------------
-def uninstall(client: Client, args: argparse.Namespace) -> int:
+def uninstall(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     function_id = args.id
     if read_function(client, function_id) is None:
         print(f"{function_id} is not installed; nothing to do")
@@ -813,7 +820,7 @@ def uninstall(client: Client, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Client, LocalGuard, argparse.Namespace], int]] = {
     "install": install,
     "status": status,
     "uninstall": uninstall,
@@ -836,15 +843,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--id", type=function_id_argument, default=DEFAULT_ID, help="function id (default %(default)s)")
     common.add_argument("--ca-bundle", help="CA bundle (PEM) to verify the server's TLS certificate")
-    guard_file = argparse.ArgumentParser(add_help=False)
-    guard_file.add_argument(
+    common.add_argument(
         "--file",
         type=Path,
         default=GUARD_FILE,
         metavar="GUARD.py",
         help="the guard file (default: api_key_guard.py next to install.py, else filters/api_key_guard.py)",
     )
-    guard_file.add_argument(
+    arming = argparse.ArgumentParser(add_help=False)
+    arming.add_argument(
         "--no-arm-at-startup",
         action="store_true",
         help=f"leave Open WebUI's {BASE_MODELS_CACHE} alone (the guard then arms on the first model listing "
@@ -855,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     install_parser = commands.add_parser(
-        "install", parents=[common, guard_file], help="install or update the guard (default command)"
+        "install", parents=[common, arming], help="install or update the guard (default command)"
     )
     install_parser.add_argument("--valves", type=Path, metavar="FILE.json", help="JSON object of valve values")
     install_parser.add_argument(
@@ -866,9 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="set one valve (repeatable; wins over --valves)",
     )
     install_parser.add_argument("--dry-run", action="store_true", help="read everything, print what would change")
-    status_parser = commands.add_parser(
-        "status", parents=[common, guard_file], help="report whether the guard is in force"
-    )
+    status_parser = commands.add_parser("status", parents=[common, arming], help="report whether the guard is in force")
     status_parser.add_argument("--json", action="store_true", help="print one JSON object")
     commands.add_parser("uninstall", parents=[common], help="delete the function")
     return parser
@@ -896,8 +901,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--api-key is required (or set OPENWEBUI_API_KEY)")
         if args.ca_bundle and not Path(args.ca_bundle).is_file():
             raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
-        client = Client(checked_url(args.url), args.api_key, args.ca_bundle)
-        return COMMANDS[args.command](client, args)
+        url = checked_url(args.url)
+        guard = load_local_guard(args.file)
+        return COMMANDS[args.command](
+            Client(url, args.api_key, args.ca_bundle, guard.fingerprint(args.api_key)), guard, args
+        )
     except InstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

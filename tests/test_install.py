@@ -1436,7 +1436,7 @@ ERROR_CASES = [
         ["--url", URL, "--api-key", JWT],
         None,
         [answer(401, json={"detail": "Your session has expired or the token is invalid. Please sign in again."})],
-        "error: the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY (got JWT …abcd). "
+        "error: the server rejected the API key (401); check --api-key or OPENWEBUI_API_KEY (got session). "
         "Server said: Your session has expired or the token is invalid. Please sign in again.",
         3,
         id="401-bad-session-token",
