@@ -245,7 +245,21 @@ def start_topology(version: str, root: Path, request, start_deployment) -> Topol
     if DATABASE_DRIVERS[version]:
         postgres = start_postgres(root / "postgres", request)
         env["DATABASE_URL"] = postgres.url.replace("postgresql", DATABASE_DRIVERS[version], 1)
-    return Topology(start_deployment(version, root, request, **env), redis, postgres)
+    deployment = start_deployment(version, root, request, install_guard=False, **env)
+    wait_until_every_worker_answers(deployment.server)  # install then speaks to workers that all serve
+    deployment.configure()
+    return Topology(deployment, redis, postgres)
+
+
+def wait_until_every_worker_answers(server) -> None:
+    """/health answers once the first worker is up; until every worker has served a connection, a worker
+    may still be in its startup and would miss whatever reaches the others (install's model listings)."""
+    answered, deadline = set(), time.monotonic() + READY_TIMEOUT
+    while len(answered) < WORKERS:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only workers {sorted(answered)} of {WORKERS} answered; see {server.log_path}")
+        answered |= {s.worker for s in in_waves(server, "", [("GET", "/health", None)], bool, WORKERS)} - {None}
+        time.sleep(POLL_SECONDS)
 
 
 @dataclass(frozen=True)
