@@ -1,14 +1,17 @@
-"""Figures on real Open WebUI servers: A/B latency, database queries, concurrency, memory.
+"""Figures on a real Open WebUI server: latency, database queries, concurrency, memory.
 
-Two identical servers of the same release run side by side on 127.0.0.1: A has the
-guard installed (active, global, route guard on), B never had it. Requests are
-interleaved between them, so drift on the machine hits both arms alike.
+Every comparison is made inside ONE server process, switching between configurations in
+alternating blocks (the guard active or not, a do-nothing filter active or not, route_guard
+on or off), so drift on the machine hits every arm alike. Two processes are not compared:
+two identical servers of one release measured chat latency ratios from 1.00 to 1.09 per
+pair (steady within a pair), more than the differences measured here.
 """
 
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tests.e2e.server import Bootstrap, OpenWebUI, free_port
 
 INSTRUMENT = Path(__file__).resolve().parent / "instrument"
 CHEAP_GET = "/api/v1/chats/"
+GUARD_ID = "api_key_guard"
 
 
 class Server:
@@ -69,54 +73,45 @@ def summary(samples: list[float]) -> dict:
     }
 
 
-def ab_chat(a: Server, b: Server, n: int) -> dict:
-    """Non-streaming chat with an admin key, A and B interleaved request by request."""
-    arms = {"guard": [], "baseline": []}
-    sessions = {name: requests.Session() for name in arms}
-    for name, server in (("guard", a), ("baseline", b)):
-        for _ in range(20):  # warm-up: module loaded, caches filled, connections open
-            timed(
-                sessions[name],
-                server,
-                "POST",
-                "/api/chat/completions",
-                server.deployment.people.admin.api_key,
-                CHAT_BODY,
-            )
-    q0 = {"guard": a.queries(), "baseline": b.queries()}
-    for i in range(n):
-        order = (("guard", a), ("baseline", b)) if i % 2 == 0 else (("baseline", b), ("guard", a))
-        for name, server in order:
-            key = server.deployment.people.admin.api_key
-            arms[name].append(timed(sessions[name], server, "POST", "/api/chat/completions", key, CHAT_BODY))
-    q = {"guard": (a.queries() - q0["guard"]) / n, "baseline": (b.queries() - q0["baseline"]) / n}
-    result = {name: summary(samples) for name, samples in arms.items()}
-    result["ratio_median"] = result["guard"]["median_ms"] / result["baseline"]["median_ms"]
-    result["queries_per_request"] = q
-    return result
-
-
-def ab_route_guard_get(a: Server, n_blocks: int, block: int) -> dict:
-    """A cheap authenticated GET with an admin key on server A, route_guard on vs off, in alternating blocks."""
-    arms = {"route_guard_on": [], "route_guard_off": []}
+def blocks(server: Server, method: str, path: str, body, arms: dict, n_blocks: int, block: int) -> dict:
+    """Latency and DB statements of one request per arm; `arms` maps a name to the callable that puts
+    the server in that configuration. Arms take turns block by block, each block after a warm-up."""
+    samples = {name: [] for name in arms}
     queries = {name: [0, 0] for name in arms}  # [statements, requests]
     session = requests.Session()
-    key = a.deployment.people.admin.api_key
-    for i in range(n_blocks):
-        name = "route_guard_on" if i % 2 == 0 else "route_guard_off"
-        a.deployment.installer("install", "--set", f"route_guard={name.endswith('on')}")
-        a.deployment.wait_for_policy()
-        for _ in range(20):
-            timed(session, a, "GET", CHEAP_GET, key)
-        q0 = a.queries()
-        arms[name].extend(timed(session, a, "GET", CHEAP_GET, key) for _ in range(block))
-        queries[name][0] += a.queries() - q0
+    key = server.deployment.people.admin.api_key
+    for i in range(n_blocks * len(arms)):
+        name = list(arms)[i % len(arms)]
+        arms[name]()
+        for _ in range(20):  # warm-up: module loaded, caches filled, connection open
+            timed(session, server, method, path, key, body)
+        q0 = server.queries()
+        samples[name].extend(timed(session, server, method, path, key, body) for _ in range(block))
+        queries[name][0] += server.queries() - q0
         queries[name][1] += block
-    a.deployment.installer("install", "--set", "route_guard=True")
-    result = {name: summary(samples) for name, samples in arms.items()}
-    result["ratio_median"] = result["route_guard_on"]["median_ms"] / result["route_guard_off"]["median_ms"]
+    result = {name: summary(values) for name, values in samples.items()}
     result["queries_per_request"] = {name: s / r for name, (s, r) in queries.items()}
     return result
+
+
+def route_guard(server: Server, on: bool) -> Callable[[], None]:
+    def switch() -> None:
+        server.deployment.installer("install", "--set", f"route_guard={on}")
+        server.deployment.wait_for_policy()
+
+    return switch
+
+
+def filters(server: Server, guard: bool, noop: bool) -> Callable[[], None]:
+    """Which of the two global filters are active (Open WebUI runs only active ones)."""
+
+    def switch() -> None:
+        for function_id, wanted in ((GUARD_ID, guard), ("noop", noop)):
+            path = f"/api/v1/functions/id/{function_id}"
+            if server.owui.ok("GET", path, server.deployment.people.admin.jwt)["is_active"] != wanted:
+                server.owui.ok("POST", path + "/toggle", server.deployment.people.admin.jwt)
+
+    return switch
 
 
 def concurrency(server: Server, guarded: bool, total: int, clients: int = 16) -> dict:
@@ -184,8 +179,8 @@ class Filter:
 '''
 
 
-def install_noop_filter(b: Server) -> None:
-    s, jwt = b.owui, b.deployment.people.admin.jwt
+def install_noop_filter(server: Server) -> None:
+    s, jwt = server.owui, server.deployment.people.admin.jwt
     s.ok(
         "POST", "/api/v1/functions/create", jwt, json={"id": "noop", "name": "noop", "content": NOOP_FILTER, "meta": {}}
     )
@@ -193,42 +188,55 @@ def install_noop_filter(b: Server) -> None:
         s.ok("POST", f"/api/v1/functions/id/noop/{flag}", jwt)
 
 
-def concurrency_ab(a: Server, b: Server, total: int) -> dict:
-    runs = {"guard": [], "baseline": []}
-    for _ in range(2):  # A, B, A, B: drift hits both
-        runs["guard"].append(concurrency(a, True, total))
-        runs["baseline"].append(concurrency(b, False, total))
-    best = {name: max(r, key=lambda x: x["throughput_rps"]) for name, r in runs.items()}
-    return {
-        "runs": runs,
-        "throughput_ratio": best["guard"]["throughput_rps"] / best["baseline"]["throughput_rps"],
-        "errors": sum(r["errors"] for rs in runs.values() for r in rs),
-        "wrong_decisions": sum(r["wrong_decisions"] for rs in runs.values() for r in rs),
-        "rss_mb": {name: rs[-1]["rss_mb_after"] for name, rs in runs.items()},
-    }
+CONFIGURATIONS = {  # name -> (guard active, do-nothing filter active)
+    "guard": (True, False),
+    "noop_filter": (False, True),
+    "pristine": (False, False),
+}
 
 
-def run(version: str, chat_n: int, get_blocks: int, get_block: int, concurrent_total: int) -> dict:
+def run(version: str, chat_blocks: int, get_blocks: int, block: int, concurrent_total: int) -> dict:
     backend = CountingBackend().start()
-    root = Path(tempfile.mkdtemp(prefix="api-key-guard-bench-"))
-    a, b = Server(version, root, backend, "guard"), Server(version, root, backend, "no-guard")
+    server = Server(version, Path(tempfile.mkdtemp(prefix="api-key-guard-bench-")), backend, "server")
     try:
-        a.start()
-        b.start()
-        a.deployment.installer("install")
-        a.deployment.wait_for_policy()
-        results = {"open_webui": version, "get_route_guard_ab": ab_route_guard_get(a, get_blocks, get_block)}
-        # Baseline 1: B never had a filter. Baseline 2: B with a do-nothing global filter, which
-        # isolates the guard's own cost from what Open WebUI's filter pipeline costs any filter.
-        for baseline in ("pristine", "noop_filter"):
-            if baseline == "noop_filter":
-                install_noop_filter(b)
-            results[f"vs_{baseline}"] = {
-                "chat_ab": ab_chat(a, b, chat_n),
-                "concurrency": concurrency_ab(a, b, concurrent_total),
-            }
-        return results
+        server.start()
+        rss_before = server.rss_mb()
+        install_noop_filter(server)
+        server.deployment.installer("install")
+        server.deployment.wait_for_policy()
+        switches = {name: filters(server, *active) for name, active in CONFIGURATIONS.items()}
+        chat = blocks(server, "POST", "/api/chat/completions", CHAT_BODY, switches, chat_blocks, block)
+        for baseline in ("noop_filter", "pristine"):
+            chat[f"ratio_vs_{baseline}"] = chat["guard"]["median_ms"] / chat[baseline]["median_ms"]
+        runs = {name: [] for name in CONFIGURATIONS}
+        for _ in range(2):  # every configuration twice, in turn: drift hits all
+            for name, switch in switches.items():
+                switch()
+                runs[name].append(concurrency(server, name == "guard", concurrent_total))
+        best = {name: max(r, key=lambda x: x["throughput_rps"])["throughput_rps"] for name, r in runs.items()}
+        switches["guard"]()
+        get = blocks(
+            server,
+            "GET",
+            CHEAP_GET,
+            None,
+            {"route_guard_on": route_guard(server, True), "route_guard_off": route_guard(server, False)},
+            get_blocks,
+            block,
+        )
+        get["ratio_median"] = get["route_guard_on"]["median_ms"] / get["route_guard_off"]["median_ms"]
+        return {
+            "open_webui": version,
+            "chat": chat,
+            "get_route_guard": get,
+            "concurrency": {
+                "runs": runs,
+                "best_rps": best,
+                "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+                "wrong_decisions": sum(r["wrong_decisions"] for rs in runs.values() for r in rs),
+            },
+            "rss_mb": {"before_the_guard": rss_before, "after_all_runs": server.rss_mb()},
+        }
     finally:
-        a.owui.stop()
-        b.owui.stop()
+        server.owui.stop()
         backend.stop()
