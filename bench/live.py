@@ -19,8 +19,9 @@ import requests
 
 from tests.e2e.backend import CountingBackend
 from tests.e2e.conftest import Deployment
+from tests.e2e.processes import free_port
 from tests.e2e.routes import CHAT_BODY
-from tests.e2e.server import Bootstrap, OpenWebUI, free_port
+from tests.e2e.server import Bootstrap, OpenWebUI
 
 INSTRUMENT = Path(__file__).resolve().parent / "instrument"
 CHEAP_GET = "/api/v1/chats/"

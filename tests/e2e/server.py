@@ -1,15 +1,13 @@
 """A real Open WebUI server on 127.0.0.1, started from a cached venv, and its bootstrap."""
 
 import os
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
+from .processes import end, free_port, spawn, wait_until
 from .provision import openwebui_bin, provision
 
 STARTUP_TIMEOUT = 180.0
@@ -18,12 +16,6 @@ PASSWORD = "Correct-Horse-Battery-9"
 # on test servers, so a test waiting for a change polls for a fraction of a second.
 TEST_CACHE_SECONDS = 0.5
 ANTHROPIC_ROUTES = ("/api/message", "/api/v1/messages")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -116,41 +108,23 @@ class OpenWebUI:
     def start(self) -> "OpenWebUI":
         provision(self.version)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [str(openwebui_bin(self.version)), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env(),
-            cwd=self.data_dir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Open WebUI {self.version} exited during startup; see {self.log_path}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"Open WebUI {self.version} not healthy after {STARTUP_TIMEOUT}s; see {self.log_path}")
+        argv = [str(openwebui_bin(self.version)), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = spawn(argv, self.log_path, self.data_dir, env=self.env())
+        try:
+            wait_until(self.healthy, self.process, f"Open WebUI {self.version}", self.log_path, STARTUP_TIMEOUT)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        end(self.process)
 
     def restart(self) -> None:
         self.stop()

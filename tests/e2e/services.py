@@ -19,11 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .server import free_port
+from .processes import POLL_SECONDS, READY_TIMEOUT, end, free_port, spawn, wait_until
 
-READY_TIMEOUT = 60.0
-POLL_SECONDS = 0.05
-STOP_TIMEOUT = 20.0
 PG_USER = "postgres"
 PG_DATABASE = "openwebui"
 AS_POSTGRES = {"user": PG_USER, "group": PG_USER, "extra_groups": []}
@@ -39,44 +36,6 @@ def postgres_bin(name: str) -> str:
     if server is None:
         raise RuntimeError("PostgreSQL not found; run .ci/system-deps")
     return str(Path(server).resolve().parent / name)
-
-
-def wait_until(ready, process: subprocess.Popen, what: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited during startup; see {log}")
-        if ready():
-            return
-        time.sleep(POLL_SECONDS)
-    raise RuntimeError(f"{what} not ready after {READY_TIMEOUT:g} s; see {log}")
-
-
-def end(process: subprocess.Popen | None, sig: int) -> None:
-    """Stop a process group started with start_new_session, politely first."""
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, sig)
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=STOP_TIMEOUT)
-    except ProcessLookupError:
-        pass
-
-
-def spawn(argv: list[str], log: Path, cwd: Path, **as_user) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            start_new_session=True,
-            **as_user,
-        )
 
 
 def open_path_to(path: Path, user: str) -> None:
@@ -254,12 +213,13 @@ def start_topology(version: str, root: Path, request, start_deployment) -> Topol
 def wait_until_every_worker_answers(server) -> None:
     """/health answers once the first worker is up; until every worker has served a connection, a worker
     may still be in its startup and would miss whatever reaches the others (install's model listings)."""
-    answered, deadline = set(), time.monotonic() + READY_TIMEOUT
-    while len(answered) < WORKERS:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only workers {sorted(answered)} of {WORKERS} answered; see {server.log_path}")
-        answered |= {s.worker for s in in_waves(server, "", [("GET", "/health", None)], bool, WORKERS)} - {None}
-        time.sleep(POLL_SECONDS)
+    answered = set()
+
+    def every_worker_answered() -> bool:
+        answered.update({s.worker for s in in_waves(server, "", [("GET", "/health", None)], bool, WORKERS)} - {None})
+        return len(answered) >= WORKERS
+
+    wait_until(every_worker_answered, server.process, f"every worker of Open WebUI {server.version}", server.log_path)
 
 
 @dataclass(frozen=True)
