@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +56,8 @@ REASON_MODEL = "model_not_allowed"
 REASON_MODEL_UNREADABLE = "model_unreadable"
 REASON_GUARD_ERROR = "guard_error"
 REASON_RATE_LIMITED = "rate_limited"
+REASON_MODEL_BEHIND = "model_behind_not_allowed"
+REASON_FAN_OUT = "fan_out"
 
 REASON_TEXT = {
     REASON_SESSION: "browser session, not judged by API Key Guard",
@@ -66,6 +69,11 @@ REASON_TEXT = {
     ),
     REASON_ENDPOINT: "API keys of role '{role}' may not call {path} ({valve})",
     REASON_MODEL: "API keys of role '{role}' may not use model '{model}' ({valve})",
+    REASON_MODEL_BEHIND: "API keys of role '{role}' may not use model '{model}', {how} ({valve})",
+    REASON_FAN_OUT: (
+        "API keys of role '{role}' get one model call per request, and this request asks for {count} "
+        "(message_ids; {valve})"
+    ),
     REASON_MODEL_UNREADABLE: (
         "API keys of role '{role}' may only use the models in {valve}, and the model of this request "
         "cannot be checked: {problem}"
@@ -79,6 +87,8 @@ REASON_TEXT = {
 
 ROLES = ("admin", "user", "pending")
 DEFAULT_BLOCK_MESSAGE = "API Key Guard: {reason}"
+# Chat, and reading the model list: not creating or changing models (/api/v1/models/create is under it).
+DEFAULT_USER_ENDPOINTS = "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
 ENV_PREFIX = "API_KEY_GUARD_"
 # The names used in the original feature request; accepted as env defaults.
 LEGACY_ENV = {
@@ -544,25 +554,43 @@ def split_list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 @dataclass(frozen=True)
 class PathList:
-    """Path prefixes matched at a `/` boundary; `*` admits every path."""
+    """Path prefixes matched at a `/` boundary, for every method or for one (`GET /api/models`);
+    `*` admits every path. A GET entry admits HEAD too: Starlette answers HEAD with the GET route."""
 
     admits_all: bool
-    exact: frozenset
-    under: tuple[str, ...]  # each prefix + "/", for one str.startswith call
+    exact: dict  # method ("" = any) -> frozenset of paths
+    under: dict  # method ("" = any) -> tuple of prefixes + "/", for one str.startswith call
 
     @classmethod
     def parse(cls, text: str) -> "PathList":
         items = split_list(text)
-        bad = [item for item in items if item != "*" and not item.startswith("/")]
-        if bad:
-            raise ValueError(f"expected '*' or paths starting with '/', got {bad[0]!r}")
-        prefixes = sorted({item.rstrip("/") for item in items if item != "*"})
-        return cls("*" in items or "" in prefixes, frozenset(prefixes), tuple(p + "/" for p in prefixes))
+        exact: dict[str, set] = {}
+        for item in items:
+            method, _, path = item.rpartition(" ")
+            method = method.strip().upper()
+            if item == "*":
+                continue
+            if method and method not in HTTP_METHODS:
+                raise ValueError(f"expected an HTTP method before the path, got {method!r} in {item!r}")
+            if not path.startswith("/"):
+                raise ValueError(f"expected '*', paths starting with '/' or 'METHOD /path', got {item!r}")
+            for each in ("GET", "HEAD") if method == "GET" else (method,):
+                exact.setdefault(each, set()).add(path.rstrip("/"))
+        return cls(
+            "*" in items or "" in exact.get("", ()),
+            {m: frozenset(paths) for m, paths in exact.items()},
+            {m: tuple(p + "/" for p in sorted(paths)) for m, paths in exact.items()},
+        )
 
-    def admits(self, path: str) -> bool:
-        return self.admits_all or path in self.exact or path.startswith(self.under)
+    def admits(self, method: str, path: str) -> bool:
+        if self.admits_all:
+            return True
+        return any(path in self.exact.get(m, ()) or path.startswith(self.under.get(m, ())) for m in ("", method))
 
 
 @dataclass(frozen=True)
@@ -601,18 +629,32 @@ def parse_names(text: str) -> frozenset:
 
 
 @dataclass(frozen=True)
+class Tier:
+    """What the keys of one kind of user may do: `admin` or `user`, the suffix of their valves."""
+
+    name: str
+    endpoints: PathList
+    models: ModelList
+    rate_limit: RateLimit
+
+    def valve(self, field: str) -> str:
+        return f"api_key_{field}_{self.name}"
+
+
+@dataclass(frozen=True)
 class Policy:
     enforce: bool
     api_key_roles: frozenset
     api_key_groups: frozenset
     api_key_users: frozenset
     api_key_blocked_users: frozenset
-    allowed_endpoints_admin: PathList
-    allowed_endpoints_user: PathList
-    allowed_models_admin: ModelList
-    allowed_models_user: ModelList
-    rate_limit_admin: RateLimit
-    rate_limit_user: RateLimit
+    admin: Tier
+    user: Tier
+
+    def tier_for(self, role: str) -> Tier:
+        """The one place a role becomes its lists. Only the exact role "admin" gets the admin
+        tier: a missing or odd role is never mistaken for a privileged one."""
+        return self.admin if role == "admin" else self.user
 
 
 @functools.lru_cache(maxsize=32)
@@ -637,12 +679,10 @@ def compile_policy(
         api_key_groups=parse_names(groups),
         api_key_users=parse_names(users),
         api_key_blocked_users=parse_names(blocked),
-        allowed_endpoints_admin=PathList.parse(endpoints_admin),
-        allowed_endpoints_user=PathList.parse(endpoints_user),
-        allowed_models_admin=ModelList.parse(models_admin),
-        allowed_models_user=ModelList.parse(models_user),
-        rate_limit_admin=RateLimit.parse(rate_admin),
-        rate_limit_user=RateLimit.parse(rate_user),
+        admin=Tier(
+            "admin", PathList.parse(endpoints_admin), ModelList.parse(models_admin), RateLimit.parse(rate_admin)
+        ),
+        user=Tier("user", PathList.parse(endpoints_user), ModelList.parse(models_user), RateLimit.parse(rate_user)),
     )
 
 
@@ -675,9 +715,13 @@ class Facts:
     role: str = ""
     group_ids: frozenset = frozenset()
     group_names: frozenset = frozenset()
+    method: str = "GET"
     path: str = ""
-    model: str | None = None  # None where the route carries no model, or it could not be read
+    model: str | None = None  # the model the request names; None where the route carries none
     model_problem: str = ""  # why a model-bearing request's model could not be read
+    # Models core calls instead of the named one: (model, how), e.g. the base model of a workspace model.
+    resolved: tuple = ()
+    model_calls: int = 1  # model calls the request asks core for (fan-out over message_ids)
 
 
 @dataclass(frozen=True)
@@ -713,20 +757,24 @@ def decide(facts: Facts, policy: Policy) -> Decision:
     )
     if not admitted:
         return _decision(False, REASON_NOT_ADMITTED, role=role)
-    # Only the exact role "admin" gets the admin lists: a missing or odd role
-    # is never mistaken for a privileged one.
-    kind = "admin" if role == "admin" else "user"
-    endpoints = policy.allowed_endpoints_admin if kind == "admin" else policy.allowed_endpoints_user
-    if not endpoints.admits(facts.path):
-        return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=f"api_key_allowed_endpoints_{kind}")
-    models = policy.allowed_models_admin if kind == "admin" else policy.allowed_models_user
+    tier = policy.tier_for(role)
+    if not tier.endpoints.admits(facts.method, facts.path):
+        return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=tier.valve("allowed_endpoints"))
+    models = tier.models
+    # One counted request must not buy several model calls, nor reach models nobody checked.
+    if facts.model_calls > 1 and (tier.rate_limit.windows or not models.admits_all):
+        valve = tier.valve("rate_limit" if tier.rate_limit.windows else "allowed_models")
+        return _decision(False, REASON_FAN_OUT, role=role, count=facts.model_calls, valve=valve)
     if models.admits_all:
         return ALLOWED
-    valve = f"api_key_allowed_models_{kind}"
+    valve = tier.valve("allowed_models")
     if facts.model_problem:  # a model list that cannot be checked is not passed
         return _decision(False, REASON_MODEL_UNREADABLE, role=role, valve=valve, problem=facts.model_problem)
     if facts.model is not None and not models.admits(facts.model):
         return _decision(False, REASON_MODEL, role=role, model=facts.model, valve=valve)
+    for model, how in facts.resolved:
+        if not models.admits(model):
+            return _decision(False, REASON_MODEL_BEHIND, role=role, model=model, how=how, valve=valve)
     return ALLOWED
 
 
@@ -928,19 +976,16 @@ class Valves(BaseModel):
         title="Endpoints for admin keys",
         description=(
             "Paths admin keys may call, comma-separated; each admits itself and everything under it (/api/models "
-            "admits /api/models/x). * = every path, empty = none. Default *."
+            "admits /api/models/x); 'GET /path' admits only reading it. * = every path, empty = none. Default *."
         ),
     )
     api_key_allowed_endpoints_user: str = Field(
-        default=env_default(
-            "api_key_allowed_endpoints_user",
-            "/api/chat/completions,/api/v1/chat/completions,/api/models,/api/v1/models",
-        ),
+        default=env_default("api_key_allowed_endpoints_user", DEFAULT_USER_ENDPOINTS),
         title="Endpoints for other keys",
         description=(
             "Paths that keys of non-admins may call, once the rules above admit them; written as for admin keys. "
-            "Default: chat completions and the model list (/api/chat/completions, /api/v1/chat/completions, "
-            "/api/models, /api/v1/models)."
+            "Default: chat completions and reading the model list (/api/chat/completions, "
+            "/api/v1/chat/completions, GET /api/models, GET /api/v1/models)."
         ),
     )
     api_key_allowed_models_admin: str = Field(
@@ -1055,9 +1100,28 @@ class Refusal:
     headers: tuple = ()  # extra response headers, (name, value) pairs
 
 
-async def facts_for(user: dict, path: str, model: str | None, model_problem: str) -> Facts:
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a request body asks of models, as one reader per route kind found it."""
+
+    model: str | None = None  # the model it names; None where it names none
+    problem: str = ""  # why the models of a model-bearing body could not be read
+    targets: tuple = ()  # further models it names: the targets of a fan-out (message_ids)
+    calls: int = 1  # model calls it asks core for
+
+
+NO_MODEL = ModelRequest()
+
+
+async def facts_for(user: dict, method: str, path: str, asked: ModelRequest, resolve: bool) -> Facts:
     user_id = str(user["id"])
     group_ids, group_names = await user_groups(user_id)
+    resolved: list = []
+    if resolve and not asked.problem:
+        named = [m for m in (asked.model, *asked.targets) if m]
+        resolved = [(t, "named in message_ids") for t in asked.targets if t != asked.model]
+        for model in dict.fromkeys(named):
+            resolved += await models_behind(model)
     return Facts(
         is_api_key=True,
         user_id=user_id,
@@ -1065,9 +1129,12 @@ async def facts_for(user: dict, path: str, model: str | None, model_problem: str
         role=str(user.get("role") or ""),
         group_ids=group_ids,
         group_names=group_names,
+        method=method,
         path=path,
-        model=model,
-        model_problem=model_problem,
+        model=asked.model,
+        model_problem=asked.problem,
+        resolved=tuple(resolved),
+        model_calls=asked.calls,
     )
 
 
@@ -1075,9 +1142,9 @@ async def evaluate(
     valves: Any,
     user: dict | None,
     token: str | None,
+    method: str,
     path: str | None,
-    model: str | None,
-    model_problem: str,
+    asked: ModelRequest,
     where: str,
     quiet: bool = False,
     count: bool = False,
@@ -1085,14 +1152,15 @@ async def evaluate(
     """Judge one API-key request: (None to let it through, or the Refusal; response headers).
 
     `quiet` logs only a refusal; `count` applies the rate limits to an admitted request."""
-    facts, policy, error = Facts(is_api_key=True, path=path or ""), None, None
+    facts, policy, error = Facts(is_api_key=True, method=method, path=path or ""), None, None
     try:
         policy = policy_from_valves(valves)
         if path is None:
             raise ValueError("no request passed to the guard")
         if not isinstance(user, dict):
             raise ValueError("no user passed to the guard")
-        facts = await facts_for(user, path, model, model_problem)
+        tier = policy.tier_for(str(user.get("role") or ""))
+        facts = await facts_for(user, method, path, asked, resolve=not tier.models.admits_all)
         decision = decide(facts, policy)
     except Exception as exc:  # fail closed: an undecidable key request is denied
         decision, error = GUARD_ERROR, describe(exc)
@@ -1105,8 +1173,8 @@ async def evaluate(
 
 async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: str, valves: Any) -> tuple:
     """(Refusal or None, RateLimit headers) for a request the policy admitted."""
-    kind = "admin" if facts.role == "admin" else "user"
-    limit = policy.rate_limit_admin if kind == "admin" else policy.rate_limit_user
+    tier = policy.tier_for(facts.role)
+    limit = tier.rate_limit
     if not limit.windows:
         return None, ()
     try:
@@ -1117,9 +1185,56 @@ async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: s
     headers = tuple(rate_limit_headers(limit, verdict).items())
     if verdict.allowed:
         return None, headers
-    fields = rate_limited_fields(verdict, facts.role or "-", f"api_key_rate_limit_{kind}")
+    fields = rate_limited_fields(verdict, facts.role or "-", tier.valve("rate_limit"))
     decision = _decision(False, REASON_RATE_LIMITED, **fields)
     return _reject(decision, facts, token, where, policy.enforce, valves, None, False, 429, headers), headers
+
+
+# ---------------------------------------------------------------------------
+# Audit lines. Every field but the verdict words comes from a request, so an
+# attacker chooses it: control characters are escaped (no forged lines), each
+# field is cut to LOG_FIELD_CHARS, and refusals repeat at most once per user and
+# reason every AUDIT_REPEAT_SECONDS, the next line counting what was left out.
+# ---------------------------------------------------------------------------
+LOG_FIELD_CHARS = 200
+AUDIT_REPEAT_SECONDS = 60.0
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def log_field(value: Any, limit: int = LOG_FIELD_CHARS) -> str:
+    """One bounded, single-line field: control characters and backslashes escaped, long values cut with '…'."""
+    text = str(value) if value is not None else "-"
+    text = text[: limit + 1]
+    text = _UNPRINTABLE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class AuditThrottle:
+    """At most one line per (user, reason) per `seconds`; a bounded memory of who was logged when."""
+
+    def __init__(self, seconds: float = AUDIT_REPEAT_SECONDS, max_entries: int = CACHE_MAX_ENTRIES):
+        self.seconds = seconds
+        self.max_entries = max_entries
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # key -> [logged at, suppressed]
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple, now: float | None = None) -> int | None:
+        """None to leave this line out; else how many like it were left out before it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is not None and now - entry[0] < self.seconds:
+                entry[1] += 1
+                return None
+            suppressed = entry[1] if entry is not None else 0
+            self._seen[key] = [now, 0]
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.max_entries:
+                self._seen.popitem(last=False)
+            return suppressed
+
+
+_audit_throttle = AuditThrottle()
 
 
 def _reject(
@@ -1134,7 +1249,8 @@ def _reject(
     status: int = 403,
     headers: tuple = (),
 ) -> Refusal | None:
-    """Write the one audit line the settings ask for; a Refusal when the request must be stopped."""
+    """The one place a decision becomes an audit line (the one the settings ask for) and, when the
+    request must be stopped, a Refusal."""
     stop = not decision.allowed and enforce
     audit = valves.audit_log
     if error is not None:
@@ -1143,53 +1259,177 @@ def _reject(
         level = logging.INFO if audit == "all" and not quiet else None
     else:
         level = logging.WARNING if audit != "off" and (stop or not quiet) else None
+    suppressed = 0
+    if level is not None and not decision.allowed:
+        suppressed = _audit_throttle.admit((facts.user_id, decision.reason, error))
+        level = None if suppressed is None else level
     if level is not None:
         word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
         verdict = "allow" if decision.allowed else (word if stop else f"would-{word}")
         log.log(
             level,
-            "api_key_guard %s via=%s reason=%s key=%s user=%s role=%s path=%s model=%s: %s%s",
+            "api_key_guard %s via=%s reason=%s key=%s user=%s role=%s path=%s model=%s: %s%s%s",
             verdict,
             where,
             decision.reason,
             fingerprint(token),
-            facts.user_id or "-",
-            facts.role or "-",
-            facts.path or "-",
-            facts.model or "-",
-            decision.message,
-            f" [{error}]" if error else "",
+            log_field(facts.user_id or "-"),
+            log_field(facts.role or "-"),
+            log_field(facts.path or "-"),
+            log_field(facts.model or "-"),
+            log_field(decision.message, 2 * LOG_FIELD_CHARS),
+            f" [{log_field(error, 2 * LOG_FIELD_CHARS)}]" if error else "",
+            f" ({suppressed} like it left out in the last {AUDIT_REPEAT_SECONDS:.0f} s)" if suppressed else "",
         )
     if not stop:
         return None
     return Refusal(status, block_text(valves.block_message, decision), decision.reason, headers)
 
 
-# How Open WebUI writes a model mention in a channel message: <@M:model-id|label>.
-MODEL_MENTION = re.compile(r"<@M:([^|>]+)(?:\|[^>]+)?>")
+# ---------------------------------------------------------------------------
+# Reading what a body asks of models. Runs only after core accepted the key, on
+# a body of at most MAX_MODEL_BODY_BYTES; every reader is linear in its input
+# and every id it keeps is at most MAX_MODEL_ID_CHARS long.
+# ---------------------------------------------------------------------------
+MAX_MODEL_ID_CHARS = 256
+MAX_FAN_OUT_TARGETS = 64
+MODEL_MENTION = "<@M:"
 
 
-def mentioned_model(body: Any) -> tuple[str | None, str]:
-    """(model, problem) for a channel message, where a @model mention (or a reply to a model's message)
-    makes that model answer; a message that can call no model names none, and that is no problem."""
+def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
+    """The model ids of `<@M:id>` / `<@M:id|label>` mentions in `text`, up to `most` distinct ones.
+
+    A superset of what Open WebUI's own regex (`<@([A-Z]):([^|>]+)(?:[|][^>]+)?>`) finds: every
+    candidate start is tried, so a mention inside another never hides. One pass: the next `|` and
+    `>` are looked up only once the scan has moved past them."""
+    found: dict[str, None] = {}
+    bar = gt = -2  # next '|' / '>' at or after the cursor; -2 = not looked up yet, -1 = none
+    start = text.find(MODEL_MENTION)
+    while start != -1 and len(found) < most:
+        begin = start + len(MODEL_MENTION)
+        if bar != -1 and bar < begin:
+            bar = text.find("|", begin)
+        if gt != -1 and gt < begin:
+            gt = text.find(">", begin)
+        end = min(i for i in (bar, gt) if i != -1) if (bar, gt) != (-1, -1) else -1
+        label_ok = end == gt or (gt != -1 and gt > end + 1)
+        if end > begin and gt != -1 and label_ok:
+            if end - begin > MAX_MODEL_ID_CHARS:
+                return [], f"a model mention is longer than {MAX_MODEL_ID_CHARS} characters"
+            found.setdefault(text[begin:end])
+        start = text.find(MODEL_MENTION, begin)
+    return list(found), ""
+
+
+def mentioned_model(body: Any) -> ModelRequest:
+    """A channel message, where a @model mention (or a reply to a model's message) makes that model
+    answer; a message that can call no model names none, and that is no problem."""
     if not isinstance(body, dict):
-        return None, "the request body is not a JSON object"
+        return ModelRequest(problem="the request body is not a JSON object")
     if body.get("reply_to_id"):
-        return None, "a reply can make the model of the message it answers respond"
-    mentioned = sorted(set(MODEL_MENTION.findall(str(body.get("content") or ""))))
+        return ModelRequest(problem="a reply can make the model of the message it answers respond")
+    content = body.get("content")
+    mentioned, problem = mentioned_models(content if isinstance(content, str) else str(content or ""))
+    if problem:
+        return ModelRequest(problem=problem)
     if len(mentioned) > 1:
-        return None, "the message mentions several models"
-    return (mentioned[0], "") if mentioned else (None, "")
+        return ModelRequest(problem="the message mentions several models")
+    return ModelRequest(model=mentioned[0]) if mentioned else NO_MODEL
 
 
-def model_of(body: Any) -> tuple[str | None, str]:
-    """(model, problem): the model a request body names, or why none could be read."""
+def fan_out_targets(message_ids: Any) -> tuple[list[str], str]:
+    """The models of a chat request's message_ids (0.10+: [{model_id, message_id}] or {model_id: id})."""
+    if message_ids is None:
+        return [], ""
+    if isinstance(message_ids, dict):
+        entries = list(message_ids)
+    elif isinstance(message_ids, list):
+        entries = [e.get("model_id") if isinstance(e, dict) else None for e in message_ids]
+    else:
+        return [], "message_ids is neither a list nor an object"
+    if len(entries) > MAX_FAN_OUT_TARGETS:
+        return [], f"message_ids has more than {MAX_FAN_OUT_TARGETS} entries"
+    if not all(isinstance(m, str) and 0 < len(m) <= MAX_MODEL_ID_CHARS for m in entries):
+        return [], "a message_ids entry names no model, or one too long to check"
+    return entries, ""
+
+
+def model_of(body: Any) -> ModelRequest:
+    """The model a request body names (and any fan-out targets), or why none could be read."""
     if not isinstance(body, dict):
-        return None, "the request body is not a JSON object"
+        return ModelRequest(problem="the request body is not a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        return None, "the request names no model"
-    return model, ""
+        return ModelRequest(problem="the request names no model")
+    if len(model) > MAX_MODEL_ID_CHARS:
+        return ModelRequest(problem=f"the model id is longer than {MAX_MODEL_ID_CHARS} characters")
+    targets, problem = fan_out_targets(body.get("message_ids"))
+    if problem:
+        return ModelRequest(model=model, problem=problem)
+    return ModelRequest(model=model, targets=tuple(targets), calls=max(len(targets), 1))
+
+
+# ---------------------------------------------------------------------------
+# The model that answers. A workspace model is a name over a base model: core
+# calls the base (`base_model_id`), so a user who may create models could wrap
+# any model in a name the key's list admits. A model a non-admin made is judged
+# on its base too; an alias an admin made is the admin's own published choice
+# and is judged by its own id. An arena model picks among its candidates.
+# ---------------------------------------------------------------------------
+MODEL_TTL_SECONDS = GROUPS_TTL_SECONDS
+_model_cache = TTLCache(MODEL_TTL_SECONDS)
+
+
+async def models_behind(model_id: str) -> list:
+    """[(model, how)]: the models core may call when a request names `model_id`, besides it."""
+    cached = _model_cache.get(model_id)
+    if cached is None:
+        cached = tuple(await _models_behind(model_id))
+        _model_cache.put(model_id, cached)
+    return list(cached)
+
+
+async def _models_behind(model_id: str) -> list:
+    behind, seen, current = [], {model_id}, model_id
+    for _ in range(2):  # core swaps once; a second level is judged too, never followed further
+        record = await settle(openwebui_model("models", "Models").get_model_by_id(current))
+        base = getattr(record, "base_model_id", None) if record is not None else None
+        if not base or base in seen:
+            break
+        if await owner_role(record) == "admin":
+            break
+        behind.append((str(base), f"the base model of workspace model '{log_field(current, 64)}'"))
+        seen.add(base)
+        current = base
+    arena = arena_candidates(model_id)
+    if arena is not None:
+        behind += [(m, f"a model the arena '{log_field(model_id, 64)}' may pick") for m in arena]
+    return behind
+
+
+async def owner_role(record: Any) -> str:
+    owner = getattr(record, "user_id", None)
+    if not owner:
+        return ""
+    user = await settle(openwebui_model("users", "Users").get_user_by_id(owner))
+    return str(getattr(user, "role", "") or "")
+
+
+ANY_MODEL = "*"
+
+
+def arena_candidates(model_id: str) -> list | None:
+    """The models an arena model picks from (None when it is no arena model); ['*'] when it may pick any."""
+    main = sys.modules.get("open_webui.main")
+    models = getattr(getattr(getattr(main, "app", None), "state", None), "MODELS", None) or {}
+    model = models.get(model_id) if isinstance(models, dict) else None
+    if not isinstance(model, dict) or model.get("owned_by") != "arena":
+        return None
+    meta = (model.get("info") or {}).get("meta") or {}
+    picks = meta.get("model_ids")
+    if picks and meta.get("filter_mode") != "exclude" and isinstance(picks, list):
+        return [str(m) for m in picks]
+    return [ANY_MODEL]
 
 
 def policy_fingerprint(stored: Any) -> str:
@@ -1223,18 +1463,19 @@ class Filter:
         self.valves = self.Valves()
 
     async def inlet(self, body: dict, __user__: dict | None = None, __request__: Any = None) -> dict:
-        token, path, judged = None, None, False
+        token, method, path, judged = None, "POST", None, False
         if __request__ is not None:
             token = request_credential(__request__)
             auth_type = getattr(__request__.state, "auth_type", None)
             if not (auth_type == "api_key" if auth_type is not None else is_api_key(token)):
                 return body
-            path, judged = __request__.scope["path"], SCOPE_MARKS in __request__.scope
-        model, problem = model_of(body)
+            scope = __request__.scope
+            method, path = scope.get("method", "POST"), scope["path"]
+            judged = getattr(scope.get(STATE_KEY), "judged", False)
         # Defence in depth behind the route guard: when it already judged this request, a second
         # audit line would double-count it, so only a refusal is logged here.
         refusal, _ = await evaluate(
-            self.valves, __user__, token, path, model, problem, "inlet", quiet=judged, count=not judged
+            self.valves, __user__, token, method, path, model_of(body), "inlet", quiet=judged, count=not judged
         )
         if refusal is not None:
             raise Exception(refusal.detail)
@@ -1248,18 +1489,19 @@ class Filter:
 # Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
 # sees exactly the credential core accepted, from any transport, and the user
 # core resolved, and refuses before any route handler runs. A thin ASGI
-# wrapper remembers the request (scope) the lookup belongs to, reads the model
-# of model-bearing key requests before core does, marks judged responses and
-# trims model listings. Both hooks are installed once per process and delegate
-# to the most recently loaded copy of this file, so reloads never stack.
+# wrapper keeps the request's RequestState in its scope: it redacts keys from
+# the URL, reads (never parses) the body of a key request that may name a
+# model, marks judged responses and trims model listings. Everything that
+# depends on the request's content runs inside the lookup, once core accepted
+# the key. Both hooks are installed once per process and delegate to the most
+# recently loaded copy of this file, which judges with the valves of every
+# ACTIVE copy: a clone, a trial install or a Tool upload never disarms it.
 # ---------------------------------------------------------------------------
 HOOKS_ATTR = "_api_key_guard_hooks"
 GUARD_HEADER = "X-API-Key-Guard"
 POLICY_HEADER = "X-API-Key-Guard-Policy"
 COUNTERS_HEADER = "X-API-Key-Guard-Counters"
-SCOPE_MARKS = "api_key_guard.marks"  # response headers of a request the route guard judged
-SCOPE_MODEL = "api_key_guard.model"  # (model, problem) read from a model-bearing key request
-SCOPE_LISTING = "api_key_guard.listing"  # the ModelList a key's model listing is trimmed to
+STATE_KEY = "api_key_guard"  # a request's RequestState, in its ASGI scope
 
 # Routes whose request body names the model it reaches (route templates, every pinned release).
 # The route-table contract test fails when a release adds a model-bearing route missing here.
@@ -1322,10 +1564,33 @@ MODEL_LISTINGS = frozenset(
 # A model-bearing body is read only up to this size; a larger one cannot be checked and is
 # refused where a model list applies (chat bodies with images stay far below it).
 MAX_MODEL_BODY_BYTES = 8 * 2**20
-ROUTE_KIND_CACHE_ENTRIES = 4096
 MAX_VALVES_BODY_BYTES = 2**20
+ROUTE_KIND_CACHE_ENTRIES = 1024
 MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
 MODEL_READERS = {MODEL_ROUTE: model_of, MENTIONS: mentioned_model}
+FUNCTIONS_PATH = "/api/v1/functions/"
+
+
+def literal_prefix(template: str) -> str:
+    return template.split("{", 1)[0]
+
+
+# Every path a route template matches starts with the template's text before its first parameter:
+# one str.startswith decides, before the key is checked, whether a body may have to be read.
+BODY_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_ROUTES | MENTION_ROUTES}))
+LISTING_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_LISTINGS}))
+
+
+@dataclass
+class RequestState:
+    """What the route guard knows of one HTTP request; one per request, in its scope under STATE_KEY."""
+
+    body: bytes | None = None  # read before core, parsed only once core accepted the key; None past the limit
+    body_read: bool = False
+    judged: bool = False  # the lookup judged (and counted) it; a second lookup of the same request reuses that
+    refusal: Refusal | None = None
+    marks: tuple = ()  # response headers, (bytes, bytes)
+    listing: tuple = ()  # a key's model listing is trimmed to what every one of these ModelLists admits
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -1352,6 +1617,42 @@ def cookie_token(cookie: str | None) -> str | None:
     return token
 
 
+# ---------------------------------------------------------------------------
+# Keys in URLs. Core accepts no key in a URL, but users paste them there, and
+# uvicorn's access line prints the path and query string as the scope holds
+# them when the response starts. The scope is rewritten before anything runs.
+# ---------------------------------------------------------------------------
+KEY_IN_TEXT = re.compile(r"sk-[A-Za-z0-9_\-]*")
+KEY_IN_PATH = re.compile(r"sk-[0-9a-fA-F]{32}")  # exactly Open WebUI's key shape: other path segments stay
+
+
+def redact_keys_in_url(scope: dict) -> None:
+    query = scope.get("query_string") or b""
+    if query and (b"sk-" in query or b"%" in query):
+        redacted = redacted_query(query.decode("latin-1"))
+        if redacted is not None:
+            scope["query_string"] = redacted.encode("latin-1")
+    path = scope.get("path") or ""
+    if "sk-" in path and KEY_IN_PATH.search(path):
+        scope["path"] = KEY_IN_PATH.sub(lambda m: fingerprint(m[0]), path)
+        scope["raw_path"] = urllib.parse.quote(scope["path"]).encode("latin-1")
+
+
+def redacted_query(query: str) -> str | None:
+    """The query string with every key-shaped value shown as its fingerprint; None when it holds none."""
+    if "sk-" not in urllib.parse.unquote_plus(query):
+        return None
+    parts = []
+    for part in query.split("&"):
+        plain = urllib.parse.unquote_plus(part)
+        if "sk-" in plain:
+            name, sep, value = plain.partition("=")
+            name, value = (KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), v) for v in (name, value))
+            part = urllib.parse.quote_plus(name) + sep + urllib.parse.quote_plus(value)
+        parts.append(part)
+    return "&".join(parts)
+
+
 def routed_template(app: Any, scope: dict) -> str | None:
     """The path template of the route Starlette's router will dispatch this request to."""
     routing = sys.modules.get("starlette.routing")
@@ -1365,14 +1666,19 @@ def routed_template(app: Any, scope: dict) -> str | None:
     return None
 
 
-def listing_trimmed(body: bytes, models: ModelList) -> bytes:
-    """An OpenAI-style ({"data": [...]}) or Ollama-style ({"models": [...]}) listing, trimmed to `models`."""
+def listing_trimmed(body: bytes, lists: tuple) -> bytes:
+    """An OpenAI-style ({"data": [...]}) or Ollama-style ({"models": [...]}) listing, trimmed to the
+    models every one of `lists` admits."""
+
+    def admitted(model: str) -> bool:
+        return all(models.admits(model) for models in lists)
+
     listing = json.loads(body)
     if isinstance(listing, dict) and isinstance(listing.get("data"), list):
-        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and models.admits(str(m.get("id")))]
+        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and admitted(str(m.get("id")))]
     elif isinstance(listing, dict) and isinstance(listing.get("models"), list):
         listing["models"] = [
-            m for m in listing["models"] if isinstance(m, dict) and models.admits(str(m.get("model") or m.get("name")))
+            m for m in listing["models"] if isinstance(m, dict) and admitted(str(m.get("model") or m.get("name")))
         ]
     else:
         raise ValueError("unknown model listing shape")
@@ -1384,7 +1690,8 @@ class RouteHooks:
 
     def __init__(self, app: Any, users: Any, http_exception: type):
         self.scope_var: contextvars.ContextVar = contextvars.ContextVar("api_key_guard_scope", default=None)
-        self.guard: RouteGuard | None = None  # the most recently loaded copy
+        self.guard: RouteGuard | None = None  # the code of the most recently loaded copy
+        self.function_ids: set = set()  # every copy loaded in this process, by function id
         self.http_exception = http_exception
         inner = app.middleware_stack
         original_lookup = users.get_user_by_api_key
@@ -1433,14 +1740,16 @@ def current_request_path() -> str | None:
     return scope.get("path") if scope else None
 
 
-def function_id_from_module_name(name: str) -> str:
-    """Open WebUI names the module function_<id> (0.6) or function_<id>_<hex32> (0.12)."""
-    stem = name[len("function_") :] if name.startswith("function_") else name
-    return re.sub(r"_[0-9a-f]{32}$", "", stem)
+def function_id_from_module_name(name: str) -> str | None:
+    """Open WebUI names a Function's module function_<id> (0.6) or function_<id>_<hex32> (0.12);
+    anything else (a Tool's tool_<id>, a test's import) is no installed function."""
+    if not name.startswith("function_"):
+        return None
+    return re.sub(r"_[0-9a-f]{32}$", "", name[len("function_") :])
 
 
 class FunctionState:
-    """Whether this function is active, its stored valves and their fingerprint, re-read every few seconds."""
+    """Whether one copy is active, its stored valves and their fingerprint, re-read every few seconds."""
 
     def __init__(self, function_id: str):
         self.function_id = function_id
@@ -1461,16 +1770,66 @@ class FunctionState:
         self._cache.clear()
 
 
+@dataclass(frozen=True)
+class Copy:
+    """One active copy of the guard: its function id, valves and their fingerprint."""
+
+    function_id: str
+    valves: Valves
+    policy_id: str
+
+
+def needs_body(valves: Valves) -> bool:
+    """Whether a key request's body must be read: some tier has a model list or counts requests."""
+    try:
+        policy = policy_from_valves(valves)
+    except Exception:
+        return False  # the lookup fails closed with the same error and logs it
+    return any(not t.models.admits_all or t.rate_limit.windows for t in (policy.admin, policy.user))
+
+
 class RouteGuard:
     """This copy of the file as the route hooks use it: per-request work for API-key requests only."""
 
-    def __init__(self, app: Any, function_id: str):
+    def __init__(self, app: Any, hooks: Any):
         self.app = app
-        self.state = FunctionState(function_id)
-        self.own_path = f"/api/v1/functions/id/{function_id}/"
+        self.hooks = hooks
+        self._states: dict[str, FunctionState] = {}
         self._kinds: dict = {}
+        self._several_logged: tuple = ()
+
+    async def active_copies(self) -> list[Copy]:
+        """Every loaded copy that is active with its route guard on, by function id. Several is a
+        defined state, not a choice of one: every one judges and the strictest answer wins."""
+        copies = []
+        for function_id in sorted(self.hooks.function_ids):
+            state = self._states.get(function_id)
+            if state is None:
+                state = self._states[function_id] = FunctionState(function_id)
+            try:
+                active, valves, policy_id = await state.current()
+            except Exception as exc:  # the copy's state cannot be read: fail closed for API-key traffic
+                active, valves, policy_id = True, unusable_valves(exc), "-"
+            if active and valves.route_guard:
+                copies.append(Copy(function_id, valves, policy_id))
+        ids = tuple(c.function_id for c in copies)
+        if len(ids) > 1 and ids != self._several_logged:
+            self._several_logged = ids
+            log.error(
+                "api_key_guard: %d copies are active (%s): every one judges API keys and the strictest answer "
+                "wins; deactivate or delete all but one",
+                len(ids),
+                ", ".join(log_field(i, 64) for i in ids),
+            )
+        return copies
+
+    def forget(self) -> None:
+        for state in self._states.values():
+            state.forget()
 
     def route_kind(self, scope: dict) -> str | None:
+        """The kind of route Starlette dispatches this request to. Cached only where the route has no
+        parameters (its path is its template), so what the cache holds is bounded by the route table."""
         key = (scope["method"], scope["path"])
         kind = self._kinds.get(key, "")
         if kind == "":
@@ -1478,47 +1837,40 @@ class RouteGuard:
             kind = MODEL_ROUTE if template in MODEL_ROUTES else MENTIONS if template in MENTION_ROUTES else None
             if template in MODEL_LISTINGS and scope["method"] == "GET":
                 kind = LISTING
-            if len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
+            if template == scope["path"] and len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
                 self._kinds[key] = kind
         return kind
 
     async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
+        redact_keys_in_url(scope)
+        state = scope[STATE_KEY] = RequestState()
+        path, method = scope["path"], scope["method"]
         if is_api_key(scope_credential(scope)):
-            kind = self.route_kind(scope)
-            if kind in MODEL_READERS:
-                receive = await self.read_model(scope, receive, MODEL_READERS[kind])
-            elif kind == LISTING:  # an uncompressed answer, so it can be trimmed
+            if path.startswith(BODY_PREFIXES):
+                receive = await self.read_body(state, receive)
+            elif method == "GET" and path.startswith(LISTING_PREFIXES):  # an uncompressed answer can be trimmed
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
-        send = self.marking(scope, send)
-        if scope["method"] == "POST" and scope["path"] == self.own_path + "valves/update":
+        send = self.marking(state, send)
+        if method == "POST" and path.startswith(FUNCTIONS_PATH) and path.endswith("/valves/update"):
             receive, send = await self.explaining_refused_save(receive, send)
         try:
             await inner(scope, receive, send)
         finally:
-            # An admin saving this function's valves (UI or API) is in force in this worker at once.
-            if scope["method"] != "GET" and scope["path"].startswith(self.own_path):
-                self.state.forget()
+            # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
+            if method != "GET" and path.startswith(FUNCTIONS_PATH):
+                self.forget()
 
-    async def read_model(self, scope: dict, receive: Callable, reader: Callable) -> Callable:
-        """Read the body of a model-bearing key request once, note its model, hand it on byte for byte."""
+    async def read_body(self, state: RequestState, receive: Callable) -> Callable:
+        """Read (not parse) the body of a key request that may name a model, when some active copy
+        needs it; the bytes go on to core unchanged. Judging it waits until core accepted the key."""
         try:
-            active, valves, _ = await self.state.current()
-            policy = policy_from_valves(valves)
+            copies = await self.active_copies()
         except Exception:
-            return receive  # the lookup fails closed with the same error and logs it
-        if not (active and valves.route_guard) or (
-            policy.allowed_models_admin.admits_all and policy.allowed_models_user.admits_all
-        ):
             return receive
-        raw, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
-        if raw is None:
-            scope[SCOPE_MODEL] = (None, f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
-        else:
-            try:
-                body = json.loads(raw or b"null")
-            except ValueError:
-                body = None
-            scope[SCOPE_MODEL] = reader(body)
+        if not any(needs_body(c.valves) for c in copies):
+            return receive
+        state.body, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
+        state.body_read = True
         return replay
 
     async def explaining_refused_save(self, receive: Callable, send: Callable) -> tuple[Callable, Callable]:
@@ -1544,62 +1896,83 @@ class RouteGuard:
 
         return replay, send_explained
 
-    def marking(self, scope: dict, send: Callable) -> Callable:
+    def marking(self, state: RequestState, send: Callable) -> Callable:
         held: list = []
 
         async def send_marked(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *scope.get(SCOPE_MARKS, ())]
-                if scope.get(SCOPE_LISTING) is not None and message["status"] == 200:
+                message["headers"] = [*message.get("headers", []), *state.marks]
+                if state.listing and message["status"] == 200:
                     held.append(message)
                     return
             elif held and message["type"] == "http.response.body":
                 held.append(message)
                 if message.get("more_body", False):
                     return
-                await self.send_trimmed(scope[SCOPE_LISTING], held, send)
+                await self.send_trimmed(state.listing, held, send)
                 return
             await send(message)
 
         return send_marked
 
-    async def send_trimmed(self, models: ModelList, held: list, send: Callable) -> None:
+    async def send_trimmed(self, lists: tuple, held: list, send: Callable) -> None:
         start, *chunks = held
         try:
-            body = listing_trimmed(b"".join(m.get("body", b"") for m in chunks), models)
+            body = listing_trimmed(b"".join(m.get("body", b"") for m in chunks), lists)
         except Exception as exc:  # fail closed: an untrimmable listing lists nothing
-            log.error("api_key_guard could not trim a model listing: %s", describe(exc))
+            log.error("api_key_guard could not trim a model listing: %s", log_field(describe(exc)))
             body = b'{"data": []}'
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     async def check(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
-        """Judge a key core just authenticated; None lets the request through."""
-        try:
-            active, valves, policy_id = await self.state.current()
-        except Exception as exc:  # the function's state cannot be read: fail closed for API-key traffic
-            active, valves, policy_id = True, unusable_valves(exc), "-"
-        if not active or not valves.route_guard:
+        """Judge a key core just authenticated; None lets the request through. Core may authenticate one
+        request twice (its audit middleware up to 0.10): the second lookup gets the first answer, uncounted."""
+        state = scope.get(STATE_KEY) if scope is not None else None
+        if state is not None and state.judged:
+            return state.refusal
+        copies = await self.active_copies()
+        if not copies:
             return None
-        model, problem, kind = None, "", None
-        if scope is not None:
-            kind = self.route_kind(scope)
-            if kind in MODEL_READERS:
-                model, problem = scope.get(SCOPE_MODEL, (None, "the guard could not read the request body"))
+        kind = self.route_kind(scope) if scope is not None else None
+        asked = read_asked(state, MODEL_READERS[kind]) if kind in MODEL_READERS else NO_MODEL
         person = {"id": user.id, "email": user.email, "role": user.role}
-        path = scope["path"] if scope is not None else None
-        refusal, headers = await evaluate(valves, person, api_key, path, model, problem, "route", count=True)
-        if scope is not None:
-            mode = "fail-closed" if refusal is not None and refusal.reason == REASON_GUARD_ERROR else valves.mode
+        method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
+        refusal, limits, listing = None, (), []
+        for copy in copies:
+            refusal, headers = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
+            limits = limits or headers
+            if refusal is not None:
+                break  # the strictest answer wins; later copies neither judge nor count it
+            if kind == LISTING:
+                models = policy_from_valves(copy.valves).tier_for(person["role"]).models
+                listing += [] if models.admits_all else [models]
+        if state is not None:
+            enforcing = any(c.valves.mode == "enforce" for c in copies)
+            failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
+            mode = "fail-closed" if failed else "enforce" if enforcing else "monitor"
+            policy_id = ",".join(c.policy_id for c in copies)
             marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, limiter().counters)]
             if refusal is None:  # a refusal carries its own RateLimit headers
-                marks += headers
-            scope[SCOPE_MARKS] = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
-            if kind == LISTING and refusal is None:
-                models = models_for(policy_from_valves(valves), person["role"])
-                scope[SCOPE_LISTING] = None if models.admits_all else models
+                marks += limits
+            state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
+            state.listing = tuple(listing) if refusal is None else ()
+            state.judged, state.refusal = True, refusal
         return refusal
+
+
+def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
+    """What a model-bearing body asks for, parsed here, after core accepted the key (linear, bounded)."""
+    if state is None or not state.body_read:
+        return ModelRequest(problem="the guard could not read the request body")
+    if state.body is None:
+        return ModelRequest(problem=f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
+    try:
+        body = json.loads(state.body or b"null")
+    except (ValueError, RecursionError):
+        body = None
+    return reader(body)
 
 
 async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
@@ -1630,25 +2003,25 @@ def valves_problem(body: bytes) -> str | None:
     return None
 
 
-def models_for(policy: Policy, role: str) -> ModelList:
-    return policy.allowed_models_admin if role == "admin" else policy.allowed_models_user
-
-
 def arm_route_guard(module_name: str) -> RouteHooks | None:
-    """Install the hooks once per process and point them at this copy."""
+    """Install the hooks once per process, register this copy and hand the hooks this copy's code."""
+    function_id = function_id_from_module_name(module_name)
     main = sys.modules.get("open_webui.main")
     auth = sys.modules.get("open_webui.utils.auth")
     users_module = sys.modules.get("open_webui.models.users")
     app = getattr(main, "app", None)
-    if app is None or auth is None or users_module is None:
-        return None  # not running inside Open WebUI (tests, linters)
+    if function_id is None or app is None or auth is None or users_module is None:
+        return None  # a Tool upload, or not running inside Open WebUI (tests, linters)
     hooks = getattr(app, HOOKS_ATTR, None)
     if hooks is None:
         if app.middleware_stack is None:
             app.middleware_stack = app.build_middleware_stack()
         hooks = RouteHooks(app, users_module.Users, auth.HTTPException)
         setattr(app, HOOKS_ATTR, hooks)
-    hooks.guard = RouteGuard(app, function_id_from_module_name(module_name))
+    if not isinstance(getattr(hooks, "function_ids", None), set):  # hooks an older copy installed
+        hooks.function_ids = set()
+    hooks.function_ids.add(function_id)
+    hooks.guard = RouteGuard(app, hooks)
     return hooks
 
 

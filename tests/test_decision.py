@@ -219,7 +219,7 @@ INVALID_VALVES = [
     pytest.param(
         "api_key_allowed_endpoints_user",
         "api/chat/completions",
-        "expected '*' or paths starting with '/', got 'api/chat/completions'",
+        "expected '*', paths starting with '/' or 'METHOD /path', got 'api/chat/completions'",
         id="endpoint-without-slash",
     ),
     pytest.param("api_key_allowed_endpoints_admin", "/api, https://x/api", "got 'https://x/api'", id="endpoint-url"),
@@ -250,7 +250,7 @@ def test_defaults_are_the_restrictive_choice():
     )
     assert v.priority < 0
     assert (
-        v.api_key_allowed_endpoints_user == "/api/chat/completions,/api/v1/chat/completions,/api/models,/api/v1/models"
+        v.api_key_allowed_endpoints_user == "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
     )
 
 

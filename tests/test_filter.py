@@ -56,6 +56,8 @@ def groups(monkeypatch):
     def install(membership=None, **kwargs):
         model = Groups(membership or {"u-gina": ["automation"]}, **kwargs)
         monkeypatch.setitem(sys.modules, "open_webui.models.groups", SimpleNamespace(Groups=model))
+        no_workspace_models = SimpleNamespace(get_model_by_id=lambda model_id: None)
+        monkeypatch.setitem(sys.modules, "open_webui.models.models", SimpleNamespace(Models=no_workspace_models))
         return model
 
     return install

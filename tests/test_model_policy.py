@@ -64,7 +64,7 @@ BODIES = [
 
 @pytest.mark.parametrize(("body", "expected"), BODIES)
 def test_model_of(body, expected):
-    assert g.model_of(body) == expected
+    assert (g.model_of(body).model, g.model_of(body).problem) == expected
 
 
 OTHER = g.ModelList.parse("other-*")
@@ -81,13 +81,13 @@ LISTINGS = [
 
 @pytest.mark.parametrize(("listing", "expected"), LISTINGS)
 def test_listing_trimmed(listing, expected):
-    assert json.loads(g.listing_trimmed(json.dumps(listing).encode(), OTHER)) == expected
+    assert json.loads(g.listing_trimmed(json.dumps(listing).encode(), (OTHER,))) == expected
 
 
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"data": 1}', b"not json"], ids=["list", "empty", "odd", "junk"])
 def test_untrimmable_listing_raises(body):
     with pytest.raises(ValueError):
-        g.listing_trimmed(body, OTHER)
+        g.listing_trimmed(body, (OTHER,))
 
 
 HEADERS = [
@@ -131,7 +131,7 @@ MENTIONS = [
 
 @pytest.mark.parametrize(("body", "expected"), MENTIONS)
 def test_mentioned_model(body, expected):
-    assert g.mentioned_model(body) == expected
+    assert (g.mentioned_model(body).model, g.mentioned_model(body).problem) == expected
 
 
 BODIES_IN_CHUNKS = [
