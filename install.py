@@ -21,7 +21,8 @@ api_key_guard.py next to this script, else filters/api_key_guard.py under it.
 
 Exit codes:
     0  done; for status: installed, active, global, current, valves valid, route guard armed (or not
-       checkable), the stored policy in force (or not checkable), armed at startup (or opted out)
+       checkable), the stored policy in force (or not checkable), armed at startup (or opted out), no other
+       active copy of the guard on the server (or not checkable)
     1  status found a problem, or install finished but the guard is not armed, the policy it wrote is not
        in force within 10 s, or it could not arm the guard at startup
     2  usage or input error (arguments, URL, valves file, valve values, missing dependencies); nothing was written
@@ -74,6 +75,12 @@ GUARD_CANDIDATES = (HERE / "api_key_guard.py", HERE / "filters" / "api_key_guard
 GUARD_FILE = next((path for path in GUARD_CANDIDATES if path.is_file()), GUARD_CANDIDATES[-1])
 DEFAULT_ID = "api_key_guard"
 FUNCTIONS_API = "/api/v1/functions/"
+# Every function with its content in one admin-only request, the same on 0.6.22 to 0.12.4 (GET /api/v1/functions/
+# and /list carry no content: one more request per function). Without include_valves it holds no valves.
+EXPORT_API = f"{FUNCTIONS_API}export"
+# A line of the guard file (its route hooks' attribute on the app) that marks a function as a copy of the guard,
+# whatever its id, name or version: every release of the file has it, and tests/test_install.py checks it still does.
+GUARD_MARKER = 'HOOKS_ATTR = "_api_key_guard_hooks"'
 CONNECTIONS_API = "/api/v1/configs/connections"
 BASE_MODELS_CACHE = "ENABLE_BASE_MODELS_CACHE"
 GUARD_HEADER = "X-API-Key-Guard"
@@ -242,6 +249,16 @@ class ServerFunction(BaseModel):
     content: str | None = None  # the create answer carries no content
     is_active: bool
     is_global: bool
+
+
+class ListedFunction(BaseModel):
+    """The fields of an entry of Open WebUI's function export the installer reads."""
+
+    id: str
+    type: str
+    content: str = ""
+    is_active: bool = False
+    is_global: bool = False
 
 
 class Reply(NamedTuple):
@@ -437,6 +454,8 @@ def policy_state(credential: str, live: str | None, stored: dict, expected: str 
         return PolicyState(None, "policy not checked", f"cannot tell: the guard sent no {POLICY_HEADER} header")
     if live == expected:
         return PolicyState(True, "policy in force", f"yes (policy {expected})")
+    if expected in live.split(","):  # several active copies: each one's policy, all of them judging
+        return PolicyState(True, "policy in force", f"yes (policy {expected}, beside other copies' {live})")
     return PolicyState(False, "", f"no - the guard acts on policy {live}, the stored valves are policy {expected}")
 
 
@@ -684,6 +703,54 @@ def verify_in_force(client: Client, guard: LocalGuard, function_id: str, announc
 # ---------------------------------------------------------------------------
 # status
 # ---------------------------------------------------------------------------
+def is_guard_copy(function: ListedFunction) -> bool:
+    """A filter whose content has the guard's marker line: the guard under whatever id it was installed."""
+    return function.type == "filter" and GUARD_MARKER in (line.strip() for line in function.content.splitlines())
+
+
+def read_copies(client: Client, function_id: str) -> tuple[list[ListedFunction] | None, str]:
+    """The copies of the guard on the server, this --id first, the others by id; None and why when unlistable."""
+    try:
+        listed = client.call("GET", EXPORT_API, shape=list[ListedFunction]).data
+    except ServerError as exc:
+        return None, str(exc)
+    return sorted(filter(is_guard_copy, listed), key=lambda copy: (copy.id != function_id, copy.id)), ""
+
+
+def copy_state(copy: ListedFunction) -> str:
+    if not copy.is_active:
+        return "inactive"
+    return "active, global" if copy.is_global else "active, not global"
+
+
+def copies_report(function_id: str, copies: list[ListedFunction] | None, unlisted: str) -> tuple[list[str], str]:
+    """The status lines about the copies of the guard, and the verdict's problem ("" when none)."""
+    if copies is None:
+        return [f"copies: cannot tell - could not list the server's functions: {unlisted}"], ""
+    if not copies:
+        return ["copies: none (no filter on the server is API Key Guard)"], ""
+    if len(copies) == 1:
+        only = copies[0]
+        notes = "the only one" if only.id == function_id else f"{copy_state(only)}; the only one"
+        return [f"copies: {only.id} ({notes})"], ""
+    listed = ", ".join(
+        f"{copy.id} ({copy_state(copy)}{'; installed here' if copy.id == function_id else ''})" for copy in copies
+    )
+    lines = [f"copies: {listed}"]
+    active = [copy.id for copy in copies if copy.is_active]
+    if len(active) < 2:
+        return lines, ""
+    if function_id in active:
+        fix = f"delete or deactivate {', '.join(name for name in active if name != function_id)} (keep {function_id})"
+    else:
+        fix = f"delete or deactivate all but one of {', '.join(active)}"
+    lines.append(
+        f"  {len(active)} copies are active: every active copy judges each API-key request and the strictest answer "
+        f"wins, and the server logs an ERROR about it; {fix}"
+    )
+    return lines, f"{len(active)} copies of the guard are active ({', '.join(active)})"
+
+
 def api_key_posture(client: Client) -> tuple[dict, list[str]]:
     """The server's own API-key settings (facts, status lines), from the 0.12.x or the 0.6.x names."""
     config = client.call("GET", "/api/v1/auths/admin/config", shape=dict[str, Any]).data
@@ -720,6 +787,8 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     function_id = args.id
     found = read_function(client, function_id)
     function = found.data if found else None
+    copies, unlisted = read_copies(client, function_id)
+    copies_lines, copies_problem = copies_report(function_id, copies, unlisted)
     stored = read_stored_valves(client, function_id) if found else {}
     try:
         guard.valves_model(**stored)
@@ -749,6 +818,10 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
         "live_policy": reply.policy if reply else None,
         "rate_limit_counters": counters,
         "armed_at_startup": arming.armed,
+        "copies": None
+        if copies is None
+        else [{"id": copy.id, "active": copy.is_active, "global": copy.is_global} for copy in copies],
+        "copies_error": unlisted or None,
         **posture,
     }
     versions = f"server {server_version or 'unknown'}, local {guard.version}"
@@ -765,6 +838,8 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
             (counters != "degraded", "rate-limit counters degraded (Redis failing)"),
         )
         problems = [problem for passed, problem in checks if not passed]
+    if copies_problem:
+        problems.append(copies_problem)
     if not opted_out and not arming.armed:
         problems.append("not armed at startup" if arming.armed is False else "cannot tell if armed at startup")
     ok = not problems
@@ -793,6 +868,8 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
         print(f"valves: {'invalid' if errors else 'valid'}")
         for error in errors:
             print(f"  {error}")
+    for line in copies_lines:
+        print(line)
     if route:
         print(f"route guard: {route.line}")
         print(f"policy in force: {policy.line}")

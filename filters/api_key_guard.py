@@ -1165,10 +1165,12 @@ async def evaluate(
     except Exception as exc:  # fail closed: an undecidable key request is denied
         decision, error = GUARD_ERROR, describe(exc)
     enforce = policy.enforce if policy is not None else True
-    refusal = _reject(decision, facts, token, where, enforce, valves, error, quiet)
-    if refusal is not None or not decision.allowed or not count or policy is None:
-        return refusal, ()
-    return await rate_limited(policy, facts, token, where, valves)
+    if not (count and decision.allowed and policy is not None):
+        return _reject(decision, facts, token, where, enforce, valves, error, quiet), ()
+    limited, headers = await rate_limited(policy, facts, token, where, valves)
+    if limited is None:  # admitted by the limits too: now it is an allow
+        _reject(decision, facts, token, where, enforce, valves, error, quiet)
+    return limited, headers
 
 
 async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: str, valves: Any) -> tuple:
@@ -1848,7 +1850,7 @@ class RouteGuard:
         if is_api_key(scope_credential(scope)):
             if path.startswith(BODY_PREFIXES):
                 receive = await self.read_body(state, receive)
-            elif method == "GET" and path.startswith(LISTING_PREFIXES):  # an uncompressed answer can be trimmed
+            if method == "GET" and path.startswith(LISTING_PREFIXES):  # an uncompressed answer can be trimmed
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
         send = self.marking(state, send)
         if method == "POST" and path.startswith(FUNCTIONS_PATH) and path.endswith("/valves/update"):

@@ -250,7 +250,8 @@ def test_defaults_are_the_restrictive_choice():
     )
     assert v.priority < 0
     assert (
-        v.api_key_allowed_endpoints_user == "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
+        v.api_key_allowed_endpoints_user
+        == "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
     )
 
 

@@ -23,6 +23,7 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJpZCI6ImFkbWluIn0.RECOGNISABLE-signature-abcd"
 FN = f"{URL}/api/v1/functions/id/api_key_guard"
 FN_PATH = "/api/v1/functions/id/api_key_guard"
 CREATE = f"{URL}/api/v1/functions/create"
+EXPORT = f"{URL}/api/v1/functions/export"
 MODELS = f"{URL}/api/models"
 ARMING_LISTINGS = [("GET", "/api/models")] * 16  # one per new connection, so every worker loads the guard
 CONFIG = f"{URL}/api/v1/auths/admin/config"
@@ -30,7 +31,7 @@ PERMISSIONS = f"{URL}/api/v1/users/default/permissions"
 CONNECTIONS_PATH = "/api/v1/configs/connections"
 CONNECTIONS = URL + CONNECTIONS_PATH
 NOT_FOUND = {"detail": "We could not find what you're looking for :/"}
-OLD_CONTENT = '"""\ntitle: API Key Guard\nversion: 0.0.9\n"""\n'
+OLD_CONTENT = '"""\ntitle: API Key Guard\nversion: 0.0.9\n"""\nHOOKS_ATTR = "_api_key_guard_hooks"\n'  # a guard of old
 ARGS = ("--url", URL, "--api-key", KEY)
 
 # The connections form as 0.11+ answers it (0.6.16-0.10 lack ENABLE_DIRECT_INTEGRATIONS).
@@ -130,12 +131,19 @@ def expand(local, defaults, tmp_path):
     return fill
 
 
-def function(content: str, *, active: bool = True, is_global: bool = True) -> dict:
+def function(
+    content: str,
+    *,
+    active: bool = True,
+    is_global: bool = True,
+    function_id: str = "api_key_guard",
+    kind: str = "filter",
+) -> dict:
     return {
-        "id": "api_key_guard",
+        "id": function_id,
         "user_id": "admin-1",
         "name": "API Key Guard",
-        "type": "filter",
+        "type": kind,
         "content": content,
         "meta": {"description": "", "manifest": {}},
         "is_active": active,
@@ -728,7 +736,9 @@ OK_FUNCTION_LINES = [
     "global: yes",
     "content: same as the local file (server {version}, local {version})",
     "valves: valid",
+    "copies: api_key_guard (the only one)",
 ]
+NO_COPIES = "copies: none (no filter on the server is API Key Guard)"
 OK_VERDICT = (
     "verdict: OK - API Key Guard {version} is installed, active, global and current; route guard armed; "
     "policy in force; armed at startup"
@@ -875,7 +885,7 @@ ON = form_answer(json=CACHE_ON)
                 "verdict: NOT OK - server copy differs from the local file (server 0.0.9, local {version})",
                 *OK_FUNCTION_LINES[:3],
                 "content: differs from the local file (server 0.0.9, local {version})",
-                "valves: valid",
+                *OK_FUNCTION_LINES[4:],
                 *LIVE_OK,
                 STARTUP_YES,
             ],
@@ -895,6 +905,7 @@ ON = form_answer(json=CACHE_ON)
                 "valves: invalid",
                 "  valve priority: Input should be a valid integer, unable to parse string as an integer",
                 "  valve api_key_roles: Value error, expected roles from admin, user, pending, got 'root'",
+                OK_FUNCTION_LINES[-1],
                 "route guard: armed (mode fail-closed)",
                 "policy in force: yes (policy {invalid})",
                 PER_WORKER,
@@ -1038,6 +1049,7 @@ ON = form_answer(json=CACHE_ON)
             [
                 "verdict: NOT OK - function api_key_guard is not installed",
                 "installed: no (id api_key_guard)",
+                NO_COPIES,
                 STARTUP_YES,
             ],
             id="not-installed",
@@ -1048,15 +1060,14 @@ def test_status(server, cli, local, defaults, expand, slept, credential, state, 
     held = defaults if stored == "defaults" else stored
     if state is None:
         server.get(FN, status=401, json=NOT_FOUND)
+        server.get(EXPORT, json=[])
     else:
         mode, policy, counters = probe
         live = local.policy(held) if policy == "stored" else policy
         flags = {name: value for name, value in state.items() if name != "content"}
-        server.get(
-            FN,
-            json=function(state.get("content", local.content), **flags),
-            headers=guard_headers(mode, live, counters),
-        )
+        held_function = function(state.get("content", local.content), **flags)
+        server.get(FN, json=held_function, headers=guard_headers(mode, live, counters))
+        server.get(EXPORT, json=[held_function])
         server.get(f"{FN}/valves", **json_body(held))
     server.add(**form)
     server.get(CONFIG, json=CONFIG_012)
@@ -1087,6 +1098,7 @@ def test_status_gives_a_stale_worker_the_guards_refresh_time(
     """Right after a save, a worker may still act on the valves it cached (2 s): status probes before judging."""
     headers = [guard_headers(mode, local.policy(defaults) if policy == "stored" else policy) for mode, policy in probes]
     server.get(FN, json=function(local.content), headers=headers[0])
+    server.get(EXPORT, json=[function(local.content)])
     server.get(f"{FN}/valves", json=defaults)
     for probe in headers[1:]:
         server.get(FN, json=function(local.content), headers=probe)
@@ -1096,7 +1108,7 @@ def test_status_gives_a_stale_worker_the_guards_refresh_time(
 
     assert cli("status", *ARGS)[0] == code
     assert slept == slept_for
-    assert [call.request.headers.get("Connection") for call in server.calls[2:-3]] == ["close"] * len(slept_for)
+    assert [call.request.headers.get("Connection") for call in server.calls[3:-3]] == ["close"] * len(slept_for)
 
 
 def posture(enabled: bool, users: bool, restricted: bool = False, allowed: str = "") -> dict:
@@ -1154,6 +1166,7 @@ def posture(enabled: bool, users: bool, restricted: bool = False, allowed: str =
 )
 def test_status_reports_server_api_key_posture(server, cli, local, defaults, config, permissions, lines, facts):
     server.get(FN, json=function(local.content), headers=guard_headers("enforce", local.policy(defaults)))
+    server.get(EXPORT, json=[function(local.content)])
     server.get(f"{FN}/valves", json=defaults)
     server.get(CONNECTIONS, json=CACHE_ON)
     server.get(CONFIG, json=config)
@@ -1189,6 +1202,8 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "live_policy": "{policy}",
                 "rate_limit_counters": "per-worker",
                 "armed_at_startup": True,
+                "copies": [{"id": "api_key_guard", "active": True, "global": True}],
+                "copies_error": None,
                 "ok": True,
                 "verdict": "OK - API Key Guard {version} is installed, active, global and current; route guard armed; "
                 "policy in force; armed at startup",
@@ -1214,6 +1229,8 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "live_policy": None,
                 "rate_limit_counters": None,
                 "armed_at_startup": False,
+                "copies": [{"id": "api_key_guard", "active": True, "global": True}],
+                "copies_error": None,
                 "ok": False,
                 "verdict": "NOT OK - route guard is not armed; not armed at startup",
             },
@@ -1238,6 +1255,8 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "live_policy": None,
                 "rate_limit_counters": None,
                 "armed_at_startup": True,
+                "copies": [],
+                "copies_error": None,
                 "ok": False,
                 "verdict": "NOT OK - function api_key_guard is not installed",
             },
@@ -1252,6 +1271,7 @@ def test_status_json(server, cli, local, defaults, expand, installed, probe, for
         server.get(f"{FN}/valves", json=defaults)
     else:
         server.get(FN, status=401, json=NOT_FOUND)
+    server.get(EXPORT, json=[function(local.content)] if installed else [])
     server.get(CONNECTIONS, json=form)
     server.get(CONFIG, json=CONFIG_012)
     server.get(PERMISSIONS, json=PERMISSIONS_012)
@@ -1261,6 +1281,222 @@ def test_status_json(server, cli, local, defaults, expand, installed, probe, for
     expected = {name: expand(value) if isinstance(value, str) else value for name, value in facts.items()}
     assert (json_code, err) == (0 if code == 0 else 1, [])
     assert json.loads("\n".join(out)) == {**expected, "local_version": local.version, **posture(True, False)}
+
+
+# ---------------------------------------------------------------------------
+# status: the copies of the guard on the server (a clone, a trial install under another id)
+# ---------------------------------------------------------------------------
+GUARD_CONTENT = "{guard}"  # stands for the local guard file's content
+MARKED = '"""\ntitle: Guard Clone\n"""\nHOOKS_ATTR = "_api_key_guard_hooks"\n'
+TWO_ACTIVE = (
+    "  2 copies are active: every active copy judges each API-key request and the strictest answer wins, and the "
+    "server logs an ERROR about it; delete or deactivate api_key_guard_copy (keep api_key_guard)"
+)
+UNLISTED = "copies: cannot tell - could not list the server's functions: "
+
+
+def test_the_guard_file_has_the_marker_line_install_looks_for(install, local):
+    assert (install.GUARD_MARKER in local.content.splitlines(), install.GUARD_MARKER) == (
+        True,
+        f'HOOKS_ATTR = "{local.module.HOOKS_ATTR}"',
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, content, copy",
+    [
+        pytest.param("filter", MARKED, True, id="filter-with-the-marker-line"),
+        pytest.param("filter", MARKED.replace("\n", "\r\n"), True, id="crlf-line-endings"),
+        pytest.param("filter", "class Filter:\n    pass\n", False, id="another-filter"),
+        pytest.param("pipe", MARKED, False, id="pipe-with-the-marker"),
+        pytest.param("action", MARKED, False, id="action-with-the-marker"),
+        pytest.param("filter", f"NOTE = {MARKED.splitlines()[-1]!r}\n", False, id="marker-inside-another-line"),
+        pytest.param("filter", "", False, id="empty"),
+    ],
+)
+def test_a_copy_is_a_filter_with_the_marker_line(install, kind, content, copy):
+    assert install.is_guard_copy(install.ListedFunction(id="f", type=kind, content=content)) is copy
+
+
+@pytest.mark.parametrize(
+    "copies, unlisted, lines, problem",
+    [
+        pytest.param([], "", [NO_COPIES], "", id="none"),
+        pytest.param([("api_key_guard", True, True)], "", ["copies: api_key_guard (the only one)"], "", id="only-this"),
+        pytest.param(
+            [("api_key_guard_trial", True, False)],
+            "",
+            ["copies: api_key_guard_trial (active, not global; the only one)"],
+            "",
+            id="only-one-under-another-id",
+        ),
+        pytest.param(
+            [("api_key_guard", True, True), ("api_key_guard_trial", False, False)],
+            "",
+            ["copies: api_key_guard (active, global; installed here), api_key_guard_trial (inactive)"],
+            "",
+            id="clone-inactive",
+        ),
+        pytest.param(
+            [("api_key_guard", True, True), ("api_key_guard_copy", True, False)],
+            "",
+            [
+                "copies: api_key_guard (active, global; installed here), api_key_guard_copy (active, not global)",
+                TWO_ACTIVE,
+            ],
+            "2 copies of the guard are active (api_key_guard, api_key_guard_copy)",
+            id="two-active",
+        ),
+        pytest.param(
+            [("api_key_guard", False, True), ("a_copy", True, True), ("b_copy", True, False)],
+            "",
+            [
+                "copies: api_key_guard (inactive; installed here), a_copy (active, global), "
+                "b_copy (active, not global)",
+                "  2 copies are active: every active copy judges each API-key request and the strictest answer wins, "
+                "and the server logs an ERROR about it; delete or deactivate all but one of a_copy, b_copy",
+            ],
+            "2 copies of the guard are active (a_copy, b_copy)",
+            id="two-active-neither-this-id",
+        ),
+        pytest.param(None, "boom", [f"{UNLISTED}boom"], "", id="not-listable"),
+    ],
+)
+def test_copies_report(install, copies, unlisted, lines, problem):
+    listed = copies and [install.ListedFunction(id=i, type="filter", is_active=a, is_global=g) for i, a, g in copies]
+    assert install.copies_report("api_key_guard", listed, unlisted) == (lines, problem)
+
+
+ONE_COPY = [{"id": "api_key_guard", "active": True, "global": True}]
+
+
+def with_local_guard(local, answer: dict) -> dict:
+    """A table's export answer with GUARD_CONTENT replaced by the local guard file's content."""
+    if not isinstance(answer.get("json"), list):
+        return answer
+    listed = [
+        entry | {"content": local.content} if entry["content"] == GUARD_CONTENT else entry for entry in answer["json"]
+    ]
+    return answer | {"json": listed}
+
+
+@pytest.mark.parametrize(
+    "listing, code, verdict, lines, facts",
+    [
+        pytest.param(
+            {"json": [function(GUARD_CONTENT)]},
+            0,
+            OK_VERDICT,
+            ["copies: api_key_guard (the only one)"],
+            {"copies": ONE_COPY, "copies_error": None, "ok": True},
+            id="one-copy",
+        ),
+        pytest.param(
+            {
+                "json": [
+                    function(GUARD_CONTENT, function_id="api_key_guard_trial", active=False, is_global=False),
+                    function(GUARD_CONTENT),
+                ]
+            },
+            0,
+            OK_VERDICT,
+            ["copies: api_key_guard (active, global; installed here), api_key_guard_trial (inactive)"],
+            {
+                "copies": [*ONE_COPY, {"id": "api_key_guard_trial", "active": False, "global": False}],
+                "copies_error": None,
+                "ok": True,
+            },
+            id="clone-inactive",
+        ),
+        pytest.param(
+            {
+                "json": [
+                    function(GUARD_CONTENT, function_id="api_key_guard_copy", is_global=False),
+                    function(GUARD_CONTENT),
+                ]
+            },
+            1,
+            "verdict: NOT OK - 2 copies of the guard are active (api_key_guard, api_key_guard_copy)",
+            [
+                "copies: api_key_guard (active, global; installed here), api_key_guard_copy (active, not global)",
+                TWO_ACTIVE,
+            ],
+            {
+                "copies": [*ONE_COPY, {"id": "api_key_guard_copy", "active": True, "global": False}],
+                "copies_error": None,
+                "ok": False,
+            },
+            id="two-active",
+        ),
+        pytest.param(
+            {
+                "json": [
+                    function(GUARD_CONTENT),
+                    function(GUARD_CONTENT, function_id="guard_pipe", kind="pipe"),
+                    function(GUARD_CONTENT, function_id="guard_action", kind="action"),
+                    function("class Filter:\n    pass\n", function_id="rate_limiter"),
+                ]
+            },
+            0,
+            OK_VERDICT,
+            ["copies: api_key_guard (the only one)"],
+            {"copies": ONE_COPY, "copies_error": None, "ok": True},
+            id="pipe-action-and-other-filters-ignored",
+        ),
+        pytest.param(
+            {"status": 500, "json": {"detail": "database is locked"}},
+            0,
+            OK_VERDICT,
+            [
+                f"{UNLISTED}the server answered GET /api/v1/functions/export with 500 Internal Server Error. "
+                "Server said: database is locked"
+            ],
+            {
+                "copies": None,
+                "copies_error": "the server answered GET /api/v1/functions/export with 500 Internal Server Error. "
+                "Server said: database is locked",
+                "ok": True,
+            },
+            id="list-fails",
+        ),
+        pytest.param(
+            {"status": 403, "json": {"detail": f"no export for {KEY}"}, "headers": {"X-API-Key-Guard": "enforce"}},
+            0,
+            OK_VERDICT,
+            [
+                f"{UNLISTED}API Key Guard itself denied GET /api/v1/functions/export (403); use an admin session "
+                "token (JWT), or allow the path in the valve api_key_allowed_endpoints_admin. Server said: no export "
+                "for sk-…wxyz"
+            ],
+            {
+                "copies": None,
+                "copies_error": "API Key Guard itself denied GET /api/v1/functions/export (403); use an admin session "
+                "token (JWT), or allow the path in the valve api_key_allowed_endpoints_admin. Server said: no export "
+                "for sk-…wxyz",
+                "ok": True,
+            },
+            id="list-denied-key-masked",
+        ),
+    ],
+)
+def test_status_lists_the_copies_of_the_guard(
+    server, cli, local, defaults, expand, listing, code, verdict, lines, facts
+):
+    """One request, the function export (content, no valves), finds every filter that is the guard."""
+    server.get(FN, json=function(local.content), headers=guard_headers("enforce", local.policy(defaults)))
+    server.get(EXPORT, **with_local_guard(local, listing))
+    server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_ON)
+    server.get(CONFIG, json=CONFIG_012)
+    server.get(PERMISSIONS, json=PERMISSIONS_012)
+
+    text = cli("status", *ARGS)
+    json_code, json_out, _ = cli("status", "--json", *ARGS)
+
+    expected = [verdict, *OK_FUNCTION_LINES[:-1], *lines, *LIVE_OK, STARTUP_YES]
+    assert text == (code, [*map(expand, expected), *POSTURE_012_LINES], [])
+    assert (json_code, {name: json.loads("\n".join(json_out))[name] for name in facts}) == (code, facts)
+    assert [path for _, path in sent(server) if "/export" in path] == ["/api/v1/functions/export"] * 2  # one each
 
 
 # ---------------------------------------------------------------------------

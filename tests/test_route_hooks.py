@@ -4,11 +4,13 @@ The real thing is proven in tests/e2e; these pin the mechanics: one set of hooks
 per process whatever the reloads, current valves read, every failure denies."""
 
 import asyncio
+import logging
 import sys
 from types import SimpleNamespace
 
 import pytest
 
+from install import GUARD_FILE, guard_module
 from tests.guard_loader import load_guard
 
 USERS = {
@@ -54,15 +56,19 @@ class SyncUsers:
 
 
 class Functions:
+    """The installed guard `api_key_guard`, and `copies`: other active functions by id, with their valves."""
+
     def __init__(self):
-        self.active, self.valves, self.reads = True, {}, 0
+        self.active, self.valves, self.reads, self.copies = True, {}, 0, {}
 
     def get_function_by_id(self, function_id):
-        self.reads += 1
+        self.reads += function_id == "api_key_guard"
+        if function_id in self.copies:
+            return SimpleNamespace(is_active=True)
         return SimpleNamespace(is_active=self.active) if function_id == "api_key_guard" else None
 
     def get_function_valves_by_id(self, function_id):
-        return self.valves
+        return self.copies.get(function_id, self.valves)
 
 
 @pytest.fixture(params=[pytest.param(AsyncUsers, id="async-0.12"), pytest.param(SyncUsers, id="sync-0.6")])
@@ -74,24 +80,31 @@ def server(request, monkeypatch):
         "open_webui.models.users": SimpleNamespace(Users=request.param()),
         "open_webui.models.functions": SimpleNamespace(Functions=functions),
         "open_webui.models.groups": SimpleNamespace(Groups=SimpleNamespace(get_groups_by_member_id=lambda uid: [])),
+        "open_webui.models.models": SimpleNamespace(Models=SimpleNamespace(get_model_by_id=lambda model_id: None)),
     }
     for name, module in fakes.items():
         monkeypatch.setitem(sys.modules, name, module)
     return SimpleNamespace(app=app, functions=functions, users=fakes["open_webui.models.users"].Users)
 
 
-def call(app, key, path):
+def call(app, key, path, body=b""):
     """One HTTP request through the app; returns (status, guard header) or the 403 detail."""
-    sent = []
+    sent, chunks = [], [{"type": "http.request", "body": body, "more_body": False}]
 
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "key": key}
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    headers = [(b"authorization", b"Bearer " + key.encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "key": key}
     try:
-        asyncio.run(app.middleware_stack(scope, None, send))
+        asyncio.run(app.middleware_stack(scope, receive, send))
     except HTTPException as denied:
         return denied.status_code, denied.detail
+    except AttributeError:  # core's own answer to a key it does not know: the route had no user
+        return 500, None
     return sent[0]["status"], dict(sent[0]["headers"]).get(b"x-api-key-guard")
 
 
@@ -216,3 +229,74 @@ def test_429_carries_retry_after_and_ratelimit_headers(server):
         "RateLimit-Policy": '"minute";q=1;w=60',
         "RateLimit": '"minute";r=0;t=60',
     }
+
+
+def test_an_inactive_copy_loaded_later_never_disarms(server):
+    load_guard()
+    load_guard("api_key_guard_trial")  # a clone or trial install: loaded, not active
+    assert call(server.app, ALICE_KEY, "/openai/chat/completions") == (403, NOT_ADMITTED)
+
+
+def test_the_same_file_uploaded_as_a_tool_never_displaces_the_guard(server):
+    module = load_guard()
+    hooks = getattr(server.app, module.HOOKS_ATTR)
+    guard = hooks.guard
+    guard_module(GUARD_FILE.read_text(encoding="utf-8"), GUARD_FILE, "tool_api_key_guard")
+    assert (hooks.guard, hooks.function_ids) == (guard, {"api_key_guard"})
+    assert call(server.app, ALICE_KEY, "/openai/chat/completions") == (403, NOT_ADMITTED)
+
+
+def test_two_active_copies_both_judge_the_strictest_wins_and_one_error_says_so(server, caplog):
+    load_guard()
+    load_guard("api_key_guard_copy")
+    server.functions.valves = {"api_key_roles": "admin,user", "api_key_allowed_endpoints_user": "*"}
+    server.functions.copies = {"api_key_guard_copy": {}}  # the copy keeps the default: admins only
+    answers = [call(server.app, ALICE_KEY, "/openai/chat/completions") for _ in range(3)]
+    assert answers == [(403, NOT_ADMITTED)] * 3
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "api_key_guard: 2 copies are active (api_key_guard, api_key_guard_copy): every one judges API keys and "
+        "the strictest answer wins; deactivate or delete all but one"
+    ]
+
+
+class TwiceAuthenticatingApp(App):
+    """Open WebUI up to 0.10 with audit logging on: its audit middleware authenticates each request again."""
+
+    def build_middleware_stack(self):
+        routed = super().build_middleware_stack()
+
+        async def audited(scope, receive, send):
+            await settle(sys.modules["open_webui.models.users"].Users.get_user_by_api_key(scope["key"]))
+            await routed(scope, receive, send)
+
+        return audited
+
+
+def test_a_request_authenticated_twice_is_judged_and_counted_once(server, monkeypatch, caplog):
+    app = TwiceAuthenticatingApp()
+    monkeypatch.setitem(sys.modules, "open_webui.main", SimpleNamespace(app=app))
+    caplog.set_level(logging.INFO, "api_key_guard")
+    load_guard()
+    server.functions.valves = {"api_key_rate_limit_admin": "2/minute", "audit_log": "all"}
+    assert [call(app, ADMIN_KEY, "/api/models")[0] for _ in range(3)] == [200, 200, 429]
+    assert [r.getMessage().split(" via=")[0] for r in caplog.records].count("api_key_guard allow") == 2
+
+
+def test_a_body_is_parsed_only_once_core_accepted_the_key(server, monkeypatch):
+    module = load_guard()
+    server.functions.valves = {"api_key_roles": "admin,user", "api_key_allowed_endpoints_user": "*"} | {
+        "api_key_allowed_models_user": "cheap*"
+    }
+    monkeypatch.setattr(module, "routed_template", lambda app, scope: "/openai/chat/completions")
+    parsed = []
+    reader = module.MODEL_READERS[module.MODEL_ROUTE]
+    monkeypatch.setitem(module.MODEL_READERS, module.MODEL_ROUTE, lambda body: parsed.append(body) or reader(body))
+    body = b'{"model": "premium"}'
+    assert call(server.app, "sk-unknown000000zzzz", "/openai/chat/completions", body)[0] == 500
+    assert parsed == [], "nothing is parsed for a key core refused"
+    denied = call(server.app, ALICE_KEY, "/openai/chat/completions", body)
+    assert (denied, parsed) == (
+        (403, "API Key Guard: API keys of role 'user' may not use model 'premium' (api_key_allowed_models_user)"),
+        [{"model": "premium"}],
+    )

@@ -1,5 +1,6 @@
 """install.py against the real servers: install, a second run that changes nothing, a valve change in
-force when install returns, arming at startup and what status proves of it, a deactivated guard, uninstall.
+force when install returns, arming at startup and what status proves of it, a deactivated guard, a second copy
+of the guard under another id, uninstall.
 
 The test servers run with ENABLE_PERSISTENT_CONFIG=false. There Open WebUI's connections endpoint still
 answers and switches the base models cache in the memory of the process that served the request (0.6-0.8:
@@ -17,7 +18,10 @@ import install
 
 from .conftest import FUNCTION_ID, GUARD
 
-VERSION = install.load_local_guard().version
+LOCAL = install.load_local_guard()
+VERSION = LOCAL.version
+COPY_ID = "api_key_guard_copy"
+ONLY_COPY = "copies: api_key_guard (the only one)"
 CONNECTIONS = install.CONNECTIONS_API
 VALVES = f"/api/v1/functions/id/{FUNCTION_ID}/valves"
 STARTUP_OFF = (
@@ -119,6 +123,33 @@ def test_status_on_a_deactivated_guard_exits_non_zero(installed, capsys):
     assert code == 1
     assert lines[0].startswith("verdict: NOT OK - function is not active")
     assert run(installed, capsys, "install") == (0, ["activated"])
+
+
+def test_status_shows_a_copy_of_the_guard_and_fails_while_two_copies_are_active(installed, capsys):
+    """An admin's clone or trial install: listed while inactive, a problem once active, gone once deleted."""
+    server, jwt = installed.server, installed.people.admin.jwt
+    code, before = run(installed, capsys, "status")
+    assert ONLY_COPY in before
+    body = {"id": COPY_ID, "name": "API Key Guard copy", "content": LOCAL.content, "meta": {"manifest": LOCAL.manifest}}
+    server.ok("POST", "/api/v1/functions/create", jwt, json=body)  # Open WebUI creates it inactive, not global
+    try:
+        inactive = "copies: api_key_guard (active, global; installed here), api_key_guard_copy (inactive)"
+        assert run(installed, capsys, "status") == (code, [inactive if line == ONLY_COPY else line for line in before])
+
+        server.ok("POST", f"/api/v1/functions/id/{COPY_ID}/toggle", jwt)
+        two_active, lines = run(installed, capsys, "status")
+        assert (two_active, "2 copies of the guard are active (api_key_guard, api_key_guard_copy)" in lines[0]) == (
+            1,
+            True,
+        )
+        assert [line for line in lines if line.startswith(("copies: ", "  2 copies"))] == [
+            "copies: api_key_guard (active, global; installed here), api_key_guard_copy (active, not global)",
+            "  2 copies are active: every active copy judges each API-key request and the strictest answer wins, and "
+            "the server logs an ERROR about it; delete or deactivate api_key_guard_copy (keep api_key_guard)",
+        ]
+    finally:
+        server.ok("DELETE", f"/api/v1/functions/id/{COPY_ID}/delete", jwt)
+    assert run(installed, capsys, "status") == (code, before)
 
 
 def test_uninstall_then_status_then_reinstall(installed, capsys):
