@@ -18,6 +18,7 @@ description: Decide who may use API keys, and where: admin-only by default; role
 # listed for its role. Browser sessions are never judged here.
 
 import asyncio
+import atexit
 import collections
 import contextvars
 import fnmatch
@@ -1033,6 +1034,21 @@ class Valves(BaseModel):
             "Guard: {reason}"
         ),
     )
+    usage_accounting: bool = Field(
+        default=env_default("usage_accounting", True),
+        title="Usage accounting",
+        description=(
+            "Record requests and tokens of API-key traffic on every model route, per user, model and day, in a "
+            "table of Open WebUI's database (install.py usage, and a Prometheus endpoint). Default on."
+        ),
+    )
+    usage_retention_days: int = Field(
+        default=env_default("usage_retention_days", 90),
+        ge=1,
+        le=3650,
+        title="Usage kept (days)",
+        description="Days of usage kept; older days are deleted once an hour. Default 90.",
+    )
     audit_log: Literal["deny", "all", "off"] = Field(
         default=env_default("audit_log", "deny"),
         title="Audit log",
@@ -1485,6 +1501,344 @@ class Filter:
 
 
 # ---------------------------------------------------------------------------
+# Usage accounting. A key that may call a model spends money; the admin must
+# see who spent what, on every route a key reaches, streams and aborted
+# streams included. The response is read as it passes (never held back): only
+# the latest usage report is kept. Aggregates per day x user x model x route
+# class x decision go to a table of the guard's own in Open WebUI's database,
+# added to from every worker by one flush every USAGE_FLUSH_SECONDS, off the
+# request path.
+# ---------------------------------------------------------------------------
+USAGE_TABLE = "api_key_guard_usage"
+USAGE_FLUSH_SECONDS = 5.0
+if os.environ.get("API_KEY_GUARD_TEST_CACHE_SECONDS"):
+    USAGE_FLUSH_SECONDS = float(os.environ["API_KEY_GUARD_TEST_CACHE_SECONDS"])
+USAGE_PRUNE_SECONDS = 3600.0
+MAX_USAGE_LINE_BYTES = 2**20  # one SSE/NDJSON line; a longer one is skipped, not kept
+MAX_USAGE_JSON_BYTES = 4 * 2**20  # a JSON answer is kept up to this to find its usage
+MAX_REPORTED_TOKENS = 10_000_000  # more in one answer is absurd: refused as data
+CHARS_PER_TOKEN = 4  # the estimate: 4 bytes of request or answer per token, one token per streamed chunk
+ROUTE_CLASSES = (
+    ("/api/chat/", "chat"),
+    ("/api/v1/chat/", "chat"),
+    ("/openai/", "openai"),
+    ("/ollama/", "ollama"),
+    ("/api/v1/tasks/", "tasks"),
+    ("/api/embeddings", "embeddings"),
+    ("/api/v1/embeddings", "embeddings"),
+    ("/api/message", "messages"),
+    ("/api/v1/messages", "messages"),
+    ("/api/v1/channels/", "channels"),
+)
+
+
+def route_class(path: str) -> str:
+    return next((name for prefix, name in ROUTE_CLASSES if path.startswith(prefix)), "other")
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    estimated: bool
+
+
+def reported_usage(obj: Any) -> dict | None:
+    """{input, output, total} from one answer object (OpenAI chat/Responses/embeddings, Anthropic,
+    Ollama), or None when it reports none; numbers that are no sane token count refuse the report."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    for holder in ("response", "message"):  # Responses stream's final event, Anthropic's message_start
+        if not isinstance(usage, dict) and isinstance(obj.get(holder), dict):
+            usage = obj[holder].get("usage")
+    if isinstance(usage, dict):
+        fields = {
+            "input": usage.get("prompt_tokens", usage.get("input_tokens")),
+            "output": usage.get("completion_tokens", usage.get("output_tokens")),
+            "total": usage.get("total_tokens"),
+        }
+    elif "prompt_eval_count" in obj or "eval_count" in obj:
+        fields = {"input": obj.get("prompt_eval_count"), "output": obj.get("eval_count"), "total": None}
+    else:
+        return None
+    for value in fields.values():
+        sane = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS
+        if value is not None and not sane:
+            return {"invalid": True}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class UsageMeter:
+    """Reads one answer as it passes: SSE and NDJSON line by line, keeping only the latest usage;
+    a JSON body up to MAX_USAGE_JSON_BYTES. Never raises into the response."""
+
+    def __init__(self, request_bytes: int):
+        self.request_bytes = request_bytes
+        self.kind = "json"
+        self.carry = b""
+        self.kept: list = []
+        self.kept_bytes = 0
+        self.answer_bytes = 0
+        self.chunks = 0
+        self.found: dict = {}
+        self.invalid = False
+        self.status = 0
+
+    def start(self, message: dict) -> None:
+        self.status = message.get("status", 0)
+        for name, value in message.get("headers", ()):
+            if name.lower() == b"content-type":
+                kind = value.split(b";")[0].strip().lower()
+                self.kind = {b"text/event-stream": "sse", b"application/x-ndjson": "ndjson"}.get(kind, "json")
+
+    def feed(self, data: bytes) -> None:
+        self.answer_bytes += len(data)
+        if self.kind == "json":
+            if self.kept_bytes + len(data) <= MAX_USAGE_JSON_BYTES:
+                self.kept.append(data)
+            self.kept_bytes += len(data)
+            return
+        lines = (self.carry + data).split(b"\n")
+        self.carry = lines.pop()
+        if len(self.carry) > MAX_USAGE_LINE_BYTES:
+            self.carry = b""  # an attacker-sized line is skipped, never kept
+        for line in lines:
+            self.line(line)
+
+    def line(self, line: bytes) -> None:
+        line = line.strip()
+        if self.kind == "sse":
+            if not line.startswith(b"data:"):
+                return
+            line = line[5:].strip()
+            if not line or line == b"[DONE]":
+                return
+        elif not line:
+            return
+        self.chunks += 1
+        if b"usage" in line or b"eval_count" in line:
+            self.take(line)
+
+    def take(self, text: bytes) -> None:
+        try:
+            report = reported_usage(json.loads(text))
+        except (ValueError, RecursionError):
+            return
+        if report is not None and report.get("invalid"):
+            self.invalid = True
+        elif report:
+            self.found.update(report)  # Anthropic streams input first, output last: latest per field wins
+
+    def result(self) -> Usage:
+        if self.carry:
+            self.line(self.carry)
+            self.carry = b""
+        if self.kind == "json" and self.kept and self.kept_bytes <= MAX_USAGE_JSON_BYTES:
+            self.take(b"".join(self.kept))
+            self.kept = []
+        found = {} if self.invalid else self.found
+        if "input" in found or "output" in found:
+            inp, out = found.get("input", 0), found.get("output", 0)
+            return Usage(inp, out, max(found.get("total", 0), inp + out), False)
+        inp = math.ceil(self.request_bytes / CHARS_PER_TOKEN)
+        out = self.chunks if self.kind != "json" else math.ceil(self.answer_bytes / CHARS_PER_TOKEN)
+        return Usage(inp, out, inp + out, True)
+
+
+USAGE_COLUMNS = ("requests", "input_tokens", "output_tokens", "total_tokens", "estimated_requests")
+USAGE_KEY = ("day", "user_id", "model", "route_class", "decision")
+USAGE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {USAGE_TABLE} (day VARCHAR(10) NOT NULL, user_id VARCHAR(255) NOT NULL, "
+    "model VARCHAR(255) NOT NULL, route_class VARCHAR(32) NOT NULL, decision VARCHAR(16) NOT NULL, "
+    + ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in USAGE_COLUMNS)
+    + f", PRIMARY KEY ({', '.join(USAGE_KEY)}))"
+)
+USAGE_UPSERT = (
+    f"INSERT INTO {USAGE_TABLE} ({', '.join(USAGE_KEY + USAGE_COLUMNS)}) "  # noqa: S608 - table and column names are constants
+    f"VALUES ({', '.join(':' + c for c in USAGE_KEY + USAGE_COLUMNS)}) "
+    f"ON CONFLICT ({', '.join(USAGE_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = {USAGE_TABLE}.{c} + excluded.{c}" for c in USAGE_COLUMNS)
+)
+
+
+def openwebui_engine() -> Any:
+    db = sys.modules.get("open_webui.internal.db")
+    engine = getattr(db, "engine", None)
+    if engine is None:
+        raise LookupError("open_webui.internal.db.engine is not loaded")
+    return engine
+
+
+class UsageBook:
+    """This process's usage since the last flush, and the thread that adds it to the database.
+
+    The request path only adds to a dict under a lock; a crash loses at most the last
+    USAGE_FLUSH_SECONDS. A database that fails keeps the rows for the next flush (bounded) and
+    logs one ERROR per cause: recording never refuses or slows a request."""
+
+    MAX_PENDING_ROWS = 100_000
+
+    def __init__(self, engine: Callable[[], Any] = openwebui_engine, seconds: float = USAGE_FLUSH_SECONDS):
+        self.engine = engine
+        self.seconds = seconds
+        self.retention_days = 90
+        self._rows: dict = {}
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._created = False
+        self._pruned_at = 0.0
+        self._failed: str | None = None
+
+    def add(self, key: tuple, usage: Usage | None) -> None:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                if len(self._rows) >= self.MAX_PENDING_ROWS:
+                    return
+                row = self._rows[key] = [0, 0, 0, 0, 0]
+            row[0] += 1
+            if usage is not None:
+                row[1] += usage.input_tokens
+                row[2] += usage.output_tokens
+                row[3] += usage.total_tokens
+                row[4] += usage.estimated
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="api-key-guard-usage", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.seconds)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._flushing:
+            with self._lock:
+                rows, self._rows = self._rows, {}
+            if not rows and self._created and time.monotonic() - self._pruned_at < USAGE_PRUNE_SECONDS:
+                return
+            try:
+                with self.engine().begin() as conn:
+                    self._ensure_table(conn)
+                    if rows:
+                        conn.execute(sql_text(USAGE_UPSERT), [usage_params(k, v) for k, v in rows.items()])
+                    if time.monotonic() - self._pruned_at >= USAGE_PRUNE_SECONDS:
+                        self._pruned_at = time.monotonic()
+                        conn.execute(
+                            sql_text(f"DELETE FROM {USAGE_TABLE} WHERE day < :cutoff"),  # noqa: S608 - table and column names are constants
+                            {"cutoff": cutoff_day(self.retention_days)},
+                        )
+                self._failed = None
+            except Exception as exc:
+                self._keep(rows)
+                cause = describe(exc)
+                if cause != self._failed:
+                    self._failed = cause
+                    log.error(
+                        "api_key_guard usage not written to the database (kept for the next flush): %s",
+                        log_field(cause),
+                    )
+
+    def _keep(self, rows: dict) -> None:
+        with self._lock:
+            for key, values in rows.items():
+                row = self._rows.setdefault(key, [0, 0, 0, 0, 0])
+                for i, v in enumerate(values):
+                    row[i] += v
+                if len(self._rows) >= self.MAX_PENDING_ROWS:
+                    break
+
+    def _ensure_table(self, conn: Any) -> None:
+        if not self._created:
+            conn.execute(sql_text(USAGE_DDL))
+            self._created = True
+
+    def rows(self, since: str, until: str) -> list[dict]:
+        """Aggregated rows between two days (inclusive), with the user's email, this worker's unflushed
+        rows first written so the answer is current."""
+        self.flush()
+        query = (
+            f'SELECT u.*, usr.email AS user_email FROM {USAGE_TABLE} u LEFT JOIN "user" usr ON usr.id = u.user_id '  # noqa: S608 - table and column names are constants
+            "WHERE u.day >= :since AND u.day <= :until ORDER BY u.day, u.user_id, u.model, u.route_class, u.decision"
+        )
+        with self.engine().begin() as conn:
+            self._ensure_table(conn)
+            return [dict(r._mapping) for r in conn.execute(sql_text(query), {"since": since, "until": until})]
+
+    def drop(self) -> None:
+        with self.engine().begin() as conn:
+            conn.execute(sql_text(f"DROP TABLE IF EXISTS {USAGE_TABLE}"))
+        self._created = False
+
+
+def sql_text(statement: str) -> Any:
+    return sys.modules["sqlalchemy"].text(statement)
+
+
+def usage_params(key: tuple, values: list) -> dict:
+    return dict(zip(USAGE_KEY + USAGE_COLUMNS, (*key, *values), strict=True))
+
+
+def cutoff_day(days: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() - days * 86400))
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+_usage_book: UsageBook | None = None
+
+
+def usage_book() -> UsageBook:
+    global _usage_book
+    if _usage_book is None:
+        _usage_book = UsageBook()
+    return _usage_book
+
+
+def openmetrics(rows: list[dict]) -> str:
+    """Prometheus/OpenMetrics text of the aggregates: counters since the oldest day kept."""
+
+    def label(value: Any) -> str:
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    requests: dict = {}
+    tokens: dict = {}
+    for row in rows:
+        who = (row["user_id"], row.get("user_email") or "", row["model"], row["route_class"])
+        requests[(*who, row["decision"])] = requests.get((*who, row["decision"]), 0) + row["requests"]
+        for kind in ("input", "output"):
+            tokens[(*who, kind)] = tokens.get((*who, kind), 0) + row[f"{kind}_tokens"]
+    names = ("user_id", "user_email", "model", "route_class")
+    lines = [
+        "# TYPE api_key_guard_requests counter",
+        "# HELP api_key_guard_requests API-key requests the guard judged, by decision.",
+    ]
+    for key, value in sorted(requests.items()):
+        labels = ",".join(f'{n}="{label(v)}"' for n, v in zip((*names, "decision"), key, strict=True))
+        lines.append(f"api_key_guard_requests_total{{{labels}}} {value}")
+    lines += [
+        "# TYPE api_key_guard_tokens counter",
+        "# HELP api_key_guard_tokens Tokens of admitted API-key requests, reported or estimated.",
+    ]
+    for key, value in sorted(tokens.items()):
+        labels = ",".join(f'{n}="{label(v)}"' for n, v in zip((*names, "kind"), key, strict=True))
+        lines.append(f"api_key_guard_tokens_total{{{labels}}} {value}")
+    return "\n".join([*lines, "# EOF", ""])
+
+
+# ---------------------------------------------------------------------------
 # Route guard. An inlet filter only sees the chat pipeline, yet the same key
 # reaches models through /openai/*, /ollama/*, task and embedding routes, and
 # the whole REST API. Open WebUI authenticates every API key through one call,
@@ -1593,6 +1947,10 @@ class RequestState:
     refusal: Refusal | None = None
     marks: tuple = ()  # response headers, (bytes, bytes)
     listing: tuple = ()  # a key's model listing is trimmed to what every one of these ModelLists admits
+    usage: tuple | None = None  # (user id, model, route class, decision) to record once the answer is sent
+    meter: UsageMeter | None = None  # reads the answer of an admitted model request for its tokens
+    started: float = 0.0
+    audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -1845,13 +2203,17 @@ class RouteGuard:
 
     async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
         redact_keys_in_url(scope)
-        state = scope[STATE_KEY] = RequestState()
+        state = scope[STATE_KEY] = RequestState(started=time.monotonic())
         path, method = scope["path"], scope["method"]
         if is_api_key(scope_credential(scope)):
             if path.startswith(BODY_PREFIXES):
                 receive = await self.read_body(state, receive)
-            if method == "GET" and path.startswith(LISTING_PREFIXES):  # an uncompressed answer can be trimmed
+            # an uncompressed answer can be trimmed (listings) and metered (model routes)
+            if path.startswith(BODY_PREFIXES) or (method == "GET" and path.startswith(LISTING_PREFIXES)):
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+        report = self.usage_report(path, method)
+        if report is not None:
+            return await self.serve_usage(scope, receive, send, inner, report)
         send = self.marking(state, send)
         if method == "POST" and path.startswith(FUNCTIONS_PATH) and path.endswith("/valves/update"):
             receive, send = await self.explaining_refused_save(receive, send)
@@ -1861,6 +2223,54 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
+            if state.usage is not None:
+                record_usage(state)
+
+    def usage_report(self, path: str, method: str) -> str | None:
+        """'usage', 'metrics' or 'drop' for the guard's own read-outs, served under a copy's function path."""
+        if not path.startswith(FUNCTIONS_PATH + "id/"):
+            return None
+        function_id, _, tail = path[len(FUNCTIONS_PATH) + 3 :].partition("/")
+        if function_id not in self.hooks.function_ids:
+            return None
+        return {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}.get(
+            (method, tail)
+        )
+
+    async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
+        """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
+        authenticates the request (an admin key or session, nothing else), then its answer is replaced."""
+        valves_path = scope["path"].rsplit("/", 1)[0] + "/valves"
+        query = urllib.parse.parse_qs((scope.get("query_string") or b"").decode("latin-1"))
+        scope.update(method="GET", path=valves_path, raw_path=valves_path.encode("latin-1"), query_string=b"")
+        held: list = []
+
+        async def send_report(message):
+            if message["type"] == "http.response.start":
+                if message["status"] != 200:
+                    return await send(message)
+                held.append(message)
+                return None
+            if not held:
+                return await send(message)
+            if message.get("more_body", False):
+                return None
+            try:
+                content_type, body = await asyncio.to_thread(usage_answer, report, query)
+                status = 200
+            except Exception as exc:
+                log.error("api_key_guard could not read usage: %s", log_field(describe(exc)))
+                content_type, body, status = (
+                    "application/json",
+                    b'{"detail": "API Key Guard could not read usage"}',
+                    500,
+                )
+            headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return None
+
+        await inner(scope, receive, send_report)
 
     async def read_body(self, state: RequestState, receive: Callable) -> Callable:
         """Read (not parse) the body of a key request that may name a model, when some active copy
@@ -1902,6 +2312,16 @@ class RouteGuard:
         held: list = []
 
         async def send_marked(message):
+            meter = state.meter
+            if meter is not None:
+                try:
+                    if message["type"] == "http.response.start":
+                        meter.start(message)
+                    elif message["type"] == "http.response.body":
+                        meter.feed(message.get("body", b""))
+                except Exception as exc:  # metering must never break an answer
+                    state.meter = None
+                    log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *state.marks]
                 if state.listing and message["status"] == 200:
@@ -1961,7 +2381,24 @@ class RouteGuard:
             state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
             state.listing = tuple(listing) if refusal is None else ()
             state.judged, state.refusal = True, refusal
+            if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
+                await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
         return refusal
+
+    async def start_usage(
+        self, state: RequestState, copies: list, user: Any, path: str, asked: ModelRequest, kind: Any, refusal: Any
+    ) -> None:
+        """What the answer of this request will be recorded under; a meter for an admitted model request."""
+        try:
+            model = await answering_model(asked.model) if asked.model else "-"
+        except Exception:  # the decision already stands; the record falls back to the named model
+            model = asked.model or "-"
+        decision = "allow" if refusal is None else "limit" if refusal.status == 429 else "deny"
+        state.usage = (str(user.id), model, route_class(path), decision)
+        state.audit_all = any(c.valves.audit_log == "all" for c in copies)
+        usage_book().retention_days = copies[0].valves.usage_retention_days
+        if refusal is None and kind in MODEL_READERS:
+            state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
 
 
 def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
@@ -1975,6 +2412,65 @@ def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
     except (ValueError, RecursionError):
         body = None
     return reader(body)
+
+
+async def answering_model(model_id: str) -> str:
+    """The model core calls for `model_id`: a workspace model's base, whoever made it."""
+    key = ("answers", model_id)
+    cached = _model_cache.get(key)
+    if cached is None:
+        record = await settle(openwebui_model("models", "Models").get_model_by_id(model_id))
+        cached = str(getattr(record, "base_model_id", None) or model_id) if record is not None else model_id
+        _model_cache.put(key, cached)
+    return cached
+
+
+def record_usage(state: RequestState) -> None:
+    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+    try:
+        usage = state.meter.result() if state.meter is not None else None
+        usage_book().add((today(), *state.usage), usage)
+    except Exception as exc:  # recording must never break or refuse a request
+        log.error("api_key_guard could not record usage: %s", log_field(describe(exc)))
+        return
+    if usage is not None and state.audit_all:
+        user_id, model, klass, _ = state.usage
+        log.info(
+            "api_key_guard usage user=%s model=%s route=%s status=%s input=%d output=%d total=%d estimated=%s ms=%d",
+            log_field(user_id),
+            log_field(model),
+            klass,
+            state.meter.status,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+            "yes" if usage.estimated else "no",
+            (time.monotonic() - state.started) * 1000,
+        )
+
+
+def usage_answer(report: str, query: dict) -> tuple[str, bytes]:
+    """(content type, body) of a usage read-out; runs in a thread (it queries the database)."""
+    book = usage_book()
+    if report == "drop":
+        book.drop()
+        return "application/json", json.dumps({"dropped": USAGE_TABLE}).encode()
+    since = day_param(query, "since", cutoff_day(book.retention_days))
+    until = day_param(query, "until", today())
+    rows = book.rows(since, until)
+    if report == "metrics":
+        return "application/openmetrics-text; version=1.0.0; charset=utf-8", openmetrics(rows).encode()
+    return "application/json", json.dumps({"since": since, "until": until, "rows": rows}, default=str).encode()
+
+
+DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def day_param(query: dict, name: str, default: str) -> str:
+    value = (query.get(name) or [default])[0]
+    if not DAY.fullmatch(value):
+        raise ValueError(f"{name} must be a day written YYYY-MM-DD")
+    return value
 
 
 async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
