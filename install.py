@@ -11,7 +11,9 @@
                                 [--id api_key_guard] [--file GUARD.py] [--no-arm-at-startup] [--dry-run]
                                 [--ca-bundle PATH]
     uv run install.py status --url URL --api-key KEY [--json] [--no-arm-at-startup] [--id ID] [--file GUARD.py]
-    uv run install.py uninstall --url URL --api-key KEY [--id ID] [--file GUARD.py] [--ca-bundle PATH]
+    uv run install.py uninstall --url URL --api-key KEY [--drop-usage] [--id ID] [--file GUARD.py] [--ca-bundle PATH]
+    uv run install.py usage --url URL --api-key KEY [--since 7d|DATE] [--until DATE] [--by user|model|day]
+                            [--json|--csv]
 
 (`pipx run install.py ...`, or `python3 install.py ...` with requests and pydantic installed, work the same.)
 OPENWEBUI_URL and OPENWEBUI_API_KEY stand in for --url and --api-key. The credential is an
@@ -30,7 +32,9 @@ Exit codes:
 """
 
 import argparse
+import csv
 import importlib.util
+import io
 import json
 import os
 import re
@@ -39,6 +43,7 @@ import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from time import sleep
 from typing import Any, NamedTuple
@@ -888,9 +893,108 @@ def uninstall(client: Client, guard: LocalGuard, args: argparse.Namespace) -> in
     if read_function(client, function_id) is None:
         print(f"{function_id} is not installed; nothing to do")
         return 0
+    left = usage_left_behind(client, function_id, args.drop_usage)  # the function serves it: ask first
     if client.call("DELETE", function_path(function_id, "/delete"), shape=bool).data is not True:
         raise ServerError(f"the server did not delete function {function_id}; check the server log")
     print(f"deleted function {function_id}")
+    print(left)
+    return 0
+
+
+def usage_left_behind(client: Client, function_id: str, drop: bool) -> str:
+    """What uninstall leaves in the database, or that it dropped it (before the function, which serves it)."""
+    table = "api_key_guard_usage"
+    try:
+        if drop:
+            client.call("DELETE", function_path(function_id, "/usage"), shape=dict[str, Any])
+            return f"dropped the usage table {table}"
+        path = function_path(function_id, "/usage") + f"?since={ALL_DAYS}"
+        rows = client.call("GET", path, shape=dict[str, Any]).data.get("rows", [])
+    except InstallError as exc:
+        return f"usage table {table}: not read ({exc}); it stays in Open WebUI's database if it exists"
+    return (
+        f"usage table {table} stays in Open WebUI's database ({len(rows)} rows); "
+        "`install.py uninstall --drop-usage` removes it"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Usage: what API keys spent, read from the guard's table through core's admin check
+# ---------------------------------------------------------------------------
+ALL_DAYS = "2000-01-01"
+COUNTED = ("requests", "input_tokens", "output_tokens", "total_tokens", "estimated_requests")
+USAGE_FIELDS = ("day", "user_id", "user_email", "model", *COUNTED)
+USAGE_GROUPS = {
+    None: ("day", "user_id", "user_email", "model"),
+    "user": ("user_id", "user_email"),
+    "model": ("model",),
+    "day": ("day",),
+}
+
+
+def day_argument(text: str, today: date | None = None) -> str:
+    """`7d` (the last 7 days, today included) or YYYY-MM-DD."""
+    today = today or datetime.now(UTC).date()
+    if re.fullmatch(r"[0-9]+d", text):
+        return (today - timedelta(days=int(text[:-1]) - 1)).isoformat()
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected Nd (e.g. 7d) or a day YYYY-MM-DD") from None
+
+
+def read_usage(client: Client, function_id: str, since: str, until: str | None) -> list[dict]:
+    query = f"?since={since}" + (f"&until={until}" if until else "")
+    data = client.call("GET", function_path(function_id, "/usage") + query, shape=dict[str, Any]).data
+    return [row for row in data.get("rows", []) if row.get("decision") == "allow"]
+
+
+def grouped_usage(rows: list[dict], by: str | None) -> list[dict]:
+    """Rows summed per group (user x model x day by default), sorted, the totals row last."""
+    keys = USAGE_GROUPS[by]
+    groups: dict = {}
+    for row in rows:
+        key = tuple(row.get(k) or "" for k in keys)
+        into = groups.setdefault(key, dict.fromkeys(COUNTED, 0))
+        for field in COUNTED:
+            into[field] += int(row.get(field) or 0)
+    out = [
+        {**dict.fromkeys(USAGE_FIELDS), **dict(zip(keys, key, strict=True)), **v} for key, v in sorted(groups.items())
+    ]
+    total = {**dict.fromkeys(USAGE_FIELDS), "day": "total" if "day" in keys else None}
+    total |= {f: sum(r[f] for r in out) for f in COUNTED}
+    return [*out, total]
+
+
+def usage_lines(rows: list[dict], by: str | None) -> list[str]:
+    keys = USAGE_GROUPS[by]
+    columns = [k for k in ("day", "user", "model") if k in keys or (k == "user" and "user_id" in keys)]
+    head = [*columns, "requests", "input", "output", "total", "estimated"]
+
+    def cells(row: dict) -> list[str]:
+        who = f"{row['user_email'] or '-'} ({row['user_id']})" if row.get("user_id") else ""
+        named = {"day": row.get("day") or "", "user": who, "model": row.get("model") or ""}
+        if row is rows[-1]:
+            named = dict.fromkeys(columns, "") | {columns[0]: "total"}
+        return [named[c] for c in columns] + [str(row[f]) for f in COUNTED]
+
+    table = [head, *(cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
+
+
+def usage(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
+    rows = grouped_usage(read_usage(client, args.id, args.since, args.until), args.by)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=USAGE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        print(out.getvalue(), end="")
+    else:
+        print("\n".join(usage_lines(rows, args.by)))
     return 0
 
 
@@ -901,6 +1005,7 @@ COMMANDS: dict[str, Callable[[Client, LocalGuard, argparse.Namespace], int]] = {
     "install": install,
     "status": status,
     "uninstall": uninstall,
+    "usage": usage,
 }
 
 
@@ -952,7 +1057,17 @@ def build_parser() -> argparse.ArgumentParser:
     install_parser.add_argument("--dry-run", action="store_true", help="read everything, print what would change")
     status_parser = commands.add_parser("status", parents=[common, arming], help="report whether the guard is in force")
     status_parser.add_argument("--json", action="store_true", help="print one JSON object")
-    commands.add_parser("uninstall", parents=[common], help="delete the function")
+    uninstall_parser = commands.add_parser("uninstall", parents=[common], help="delete the function")
+    uninstall_parser.add_argument(
+        "--drop-usage", action="store_true", help="also delete the usage table (kept by default)"
+    )
+    usage_parser = commands.add_parser("usage", parents=[common], help="what API keys used: requests and tokens")
+    usage_parser.add_argument("--since", type=day_argument, default=day_argument("7d"), help="Nd or YYYY-MM-DD (7d)")
+    usage_parser.add_argument("--until", type=day_argument, help="last day, YYYY-MM-DD (default today)")
+    usage_parser.add_argument("--by", choices=("user", "model", "day"), help="one row per user, model or day")
+    output = usage_parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON rows")
+    output.add_argument("--csv", action="store_true", help="print CSV rows")
     return parser
 
 

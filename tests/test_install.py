@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -1502,26 +1503,44 @@ def test_status_lists_the_copies_of_the_guard(
 # ---------------------------------------------------------------------------
 # uninstall
 # ---------------------------------------------------------------------------
+USAGE_KEPT = (
+    "usage table api_key_guard_usage stays in Open WebUI's database (2 rows); "
+    "`install.py uninstall --drop-usage` removes it"
+)
+
+
 @pytest.mark.parametrize(
-    "present, lines, calls",
+    "present, flags, lines, calls",
     [
         pytest.param(
             True,
-            ["deleted function api_key_guard"],
-            [("GET", FN_PATH), ("DELETE", f"{FN_PATH}/delete")],
-            id="present",
+            [],
+            ["deleted function api_key_guard", USAGE_KEPT],
+            [("GET", FN_PATH), ("GET", f"{FN_PATH}/usage?since=2000-01-01"), ("DELETE", f"{FN_PATH}/delete")],
+            id="present-usage-kept",
         ),
-        pytest.param(False, ["api_key_guard is not installed; nothing to do"], [("GET", FN_PATH)], id="absent"),
+        pytest.param(
+            True,
+            ["--drop-usage"],
+            ["deleted function api_key_guard", "dropped the usage table api_key_guard_usage"],
+            [("GET", FN_PATH), ("DELETE", f"{FN_PATH}/usage"), ("DELETE", f"{FN_PATH}/delete")],
+            id="present-usage-dropped",
+        ),
+        pytest.param(False, [], ["api_key_guard is not installed; nothing to do"], [("GET", FN_PATH)], id="absent"),
     ],
 )
-def test_uninstall(server, cli, local, present, lines, calls):
+def test_uninstall(server, cli, local, present, flags, lines, calls):
     if present:
         server.get(FN, json=function(local.content))
+        if flags:
+            server.delete(f"{FN}/usage", json={"dropped": "api_key_guard_usage"})
+        else:
+            server.get(f"{FN}/usage", json={"rows": [{"decision": "allow"}, {"decision": "deny"}]})
         server.delete(f"{FN}/delete", json=True)
     else:
         server.get(FN, status=401, json=NOT_FOUND)
 
-    assert cli("uninstall", "--url", URL, "--api-key", KEY) == (0, lines, [])
+    assert cli("uninstall", "--url", URL, "--api-key", KEY, *flags) == (0, lines, [])
     assert sent(server) == calls
 
 
@@ -1788,7 +1807,11 @@ ERROR_CASES = [
     pytest.param(
         ["uninstall", *ARGS],
         None,
-        [answer(json=function("x")), answer(method="DELETE", url=f"{FN}/delete", json=False)],
+        [
+            answer(json=function("x")),
+            answer(url=f"{FN}/usage", json={"rows": []}),
+            answer(method="DELETE", url=f"{FN}/delete", json=False),
+        ],
         "error: the server did not delete function api_key_guard; check the server log",
         3,
         id="uninstall-not-deleted",
@@ -1927,3 +1950,102 @@ def test_a_missing_guard_file_is_a_usage_error(server, cli, tmp_path):
             "api_key_guard.py next to install.py or pass --file PATH"
         ],
     )
+
+
+# ---------------------------------------------------------------------------
+# usage
+# ---------------------------------------------------------------------------
+ROWS = [
+    {
+        "day": "2026-12-03",
+        "user_id": "u1",
+        "user_email": "a@x",
+        "model": "m1",
+        "decision": "allow",
+        "requests": 2,
+        "input_tokens": 10,
+        "output_tokens": 20,
+        "total_tokens": 30,
+        "estimated_requests": 1,
+    },
+    {
+        "day": "2026-12-04",
+        "user_id": "u1",
+        "user_email": "a@x",
+        "model": "m2",
+        "decision": "allow",
+        "requests": 1,
+        "input_tokens": 1,
+        "output_tokens": 2,
+        "total_tokens": 3,
+        "estimated_requests": 0,
+    },
+    {
+        "day": "2026-12-04",
+        "user_id": "u2",
+        "user_email": None,
+        "model": "m1",
+        "decision": "deny",
+        "requests": 5,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "total_tokens": 0,
+        "estimated_requests": 0,
+    },
+]
+
+
+@pytest.mark.parametrize(
+    ("by", "table"),
+    [
+        pytest.param(
+            "user",
+            [
+                "user      requests  input  output  total  estimated",
+                "a@x (u1)  3         11     22      33     1",
+                "total     3         11     22      33     1",
+            ],
+            id="by-user",
+        ),
+        pytest.param(
+            "model",
+            [
+                "model  requests  input  output  total  estimated",
+                "m1     2         10     20      30     1",
+                "m2     1         1      2       3      0",
+                "total  3         11     22      33     1",
+            ],
+            id="by-model",
+        ),
+        pytest.param(
+            None,
+            [
+                "day         user      model  requests  input  output  total  estimated",
+                "2026-12-03  a@x (u1)  m1     2         10     20      30     1",
+                "2026-12-04  a@x (u1)  m2     1         1      2       3      0",
+                "total                        3         11     22      33     1",
+            ],
+            id="user-model-day",
+        ),
+    ],
+)
+def test_usage_table_counts_admitted_requests_totals_last(server, cli, by, table):
+    server.get(f"{FN}/usage", json={"rows": ROWS})
+    assert cli("usage", "--url", URL, "--api-key", KEY, *(["--by", by] if by else [])) == (0, table, [])
+
+
+def test_usage_json_rows_carry_the_documented_fields(server, cli, install):
+    server.get(f"{FN}/usage", json={"rows": ROWS})
+    code, out, _ = cli("usage", "--url", URL, "--api-key", KEY, "--json", "--since", "2026-12-01")
+    rows = json.loads("\n".join(out))
+    assert (code, sorted(rows[0]), rows[-1]["total_tokens"]) == (0, sorted(install.USAGE_FIELDS), 33)
+    assert sent(server) == [("GET", f"{FN_PATH}/usage?since=2026-12-01")]
+
+
+@pytest.mark.parametrize(
+    ("text", "day"),
+    [("7d", "2026-11-28"), ("1d", "2026-12-04"), ("2026-01-31", "2026-01-31")],
+    ids=["week", "today", "date"],
+)
+def test_day_argument(install, text, day):
+    assert install.day_argument(text, today=date(2026, 12, 4)) == day
