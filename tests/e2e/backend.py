@@ -11,12 +11,23 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODELS = ("test-model", "other-model")
+OLLAMA_MODELS = ("llama-test:latest",)
+# What the backend reports, so a test can compare the guard's numbers with what a model really said.
+CHAT_USAGE = {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}
+EMBEDDING_USAGE = {"prompt_tokens": 5, "total_tokens": 5}
+RESPONSES_USAGE = {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}
+OLLAMA_USAGE = {"prompt_eval_count": 6, "eval_count": 8}
+OLLAMA_EMBED_USAGE = {"prompt_eval_count": 5}
+STREAM_TEXTS = ("po", "n", "g")  # "pong", in three chunks
+STREAM_CHUNKS = len(STREAM_TEXTS)
+CUT_OFF = "cut the stream off"  # a last user message saying this gets a stream with no usage and no [DONE]
 
 
 class CountingBackend:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.by_path: dict[str, int] = {}
+        self.posted: list[str] = []  # the model of every POST, in arrival order ("" when the body names none)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -27,6 +38,16 @@ class CountingBackend:
     def calls(self) -> int:
         with self.lock:
             return sum(self.by_path.values())
+
+    def models_since(self, mark: int) -> list[str]:
+        """The models of the POSTs (chat, embeddings, responses) served after the first `mark` of them."""
+        with self.lock:
+            return self.posted[mark:]
+
+    @property
+    def posts(self) -> int:
+        with self.lock:
+            return len(self.posted)
 
     def start(self) -> "CountingBackend":
         self.thread.start()
@@ -68,6 +89,10 @@ class CountingBackend:
 
             def do_GET(self):
                 backend._count("GET " + self.path)
+                if self.path == "/api/tags":  # Ollama's listing (servers started with Ollama on)
+                    return self._json({"models": [{"name": m, "model": m, "size": 1} for m in OLLAMA_MODELS]})
+                if self.path == "/api/version":
+                    return self._json({"version": "0.6.0"})
                 if self.path.rstrip("/").endswith("/models"):
                     data = [{"id": m, "object": "model", "created": 0, "owned_by": "tests"} for m in MODELS]
                     return self._json({"object": "list", "data": data})
@@ -76,10 +101,16 @@ class CountingBackend:
             def do_POST(self):
                 backend._count("POST " + self.path)
                 body = self._body()
+                with backend.lock:
+                    backend.posted.append(str(body.get("model") or ""))
                 model = body.get("model", MODELS[0])
+                if self.path in ("/api/chat", "/api/generate"):
+                    return self._ollama(model, body)
+                if self.path in ("/api/embed", "/api/embeddings"):
+                    return self._json({"model": model, "embeddings": [[0.1, 0.2]], **OLLAMA_EMBED_USAGE})
                 if self.path.endswith("/chat/completions"):
                     if body.get("stream"):
-                        return self._stream(model)
+                        return self._stream(model, cut=asks_for_a_cut(body))
                     return self._json(completion(model))
                 if self.path.endswith("/embeddings"):
                     inputs = body.get("input") or [""]
@@ -87,7 +118,7 @@ class CountingBackend:
                     data = [
                         {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))
                     ]
-                    return self._json({"object": "list", "data": data, "model": model})
+                    return self._json({"object": "list", "data": data, "model": model, "usage": EMBEDDING_USAGE})
                 if self.path.endswith("/responses"):
                     return self._json(
                         {
@@ -105,22 +136,48 @@ class CountingBackend:
                                     "content": [{"type": "output_text", "text": "pong", "annotations": []}],
                                 }
                             ],
-                            "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2},
+                            "usage": RESPONSES_USAGE,
                         }
                     )
                 return self._json({"error": "not found"}, 404)
 
-            def _stream(self, model: str) -> None:
+            def _stream(self, model: str, cut: bool = False) -> None:
+                """An OpenAI stream: CHUNKS content chunks, then (unless cut off) a usage chunk and [DONE]."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
                 chunk = completion(model)
                 chunk["object"] = "chat.completion.chunk"
-                chunk["choices"] = [
-                    {"index": 0, "delta": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}
-                ]
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+                del chunk["usage"]
+                for i in range(STREAM_CHUNKS):
+                    last = i == STREAM_CHUNKS - 1
+                    delta = (
+                        {"role": "assistant", "content": STREAM_TEXTS[i]} if i == 0 else {"content": STREAM_TEXTS[i]}
+                    )
+                    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}]
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                if not cut:
+                    final = {**chunk, "choices": [], "usage": CHAT_USAGE}
+                    self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                self.close_connection = True
+
+            def _ollama(self, model: str, body: dict) -> None:
+                """Ollama's /api/chat and /api/generate: NDJSON by default, the counts in the last object."""
+                final = {"model": model, "done": True, "done_reason": "stop", **OLLAMA_USAGE}
+                if body.get("stream") is False:
+                    return self._json(
+                        {**final, "message": {"role": "assistant", "content": "pong"}, "response": "pong"}
+                    )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for text in ("po", "ng"):
+                    part = {"model": model, "message": {"role": "assistant", "content": text}, "response": text}
+                    self.wfile.write((json.dumps({**part, "done": False}) + "\n").encode())
+                self.wfile.write((json.dumps(final) + "\n").encode())
                 self.close_connection = True
 
         return Handler
@@ -133,5 +190,10 @@ def completion(model: str) -> dict:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": CHAT_USAGE,
     }
+
+
+def asks_for_a_cut(body: dict) -> bool:
+    messages = body.get("messages") or [{}]
+    return isinstance(messages[-1], dict) and messages[-1].get("content") == CUT_OFF

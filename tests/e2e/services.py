@@ -14,8 +14,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +170,11 @@ def start_redis(root: Path, request) -> Redis:
 # Open WebUI in production shape: PostgreSQL + Redis + two uvicorn workers.
 # ---------------------------------------------------------------------------
 WORKERS = 2
+# Bound on sending until every worker has shown what a test needs (until_every_worker).
+EVERY_WORKER_SECONDS = 60.0
+# How long the workers a connection must avoid stay stopped while another accepts it: far below the 5 s
+# after which uvicorn's supervisor takes an unanswered ping for a hung worker.
+STEER_SECONDS = 1.0
 # Function-state and group cache lifetime on these servers (API_KEY_GUARD_TEST_CACHE_SECONDS).
 STATE_TTL_SECONDS = 0.5
 # SQLAlchemy driver per release: what the release's own wheel brings (no extras installed).
@@ -213,13 +218,15 @@ def start_topology(version: str, root: Path, request, start_deployment) -> Topol
 def wait_until_every_worker_answers(server) -> None:
     """/health answers once the first worker is up; until every worker has served a connection, a worker
     may still be in its startup and would miss whatever reaches the others (install's model listings)."""
-    answered = set()
-
-    def every_worker_answered() -> bool:
-        answered.update({s.worker for s in in_waves(server, "", [("GET", "/health", None)], bool, WORKERS)} - {None})
-        return len(answered) >= WORKERS
-
-    wait_until(every_worker_answered, server.process, f"every worker of Open WebUI {server.version}", server.log_path)
+    served = until_every_worker(server, "", [("GET", "/health", None)], bool, READY_TIMEOUT)
+    answered = per_worker(served)
+    if server.process.poll() is not None:
+        raise RuntimeError(f"Open WebUI {server.version} exited during startup; see {server.log_path}")
+    if len(answered.keys() & uvicorn_workers(server.process.pid)) < server.workers:
+        raise RuntimeError(
+            f"not every worker of Open WebUI {server.version} answered within {READY_TIMEOUT:g} s "
+            f"(answers per worker: {answered}); see {server.log_path}"
+        )
 
 
 @dataclass(frozen=True)
@@ -228,38 +235,114 @@ class Served:
     headers: dict  # lower-case names
     body: bytes
     worker: int | None  # pid of the worker process that held the connection
+    answered: float  # time.monotonic() once the answer was read
 
     def json(self):
         return json.loads(self.body or b"null")
 
 
-def on_fresh_connection(server, method: str, path: str, token: str, body: dict | None = None) -> Served:
-    """One request on a new TCP connection (so the kernel hands it to any worker), and who served it."""
+def on_fresh_connection(
+    server, method: str, path: str, token: str, body: dict | None = None, avoid: Collection[int] = ()
+) -> Served:
+    """One request on a new TCP connection (so the kernel hands it to any worker), and who served it.
+
+    Workers in `avoid` are stopped (SIGSTOP) from before the connection is made until another worker has
+    accepted it, STEER_SECONDS at most, and continued before the request is sent: the kernel can then only
+    hand the connection to a worker not avoided, as long as one is accepting."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
-        connection.connect()
-        worker = accepting_worker(server, connection.sock.getsockname()[1])
+        with stopped(avoid):
+            connection.connect()
+            client_port = connection.sock.getsockname()[1]
+            worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
+        worker = worker or accepting_worker(server, client_port)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         response = connection.getresponse()
         data = response.read()
-        return Served(response.status, {k.lower(): v for k, v in response.getheaders()}, data, worker)
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        return Served(response.status, headers, data, worker, time.monotonic())
     finally:
         connection.close()
 
 
-def in_waves(server, token: str, requests: list[tuple], enough: Callable[[list], bool], limit: int) -> list[Served]:
-    """Cycle through `requests` ((method, path, body)) on new connections until `enough(served)` or `limit`.
+def until_every_worker(
+    server,
+    token: str,
+    requests: list[tuple],
+    done: Callable[[list[Served]], bool],
+    seconds: float = EVERY_WORKER_SECONDS,
+    pause: float = 0.0,
+) -> list[Served]:
+    """Cycle through `requests` ((method, path, body)), each on a new connection, until `done(answers)`
+    holds for the answers of each of the server's workers, or `seconds` have passed (the caller's
+    assertion then shows what each worker answered).
 
-    WORKERS at a time: sent one after another, the kernel tends to hand them all to the worker that
-    answered last, and a claim about every worker would rest on one."""
+    Which worker accepts a connection is the kernel's choice, and it tends to hand them all to the worker
+    that answered last (or to the only one listening while another still starts). So each connection is
+    steered: the workers already done are stopped while it is accepted, and a worker still to be done
+    takes it. No count of requests is assumed: each worker gets as many as its `done` needs."""
     served: list[Served] = []
-    with ThreadPoolExecutor(WORKERS) as pool:
-        while len(served) < limit and not enough(served):
-            wave = [requests[(len(served) + i) % len(requests)] for i in range(WORKERS)]
-            futures = [pool.submit(on_fresh_connection, server, m, path, token, body) for m, path, body in wave]
-            served += [future.result() for future in futures]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and server.process.poll() is None:
+        workers = uvicorn_workers(server.process.pid)
+        answers = per_worker(served)
+        finished = {worker for worker in workers if done(answers.get(worker, []))}
+        if len(workers) >= server.workers and finished == workers:
+            break
+        method, path, body = requests[len(served) % len(requests)]
+        served.append(on_fresh_connection(server, method, path, token, body, avoid=finished))
+        time.sleep(pause)
     return served
+
+
+def per_worker(served: list[Served]) -> dict[int, list[Served]]:
+    """The answers by worker (pid), in the order they came; answers of no known worker are left out."""
+    answers: dict[int, list[Served]] = {}
+    for s in served:
+        if s.worker is not None:
+            answers.setdefault(s.worker, []).append(s)
+    return answers
+
+
+def seconds_to_first(served: list[Served], condition: Callable[[Served], bool], since: float) -> dict[int, float]:
+    """Per worker, how long after `since` its first answer came for which `condition` held."""
+    firsts = {w: [s.answered for s in answers if condition(s)] for w, answers in per_worker(served).items()}
+    return {w: round(min(times) - since, 2) for w, times in firsts.items() if times}
+
+
+@contextmanager
+def stopped(pids: Collection[int]):
+    """The processes `pids` stopped (SIGSTOP, then seen stopped in every thread) for the block, and
+    continued (SIGCONT) after it, also on failure. Kept short: uvicorn's supervisor restarts a worker that
+    does not answer its ping within 5 s."""
+    paused = []
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            paused.append(pid)
+        deadline = time.monotonic() + STEER_SECONDS
+        while not all(map(is_stopped, paused)) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS / 10)
+        yield
+    finally:
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def is_stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (or the process gone): none of them can accept a connection."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").glob("*/stat"))
+        return all(stat.read_text().rsplit(")", 1)[1].split()[0] in "TtZX" for stat in tasks)
+    except OSError:
+        return True
 
 
 def model_calls(backend) -> int:
@@ -268,10 +351,10 @@ def model_calls(backend) -> int:
         return sum(n for call, n in backend.by_path.items() if call.startswith("POST "))
 
 
-def accepting_worker(server, client_port: int) -> int | None:
+def accepting_worker(server, client_port: int, timeout: float = READY_TIMEOUT) -> int | None:
     """The worker that accepted our connection; asked before the request is sent, because a server may
     close the connection right after its answer (e.g. when it answers before reading the body)."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         owner = connection_owner(server.process.pid, server.port, client_port)
         if owner is not None:
