@@ -2140,12 +2140,14 @@ class Copy:
 
 
 def needs_body(valves: Valves) -> bool:
-    """Whether a key request's body must be read: some tier has a model list or counts requests."""
+    """Whether a key request's body must be read: usage is recorded by model, or some tier has a model
+    list or counts requests."""
     try:
         policy = policy_from_valves(valves)
     except Exception:
         return False  # the lookup fails closed with the same error and logs it
-    return any(not t.models.admits_all or t.rate_limit.windows for t in (policy.admin, policy.user))
+    tiers = (policy.admin, policy.user)
+    return valves.usage_accounting or any(not t.models.admits_all or t.rate_limit.windows for t in tiers)
 
 
 class RouteGuard:

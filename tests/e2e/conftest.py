@@ -27,8 +27,11 @@ FUNCTION_ID = "api_key_guard"
 WAIT_SECONDS = max(GUARD.GROUPS_TTL_SECONDS, GUARD.FUNCTION_STATE_TTL_SECONDS) + 5.0
 POLL_SECONDS = 0.05
 ADVERSARIAL_FILE = "test_adversarial.py"
+HARDENING_FILE = "e2e/test_hardening.py"  # not tests/test_hardening.py, the unit tables
 RELEASE_ID = re.compile(r"owui-([0-9.]+)")
+HARDENING_CLASS = re.compile(r"::test_([a-z0-9]+)")  # the word after test_ in the function name
 CASES = {"run": Counter(), "passed": Counter()}  # per release, for the summary line
+CLASSES = {"run": Counter(), "passed": Counter()}  # per hardening class, in the order first run
 
 
 def wait_for(condition: Callable, what: str, timeout: float = WAIT_SECONDS):
@@ -42,11 +45,15 @@ def wait_for(condition: Callable, what: str, timeout: float = WAIT_SECONDS):
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and ADVERSARIAL_FILE in report.nodeid:
+    if report.when == "call" and (ADVERSARIAL_FILE in report.nodeid or HARDENING_FILE in report.nodeid):
         release = RELEASE_ID.search(report.nodeid)
         release = release[1] if release else "?"
         CASES["run"][release] += 1
         CASES["passed"][release] += report.passed
+        kind = HARDENING_CLASS.search(report.nodeid) if HARDENING_FILE in report.nodeid else None
+        if kind:
+            CLASSES["run"][kind[1]] += 1
+            CLASSES["passed"][kind[1]] += report.passed
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -60,7 +67,14 @@ def pytest_terminal_summary(terminalreporter):
             f"adversarial: {run.total()} cases run, {passed.total()} passed, bypasses found = {len(bypasses)}"
             + (f" ({', '.join(bypasses)})" if bypasses else "")
             + f"; per release passed/run: {per_release}"
+            + (f"; per class: {per_class}" if (per_class := classes_line()) else "")
         )
+
+
+def classes_line() -> str:
+    """`dos 8/8, workspace 12/12, ...`: the hardening classes (tests/e2e/test_hardening.py), every release."""
+    run, passed = CLASSES["run"], CLASSES["passed"]
+    return ", ".join(f"{kind} {passed[kind]}/{run[kind]}" for kind in run)
 
 
 def pytest_collection_modifyitems(items):
@@ -140,10 +154,16 @@ def leaked(deployment: Deployment) -> list[str]:
     return [s[:6] + "…" + s[-4:] for s in deployment.secrets if (s[3:] if s.startswith("sk-") else s[-20:]) in text]
 
 
-def start_deployment(version: str, workdir: Path, request, install_guard: bool = True, **extra_env) -> Deployment:
-    """A real server with its counting backend and people; the guard installed with defaults unless told not to."""
+def start_deployment(
+    version: str, workdir: Path, request, install_guard: bool = True, ollama: bool = False, **extra_env
+) -> Deployment:
+    """A real server with its counting backend and people; the guard installed with defaults unless told not to.
+
+    `ollama` also connects Open WebUI's Ollama API to the backend (its /api/* routes)."""
     backend = CountingBackend().start()
     request.addfinalizer(backend.stop)
+    if ollama:
+        extra_env |= {"ENABLE_OLLAMA_API": "true", "OLLAMA_BASE_URL": backend.url.removesuffix("/v1")}
     server = OpenWebUI(version, workdir / "data", backend.url, extra_env=extra_env)
     deployment = None
 
