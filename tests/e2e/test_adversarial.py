@@ -219,9 +219,8 @@ PATH_ALLOWED = [
     # The router does not strip the slash: the web app's catch-all answers with its HTML shell, no data.
     pytest.param("GET", "/api/models/", "page", False, id="path-allowed:trailing-slash-on-model-list"),
     pytest.param("GET", "/api/models?x=/openai/chat/completions", "ok", None, id="path-allowed:other-path-in-query"),
-    # Prefixes admit the whole subtree: the default user entry /api/v1/models also admits the model
-    # management API under it; only core's own permission check (workspace.models) refuses alice.
-    pytest.param("POST", "/api/v1/models/create", "core-401", False, id="path-allowed:prefix-admits-model-management"),
+    # The default user entry is `GET /api/v1/models`: reading models, not the model management under it.
+    pytest.param("POST", "/api/v1/models/create", "guard", False, id="path-denied:default-reads-models-only"),
 ]
 
 
