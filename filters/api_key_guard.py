@@ -109,6 +109,27 @@ CACHE_MAX_ENTRIES = 4096
 
 
 # ---------------------------------------------------------------------------
+# Process-wide state. Open WebUI executes this file anew for every copy and
+# every code update; counters kept in the module would start again from zero
+# whenever an admin clones the function. They live on the route hooks instead,
+# which exist once per process.
+# ---------------------------------------------------------------------------
+_outside_openwebui: dict = {}
+
+
+def process_wide(name: str, build: Callable[[], Any]) -> Any:
+    """The one `name` object of this process (built on first use), shared by every loaded copy."""
+    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
+    store = getattr(hooks, "shared", None) if hooks is not None else _outside_openwebui
+    if store is None:
+        store = hooks.shared = {}
+    found = store.get(name)
+    if found is None:
+        found = store[name] = build()
+    return found
+
+
+# ---------------------------------------------------------------------------
 # Rate limits. A leaked key is also a cost problem: a script looping on
 # /openai/chat/completions spends the owner's model budget at machine speed.
 # The valves api_key_rate_limit_admin / _user cap admitted API-key requests per
@@ -486,15 +507,9 @@ def shorten_timeouts(client: Any, seconds: float) -> int:
     return len(changed)
 
 
-_limiter: Limiter | None = None
-
-
 def limiter() -> Limiter:
     """This process's limiter, built on first use: Redis through Open WebUI when it has Redis."""
-    global _limiter
-    if _limiter is None:
-        _limiter = build_limiter()
-    return _limiter
+    return process_wide("limiter", build_limiter)
 
 
 def build_limiter() -> Limiter:
@@ -1252,9 +1267,6 @@ class AuditThrottle:
             return suppressed
 
 
-_audit_throttle = AuditThrottle()
-
-
 def _reject(
     decision: Decision,
     facts: Facts,
@@ -1279,7 +1291,7 @@ def _reject(
         level = logging.WARNING if audit != "off" and (stop or not quiet) else None
     suppressed = 0
     if level is not None and not decision.allowed:
-        suppressed = _audit_throttle.admit((facts.user_id, decision.reason, error))
+        suppressed = process_wide("audit_throttle", AuditThrottle).admit((facts.user_id, decision.reason, error))
         level = None if suppressed is None else level
     if level is not None:
         word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
@@ -1728,7 +1740,11 @@ class UsageBook:
             if not rows and self._created and time.monotonic() - self._pruned_at < USAGE_PRUNE_SECONDS:
                 return
             try:
-                with self.engine().begin() as conn:
+                engine = self.engine()
+            except LookupError:  # not inside Open WebUI (tests, linters): nowhere to write
+                return
+            try:
+                with engine.begin() as conn:
                     self._ensure_table(conn)
                     if rows:
                         conn.execute(sql_text(USAGE_UPSERT), [usage_params(k, v) for k, v in rows.items()])
@@ -1797,14 +1813,8 @@ def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
 
-_usage_book: UsageBook | None = None
-
-
 def usage_book() -> UsageBook:
-    global _usage_book
-    if _usage_book is None:
-        _usage_book = UsageBook()
-    return _usage_book
+    return process_wide("usage_book", UsageBook)
 
 
 def openmetrics(rows: list[dict]) -> str:
@@ -1986,6 +1996,11 @@ KEY_IN_TEXT = re.compile(r"sk-[A-Za-z0-9_\-]*")
 KEY_IN_PATH = re.compile(r"sk-[0-9a-fA-F]{32}")  # exactly Open WebUI's key shape: other path segments stay
 
 
+def url_fingerprint(key: str) -> str:
+    """The fingerprint as a URL shows it: plain ASCII, so the access line reads it as written."""
+    return fingerprint(key).replace("…", "...")
+
+
 def redact_keys_in_url(scope: dict) -> None:
     query = scope.get("query_string") or b""
     if query and (b"sk-" in query or b"%" in query):
@@ -1994,7 +2009,7 @@ def redact_keys_in_url(scope: dict) -> None:
             scope["query_string"] = redacted.encode("latin-1")
     path = scope.get("path") or ""
     if "sk-" in path and KEY_IN_PATH.search(path):
-        scope["path"] = KEY_IN_PATH.sub(lambda m: fingerprint(m[0]), path)
+        scope["path"] = KEY_IN_PATH.sub(lambda m: url_fingerprint(m[0]), path)
         scope["raw_path"] = urllib.parse.quote(scope["path"]).encode("latin-1")
 
 
@@ -2007,7 +2022,7 @@ def redacted_query(query: str) -> str | None:
         plain = urllib.parse.unquote_plus(part)
         if "sk-" in plain:
             name, sep, value = plain.partition("=")
-            name, value = (KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), v) for v in (name, value))
+            name, value = (KEY_IN_TEXT.sub(lambda m: url_fingerprint(m[0]), v) for v in (name, value))
             part = urllib.parse.quote_plus(name) + sep + urllib.parse.quote_plus(value)
         parts.append(part)
     return "&".join(parts)
@@ -2153,9 +2168,10 @@ def needs_body(valves: Valves) -> bool:
 class RouteGuard:
     """This copy of the file as the route hooks use it: per-request work for API-key requests only."""
 
-    def __init__(self, app: Any, hooks: Any):
+    def __init__(self, app: Any, hooks: Any, function_id: str = ""):
         self.app = app
         self.hooks = hooks
+        self.function_id = function_id
         self._states: dict[str, FunctionState] = {}
         self._kinds: dict = {}
         self._several_logged: tuple = ()
@@ -2203,8 +2219,24 @@ class RouteGuard:
                 self._kinds[key] = kind
         return kind
 
+    async def judging_copy(self) -> "RouteGuard":
+        """The copy whose code judges: the most recently loaded ACTIVE copy, so an inactive clone or
+        trial install (older code, say) never takes over; this one while none is active."""
+        try:
+            active = {c.function_id for c in await self.active_copies()}
+            loaded = [g for g in getattr(self.hooks, "guards", {}).values() if g.function_id in active]
+        except Exception:
+            return self
+        return loaded[-1] if loaded else self
+
     async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
         redact_keys_in_url(scope)
+        judge = await self.judging_copy()
+        if judge is not self:
+            return await judge.serve_here(scope, receive, send, inner)
+        return await self.serve_here(scope, receive, send, inner)
+
+    async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
         state = scope[STATE_KEY] = RequestState(started=time.monotonic())
         path, method = scope["path"], scope["method"]
         if is_api_key(scope_credential(scope)):
@@ -2351,8 +2383,13 @@ class RouteGuard:
         await send({"type": "http.response.body", "body": body})
 
     async def check(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
-        """Judge a key core just authenticated; None lets the request through. Core may authenticate one
-        request twice (its audit middleware up to 0.10): the second lookup gets the first answer, uncounted."""
+        """Judge a key core just authenticated; None lets the request through."""
+        judge = await self.judging_copy()
+        return await judge.check_here(user, api_key, scope)
+
+    async def check_here(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
+        """Core may authenticate one request twice (its audit middleware up to 0.10, and 0.12 after a
+        refusal): the second lookup gets the first answer, uncounted and unlogged."""
         state = scope.get(STATE_KEY) if scope is not None else None
         if state is not None and state.judged:
             return state.refusal
@@ -2520,8 +2557,13 @@ def arm_route_guard(module_name: str) -> RouteHooks | None:
         setattr(app, HOOKS_ATTR, hooks)
     if not isinstance(getattr(hooks, "function_ids", None), set):  # hooks an older copy installed
         hooks.function_ids = set()
+    if not isinstance(getattr(hooks, "guards", None), dict):
+        hooks.guards = {}
     hooks.function_ids.add(function_id)
-    hooks.guard = RouteGuard(app, hooks)
+    guard = RouteGuard(app, hooks, function_id)
+    hooks.guards.pop(function_id, None)  # a reload of a copy makes it the most recently loaded
+    hooks.guards[function_id] = guard
+    hooks.guard = guard
     return hooks
 
 

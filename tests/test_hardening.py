@@ -140,10 +140,10 @@ def test_audit_throttle_counts_what_it_left_out():
 
 KEY = "sk-" + "0123456789abcdef" * 2
 QUERIES = [
-    pytest.param(f"api_key={KEY}", "api_key=sk-%E2%80%A6cdef", id="value"),
-    pytest.param(f"a=1&token={KEY}&b=2", "a=1&token=sk-%E2%80%A6cdef&b=2", id="among-others"),
-    pytest.param(f"k=%73k-{KEY[3:]}", "k=sk-%E2%80%A6cdef", id="percent-encoded"),
-    pytest.param(f"{KEY}", "sk-%E2%80%A6cdef", id="bare"),
+    pytest.param(f"api_key={KEY}", "api_key=sk-...cdef", id="value"),
+    pytest.param(f"a=1&token={KEY}&b=2", "a=1&token=sk-...cdef&b=2", id="among-others"),
+    pytest.param(f"k=%73k-{KEY[3:]}", "k=sk-...cdef", id="percent-encoded"),
+    pytest.param(f"{KEY}", "sk-...cdef", id="bare"),
     pytest.param("q=skill&page=2", None, id="no-key"),
 ]
 
@@ -156,7 +156,7 @@ def test_keys_in_the_query_string_become_fingerprints(query, redacted):
 def test_keys_in_the_path_become_fingerprints():
     scope = {"path": f"/api/{KEY}/x", "query_string": b""}
     g.redact_keys_in_url(scope)
-    assert (scope["path"], scope["raw_path"]) == ("/api/sk-…cdef/x", b"/api/sk-%E2%80%A6cdef/x")
+    assert (scope["path"], scope["raw_path"]) == ("/api/sk-...cdef/x", b"/api/sk-...cdef/x")
 
 
 @pytest.mark.parametrize(

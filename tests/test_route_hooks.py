@@ -300,3 +300,19 @@ def test_a_body_is_parsed_only_once_core_accepted_the_key(server, monkeypatch):
         (403, "API Key Guard: API keys of role 'user' may not use model 'premium' (api_key_allowed_models_user)"),
         [{"model": "premium"}],
     )
+
+
+def test_counters_are_the_processs_not_the_copys(server):
+    """A clone or trial install executes the file anew: its loading must not hand a key a fresh limit."""
+    load_guard()
+    server.functions.valves = {"api_key_rate_limit_admin": "2/minute"}
+    assert [call(server.app, ADMIN_KEY, "/api/models")[0] for _ in range(2)] == [200, 200]
+    load_guard("api_key_guard_trial")
+    assert call(server.app, ADMIN_KEY, "/api/models")[0] == 429
+
+
+def test_the_newest_active_copy_judges_not_the_newest_loaded(server):
+    module = load_guard()
+    load_guard("api_key_guard_trial")  # loaded later, inactive: its code must not take over
+    hooks = getattr(server.app, module.HOOKS_ATTR)
+    assert asyncio.run(hooks.guard.judging_copy()).function_id == "api_key_guard"

@@ -12,7 +12,9 @@ import pytest
 from tests.guard_loader import load_guard
 
 from . import test_matrix as single_process
-from .conftest import DEFAULT_VALVES, start_deployment
+from .attacks import add_account
+from .backend import CHAT_USAGE
+from .conftest import DEFAULT_VALVES, start_deployment, wait_for
 from .provision import VERSIONS
 from .routes import CHAT_BODY
 from .services import (
@@ -163,3 +165,24 @@ def test_deactivating_disarms_every_worker_and_activating_rearms_every_worker(to
 
 
 test_policy_matrix_on_this_topology = single_process.test_matrix  # admin keys and sessions keep working
+
+
+def test_usage_totals_are_exact_across_workers_on_postgresql(topology):
+    """Two workers add to one usage table in PostgreSQL: every admitted request counted once, with its tokens."""
+    deployment = topology.deployment
+    deployment.configure(api_key_roles="admin,user", api_key_allowed_endpoints_user="*")
+    account = add_account(deployment, "metered")
+    request = ("POST", "/openai/chat/completions", CHAT_BODY)
+    served = until_every_worker(deployment.server, account.api_key, [request], lambda answers: len(answers) >= 3)
+    admitted = sum(s.status == 200 for s in served)
+    by_worker = {worker: len(answers) for worker, answers in per_worker(served).items()}
+    path = f"/api/v1/functions/id/{GUARD_ID}/usage?since=2000-01-01"
+
+    def totals():
+        rows = deployment.server.ok("GET", path, deployment.people.admin.api_key)["rows"]
+        mine = [r for r in rows if r["user_id"] == account.id]
+        return (sum(r["requests"] for r in mine), sum(r["total_tokens"] for r in mine)) if mine else None
+
+    expected = (admitted, admitted * CHAT_USAGE["total_tokens"])
+    wait_for(lambda: totals() == expected, f"usage totals {expected} (served per worker: {by_worker})")
+    assert (admitted, len(by_worker)) == (len(served), WORKERS)
