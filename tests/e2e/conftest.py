@@ -165,6 +165,13 @@ def start_deployment(
     if ollama:
         extra_env |= {"ENABLE_OLLAMA_API": "true", "OLLAMA_BASE_URL": backend.url.removesuffix("/v1")}
     server = OpenWebUI(version, workdir / "data", backend.url, extra_env=extra_env)
+    if server.workers > 1:
+        # On a new database every worker's startup writes core's config rows at once, and one of them can
+        # die of the duplicate key (seen on 0.12.4 with PostgreSQL): one worker creates them first.
+        first = OpenWebUI(version, server.data_dir, backend.url, extra_env={**extra_env, "UVICORN_WORKERS": "1"})
+        request.addfinalizer(first.stop)
+        first.start()
+        first.stop()
     deployment = None
 
     def stop_and_scan_logs():
