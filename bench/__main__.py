@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.e2e.provision import VERSIONS
 from tests.guard_loader import load_guard
 
-from . import live, micro
+from . import hardening, live, micro
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The performance goals, the one place they are written: figure -> (comparison, bound).
@@ -112,7 +112,38 @@ def table(r: dict) -> list[str]:
         row("errors | wrong decisions under concurrency", conc["errors"], conc["wrong_decisions"]),
         row("server RSS before the guard | after all runs (MiB)", *map(float, live_r["rss_mb"].values())),
     ]
+    stream = live_r["long_stream"]
+    rows += [
+        "",
+        f"a {live.STREAM_CHUNKS}-chunk stream on /openai/chat/completions (no filters run there):",
+        row(
+            "  guard, its usage meter reading every chunk (ms)", stream["guard"]["median_ms"], stream["guard"]["p95_ms"]
+        ),
+        row("  no guard (ms)", stream["no_guard"]["median_ms"], stream["no_guard"]["p95_ms"]),
+        row("long stream ratio guard / no guard", stream["ratio"]),
+    ]
+    rows += hardening_rows(r["hardening"])
     rows.append(cache_line(load_guard()))
+    return rows
+
+
+def hardening_rows(h: dict) -> list[str]:
+    usage = h["usage"]
+    rows = [
+        "",
+        row("usage: meter and record one admitted JSON answer (us)", *usage["usage_record_admitted_request"].values()),
+        row("usage: meter one SSE chunk (us)", *usage["usage_meter_per_sse_chunk"].values()),
+        row(
+            "usage: send one chunk, metered | bare (us)",
+            usage["send_per_chunk_metered"]["median_us"],
+            usage["send_per_chunk_bare"]["median_us"],
+        ),
+        "",
+        "judging a crafted body after core accepted the key (ms at 1 | 2 | 4 | 8 MiB, the largest accepted):",
+    ]
+    for name, figures in h["worst_case_judging"].items():
+        ms = " | ".join(f"{v:.1f}" for v in figures["ms"].values())
+        rows.append(f"  {name:45} {ms:>32}   largest doubling x{figures['largest_doubling_ratio']:.2f}")
     return rows
 
 
@@ -139,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "micro": micro.run(),
+        "hardening": hardening.run(),
         "live": live.run(args.version, **sizes),
     }
     print("\n".join(table(results)))

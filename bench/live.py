@@ -26,6 +26,8 @@ from tests.e2e.server import Bootstrap, OpenWebUI
 INSTRUMENT = Path(__file__).resolve().parent / "instrument"
 CHEAP_GET = "/api/v1/chats/"
 GUARD_ID = "api_key_guard"
+STREAM_CHUNKS = 2000
+LONG_STREAM = {**CHAT_BODY, "stream": True, "max_tokens": STREAM_CHUNKS}  # the backend sends that many chunks
 
 
 class Server:
@@ -209,6 +211,11 @@ def run(version: str, chat_blocks: int, get_blocks: int, block: int, concurrent_
         chat = blocks(server, "POST", "/api/chat/completions", CHAT_BODY, switches, chat_blocks, block)
         for baseline in ("noop_filter", "pristine"):
             chat[f"ratio_vs_{baseline}"] = chat["guard"]["median_ms"] / chat[baseline]["median_ms"]
+        # A long stream on a route without filters: the guard's per-chunk work (usage metering) is all
+        # that differs between the arms.
+        stream_arms = {"guard": switches["guard"], "no_guard": switches["pristine"]}
+        stream = blocks(server, "POST", "/openai/chat/completions", LONG_STREAM, stream_arms, chat_blocks, block // 5)
+        stream["ratio"] = stream["guard"]["median_ms"] / stream["no_guard"]["median_ms"]
         runs = {name: [] for name in CONFIGURATIONS}
         for _ in range(2):  # every configuration twice, in turn: drift hits all
             for name, switch in switches.items():
@@ -229,6 +236,7 @@ def run(version: str, chat_blocks: int, get_blocks: int, block: int, concurrent_
         return {
             "open_webui": version,
             "chat": chat,
+            "long_stream": stream,
             "get_route_guard": get,
             "concurrency": {
                 "runs": runs,

@@ -1324,6 +1324,7 @@ def _reject(
 MAX_MODEL_ID_CHARS = 256
 MAX_FAN_OUT_TARGETS = 64
 MODEL_MENTION = "<@M:"
+MAX_MENTIONS = 1000
 
 
 def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
@@ -1332,6 +1333,8 @@ def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
     A superset of what Open WebUI's own regex (`<@([A-Z]):([^|>]+)(?:[|][^>]+)?>`) finds: every
     candidate start is tried, so a mention inside another never hides. One pass: the next `|` and
     `>` are looked up only once the scan has moved past them."""
+    if text.count(MODEL_MENTION) > MAX_MENTIONS:  # counted at C speed; no message needs this many
+        return [], f"the message holds more than {MAX_MENTIONS} model mentions"
     found: dict[str, None] = {}
     bar = gt = -2  # next '|' / '>' at or after the cursor; -2 = not looked up yet, -1 = none
     start = text.find(MODEL_MENTION)
@@ -1341,6 +1344,8 @@ def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
             bar = text.find("|", begin)
         if gt != -1 and gt < begin:
             gt = text.find(">", begin)
+        if gt == -1:  # no '>' left: no mention can start from here on
+            break
         end = min(i for i in (bar, gt) if i != -1) if (bar, gt) != (-1, -1) else -1
         label_ok = end == gt or (gt != -1 and gt > end + 1)
         if end > begin and gt != -1 and label_ok:

@@ -20,6 +20,7 @@ OLLAMA_USAGE = {"prompt_eval_count": 6, "eval_count": 8}
 OLLAMA_EMBED_USAGE = {"prompt_eval_count": 5}
 STREAM_TEXTS = ("po", "n", "g")  # "pong", in three chunks
 STREAM_CHUNKS = len(STREAM_TEXTS)
+LONG_STREAM_FROM = 100  # max_tokens from this on: that many more chunks (the benchmark's long stream)
 CUT_OFF = "cut the stream off"  # a last user message saying this gets a stream with no usage and no [DONE]
 
 
@@ -110,7 +111,7 @@ class CountingBackend:
                     return self._json({"model": model, "embeddings": [[0.1, 0.2]], **OLLAMA_EMBED_USAGE})
                 if self.path.endswith("/chat/completions"):
                     if body.get("stream"):
-                        return self._stream(model, cut=asks_for_a_cut(body))
+                        return self._stream(model, cut=asks_for_a_cut(body), chunks=long_stream(body))
                     return self._json(completion(model))
                 if self.path.endswith("/embeddings"):
                     inputs = body.get("input") or [""]
@@ -141,8 +142,9 @@ class CountingBackend:
                     )
                 return self._json({"error": "not found"}, 404)
 
-            def _stream(self, model: str, cut: bool = False) -> None:
-                """An OpenAI stream: CHUNKS content chunks, then (unless cut off) a usage chunk and [DONE]."""
+            def _stream(self, model: str, cut: bool = False, chunks: int = 0) -> None:
+                """An OpenAI stream: STREAM_CHUNKS content chunks (`chunks` more for a long one, the
+                benchmark's), then (unless cut off) a usage chunk and [DONE]."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -158,6 +160,9 @@ class CountingBackend:
                     chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}]
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                for _ in range(chunks):
+                    chunk["choices"] = [{"index": 0, "delta": {"content": " x"}, "finish_reason": None}]
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if not cut:
                     final = {**chunk, "choices": [], "usage": CHAT_USAGE}
                     self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
@@ -192,6 +197,12 @@ def completion(model: str) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
         "usage": CHAT_USAGE,
     }
+
+
+def long_stream(body: dict) -> int:
+    """Extra chunks a benchmark asks for with `max_tokens` (bounded); none otherwise."""
+    wanted = body.get("max_tokens")
+    return min(wanted, 20_000) if isinstance(wanted, int) and wanted >= LONG_STREAM_FROM else 0
 
 
 def asks_for_a_cut(body: dict) -> bool:
