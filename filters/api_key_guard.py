@@ -1389,6 +1389,29 @@ def fan_out_targets(message_ids: Any) -> tuple[list[str], str]:
     return entries, ""
 
 
+def stored_model(body: Any) -> ModelRequest:
+    """A route whose model comes from stored data: nothing in the request says which."""
+    return ModelRequest(
+        problem="this route calls the model stored with the chat or automation, which cannot be checked"
+    )
+
+
+def automation_model(body: Any) -> ModelRequest:
+    """An automation stores `data.model_id`; core calls it later on the owner's behalf."""
+    data = body.get("data") if isinstance(body, dict) else None
+    model = data.get("model_id") if isinstance(data, dict) else None
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID_CHARS:
+        return ModelRequest(problem="the automation names no model, or one too long to check")
+    return ModelRequest(model=model)
+
+
+def image_edit_model(body: Any) -> ModelRequest:
+    """An image edit names its model or takes the one the admin configured (that one is not the key's)."""
+    if isinstance(body, dict) and body.get("model") is None:
+        return NO_MODEL
+    return model_of(body)
+
+
 def model_of(body: Any) -> ModelRequest:
     """The model a request body names (and any fan-out targets), or why none could be read."""
     if not isinstance(body, dict):
@@ -1745,11 +1768,7 @@ class UsageBook:
             if not rows and self._created and time.monotonic() - self._pruned_at < USAGE_PRUNE_SECONDS:
                 return
             try:
-                engine = self.engine()
-            except LookupError:  # not inside Open WebUI (tests, linters): nowhere to write
-                return
-            try:
-                with engine.begin() as conn:
+                with self.engine().begin() as conn:
                     self._ensure_table(conn)
                     if rows:
                         conn.execute(sql_text(USAGE_UPSERT), [usage_params(k, v) for k, v in rows.items()])
@@ -1760,6 +1779,8 @@ class UsageBook:
                             {"cutoff": cutoff_day(self.retention_days)},
                         )
                 self._failed = None
+            except LookupError:  # not inside Open WebUI (tests, linters): nowhere to write
+                return
             except Exception as exc:
                 self._keep(rows)
                 cause = describe(exc)
@@ -1919,6 +1940,13 @@ MODEL_ROUTES = frozenset(
 )
 # Routes where a message can make a model answer by mentioning it (channels, 0.8+).
 MENTION_ROUTES = frozenset({"/api/v1/channels/{id}/messages/post"})
+# Routes that call a model named by stored data, not by the request: tool-call resume (0.12) takes the
+# stored message's model, an automation run (0.10+) the stored automation's. Refused where a list applies.
+STORED_MODEL_ROUTES = frozenset({"/api/v1/chats/{id}/messages/{message_id}/resolve", "/api/v1/automations/{id}/run"})
+# Automations (0.10+) store the model they will call later, with no key in sight: judged when stored.
+AUTOMATION_ROUTES = frozenset({"/api/v1/automations/create", "/api/v1/automations/{id}/update"})
+# Image edits (0.8+) use the body's model when it names one, else the admin's configured one.
+IMAGE_EDIT_ROUTES = frozenset({"/api/v1/images/edit"})
 # GET routes that list models; for a key limited to some models they list only those.
 MODEL_LISTINGS = frozenset(
     {
@@ -1938,7 +1966,22 @@ MAX_MODEL_BODY_BYTES = 8 * 2**20
 MAX_VALVES_BODY_BYTES = 2**20
 ROUTE_KIND_CACHE_ENTRIES = 1024
 MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
-MODEL_READERS = {MODEL_ROUTE: model_of, MENTIONS: mentioned_model}
+STORED, AUTOMATION, IMAGE_EDIT = "stored", "automation", "image-edit"
+MODEL_READERS = {
+    MODEL_ROUTE: model_of,
+    MENTIONS: mentioned_model,
+    STORED: stored_model,
+    AUTOMATION: automation_model,
+    IMAGE_EDIT: image_edit_model,
+}
+# Every template whose body the guard reads, by the kind of reader; the route-table contract test knows these.
+READ_ROUTES = {
+    **dict.fromkeys(MODEL_ROUTES, MODEL_ROUTE),
+    **dict.fromkeys(MENTION_ROUTES, MENTIONS),
+    **dict.fromkeys(STORED_MODEL_ROUTES, STORED),
+    **dict.fromkeys(AUTOMATION_ROUTES, AUTOMATION),
+    **dict.fromkeys(IMAGE_EDIT_ROUTES, IMAGE_EDIT),
+}
 FUNCTIONS_PATH = "/api/v1/functions/"
 
 
@@ -1948,7 +1991,7 @@ def literal_prefix(template: str) -> str:
 
 # Every path a route template matches starts with the template's text before its first parameter:
 # one str.startswith decides, before the key is checked, whether a body may have to be read.
-BODY_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_ROUTES | MENTION_ROUTES}))
+BODY_PREFIXES = tuple(sorted({literal_prefix(t) for t in READ_ROUTES}))
 LISTING_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_LISTINGS}))
 
 
@@ -2217,7 +2260,7 @@ class RouteGuard:
         kind = self._kinds.get(key, "")
         if kind == "":
             template = routed_template(self.app, scope)
-            kind = MODEL_ROUTE if template in MODEL_ROUTES else MENTIONS if template in MENTION_ROUTES else None
+            kind = READ_ROUTES.get(template)
             if template in MODEL_LISTINGS and scope["method"] == "GET":
                 kind = LISTING
             if template == scope["path"] and len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
