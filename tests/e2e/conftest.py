@@ -45,7 +45,11 @@ def wait_for(condition: Callable, what: str, timeout: float = WAIT_SECONDS):
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and (ADVERSARIAL_FILE in report.nodeid or HARDENING_FILE in report.nodeid):
+    if (
+        report.when == "call"
+        and not report.skipped
+        and (ADVERSARIAL_FILE in report.nodeid or HARDENING_FILE in report.nodeid)
+    ):
         release = RELEASE_ID.search(report.nodeid)
         release = release[1] if release else "?"
         CASES["run"][release] += 1

@@ -7,6 +7,8 @@
                never disarms it: the strictest active copy wins
     urlkey     a real key pasted into a URL reaches the log only as its fingerprint
     audit      request fields cannot forge log lines; repeated refusals are logged once per minute
+    indirect   automations, tool-call resume and image edits: the model they will call is judged, or
+               refused where it comes from stored data and a model list applies
     defaults   the default user endpoint list reads models and chats, and changes no model
 
 Each case is a named row or a named test, pinning the exact outcome (see `attacks.py`), the guard's
@@ -662,6 +664,44 @@ def test_audit_repeated_denials_are_logged_once(case, request, deployment):
     wait_for(lambda: deny_lines(deployment, rex, GUARD.REASON_MODEL), "rex's model deny line")
     assert len(deny_lines(deployment, rex, GUARD.REASON_ENDPOINT)) == 1
     assert len(deny_lines(deployment, rex, GUARD.REASON_MODEL)) == 1
+
+
+# =============================================================================================
+# indirect: routes that reach a model core finds elsewhere than in the body's `model`: an
+# automation stores the model it calls later with no key in sight, a tool-call resume and an
+# automation run call a stored model, an image edit names its own.
+# =============================================================================================
+STORED = "this route calls the model stored with the chat or automation, which cannot be checked"
+AUTOMATION = {"name": "nightly", "data": {"prompt": "ping", "model_id": FORBIDDEN, "rrule": "FREQ=DAILY"}}
+INDIRECT = [
+    pytest.param(
+        "/api/v1/automations/create", AUTOMATION, (0, 10, 0), model_denied(FORBIDDEN), id="indirect:automation"
+    ),
+    pytest.param(
+        "/api/v1/automations/a1/update",
+        AUTOMATION,
+        (0, 10, 0),
+        model_denied(FORBIDDEN),
+        id="indirect:automation-update",
+    ),
+    pytest.param("/api/v1/automations/a1/run", {}, (0, 10, 0), unreadable(STORED), id="indirect:automation-run"),
+    pytest.param("/api/v1/chats/c1/messages/m1/resolve", {}, (0, 12, 0), unreadable(STORED), id="indirect:tool-resume"),
+    pytest.param(
+        "/api/v1/images/edit",
+        {"model": FORBIDDEN, "prompt": "x", "image": "x"},
+        (0, 8, 0),
+        model_denied(FORBIDDEN),
+        id="indirect:image-edit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("target", "body", "since", "detail"), INDIRECT)
+def test_indirect_model_refused_where_a_list_applies(request, deployment, target, body, since, detail):
+    if deployment.version < since:
+        pytest.skip(f"{target} does not exist on Open WebUI {deployment.server.version}")
+    deployment.configure(**LISTED)
+    pin(request, ask(deployment, "POST", target, bearer(deployment.people.alice.api_key), body), "guard", (), detail)
 
 
 # =============================================================================================
