@@ -84,7 +84,8 @@ def usage_figures(g) -> dict:
     metered_send = guard.marking(state, bare)
     message = {"type": "http.response.body", "body": SSE_CHUNK, "more_body": True}
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(metered_send({"type": "http.response.start", "status": 200, "headers": []}))
+    sse = [(b"content-type", b"text/event-stream")]
+    loop.run_until_complete(metered_send({"type": "http.response.start", "status": 200, "headers": sse}))
 
     def through(send_fn, n: int):
         async def many():

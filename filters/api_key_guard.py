@@ -1640,12 +1640,23 @@ class UsageMeter:
                 self.kept.append(data)
             self.kept_bytes += len(data)
             return
-        lines = (self.carry + data).split(b"\n")
-        self.carry = lines.pop()
+        if self.carry:
+            data, self.carry = self.carry + data, b""
+        cut = data.rfind(b"\n") + 1
+        whole, self.carry = data[:cut], data[cut:]
         if len(self.carry) > MAX_USAGE_LINE_BYTES:
             self.carry = b""  # an attacker-sized line is skipped, never kept
-        for line in lines:
-            self.line(line)
+        self.lines(whole)
+
+    def lines(self, whole: bytes) -> None:
+        """Complete lines: counted at C speed; parsed only where one may hold a usage report."""
+        if self.kind == "sse":
+            self.chunks += whole.count(b"data:") - whole.count(b"[DONE]")
+        else:
+            self.chunks += whole.count(b"\n") + (not whole.endswith(b"\n") and bool(whole.strip()))
+        if b"usage" in whole or b"eval_count" in whole:
+            for line in whole.split(b"\n"):
+                self.line(line)
 
     def line(self, line: bytes) -> None:
         line = line.strip()
@@ -1653,12 +1664,7 @@ class UsageMeter:
             if not line.startswith(b"data:"):
                 return
             line = line[5:].strip()
-            if not line or line == b"[DONE]":
-                return
-        elif not line:
-            return
-        self.chunks += 1
-        if b"usage" in line or b"eval_count" in line:
+        if line and (b"usage" in line or b"eval_count" in line):
             self.take(line)
 
     def take(self, text: bytes) -> None:
@@ -1673,7 +1679,7 @@ class UsageMeter:
 
     def result(self) -> Usage:
         if self.carry:
-            self.line(self.carry)
+            self.lines(self.carry)
             self.carry = b""
         if self.kind == "json" and self.kept and self.kept_bytes <= MAX_USAGE_JSON_BYTES:
             self.take(b"".join(self.kept))
