@@ -176,3 +176,17 @@ def test_openmetrics_parses_with_a_real_parser():
 )
 def test_route_class(path, klass):
     assert g.route_class(path) == klass
+
+
+def test_an_admitted_requests_audit_line_carries_its_tokens(caplog, monkeypatch):
+    caplog.set_level("INFO", "api_key_guard")
+    book = g.UsageBook(engine=lambda: None, seconds=3600)
+    book._thread = True  # no flusher: the line is the point here
+    monkeypatch.setattr(g, "usage_book", lambda: book)
+    meter = g.UsageMeter(40)
+    meter.start({"status": 200, "headers": [(b"content-type", JSON)]})
+    meter.feed(json.dumps(OPENAI).encode())
+    state = g.RequestState(usage=("u1", "m", "openai", "allow"), meter=meter, audit_all=True)
+    g.record_usage(state)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("api_key_guard usage user=u1 model=m route=openai status=200 input=7 output=11 total=18")
