@@ -16,6 +16,20 @@ description: Decide who may use API keys, and where: admin-only by default; role
 # route the owner can reach. This guard narrows that: only the principals the
 # admin names may use keys at all, and each only on the endpoints and models
 # listed for its role. Browser sessions are never judged here.
+#
+# One API-key request, start to end (grep the names):
+#   RouteHooks.asgi            wraps app.middleware_stack; keeps the scope in a context variable
+#    RouteGuard.serve          redact_keys_in_url; RequestState into the scope; read_body (bytes only,
+#                              never parsed before core accepted the key); usage_report read-outs
+#     core: routing, auth      Open WebUI authenticates the credential itself
+#      RouteHooks lookup       wraps Users.get_user_by_api_key: runs once core accepted the key
+#       RouteGuard.check       judging_copy -> check_here: active_copies, route_kind, read_asked
+#        evaluate              facts_for (user_groups, models_behind) -> decide (pure) -> _reject
+#                              (the one audit line and Refusal) -> rate_limited (limiter)
+#       Refusal -> 403/429     raised as core's HTTPException, before any handler runs
+#     RouteGuard.marking       guard headers on the answer; listing_trimmed; UsageMeter reads it
+#    record_usage              UsageBook.add; its thread flushes to the database every few seconds
+# Filter.inlet judges chat requests again through the same evaluate (defence in depth).
 
 import asyncio
 import atexit
