@@ -87,7 +87,7 @@ REASON_TEXT = {
     REASON_MODEL_BEHIND: "API keys of role '{role}' may not use model '{model}', {how} ({valve})",
     REASON_FAN_OUT: (
         "API keys of role '{role}' get one model call per request, and this request asks for {count} "
-        "(message_ids; {valve})"
+        "(message_ids targets or model mentions; {valve})"
     ),
     REASON_MODEL_UNREADABLE: (
         "API keys of role '{role}' may only use the models in {valve}, and the model of this request "
@@ -803,7 +803,7 @@ def decide(facts: Facts, policy: Policy) -> Decision:
     if facts.model is not None and not models.admits(facts.model):
         return _decision(False, REASON_MODEL, role=role, model=facts.model, valve=valve)
     for model, how in facts.resolved:
-        if not models.admits(model):
+        if model == ANY_MODEL or not models.admits(model):  # "any model" passes only a list that is *
             return _decision(False, REASON_MODEL_BEHIND, role=role, model=model, how=how, valve=valve)
     return ALLOWED
 
@@ -815,9 +815,9 @@ def decide(facts: Facts, policy: Policy) -> Decision:
 def presented_credential(authorization: str | None, cookie_token: str | None, custom_header: str | None) -> str | None:
     """The token core authenticates the request with, or None."""
     if authorization:
-        scheme, _, param = authorization.partition(" ")
-        if scheme and param and scheme.lower() == "bearer":
-            return param
+        scheme, _, param = authorization.strip().partition(" ")
+        if scheme and param.strip() and scheme.lower() == "bearer":
+            return param.strip()
     if cookie_token is not None:
         return cookie_token
     if authorization:
@@ -1245,15 +1245,21 @@ async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: s
 # ---------------------------------------------------------------------------
 LOG_FIELD_CHARS = 200
 AUDIT_REPEAT_SECONDS = 60.0
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\\\"]")
+_NEEDS_QUOTES = re.compile(r"[ =\"]")
 
 
-def log_field(value: Any, limit: int = LOG_FIELD_CHARS) -> str:
-    """One bounded, single-line field: control characters and backslashes escaped, long values cut with '…'."""
+def log_field(value: Any, limit: int = LOG_FIELD_CHARS, quote: bool = True) -> str:
+    """One bounded, single-line field: control and bidi characters, quotes and backslashes escaped, long
+    values cut with '…', and a value with a space or '=' quoted so it cannot pose as more key=value pairs."""
     text = str(value) if value is not None else "-"
     text = text[: limit + 1]
-    text = _UNPRINTABLE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
-    return text if len(text) <= limit else text[:limit] + "…"
+    quoted = quote and _NEEDS_QUOTES.search(text) is not None
+    text = _UNPRINTABLE.sub(
+        lambda m: "\\" + m[0] if m[0] in '\\"' else m[0].encode("unicode_escape").decode("ascii"), text
+    )
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return f'"{text}"' if quoted else text
 
 
 class AuditThrottle:
@@ -1305,7 +1311,8 @@ def _reject(
         level = logging.WARNING if audit != "off" and (stop or not quiet) else None
     suppressed = 0
     if level is not None and not decision.allowed:
-        suppressed = process_wide("audit_throttle", AuditThrottle).admit((facts.user_id, decision.reason, error))
+        throttle = process_wide("audit_throttle", AuditThrottle)
+        suppressed = throttle.admit((facts.user_id, decision.reason, error, stop))
         level = None if suppressed is None else level
     if level is not None:
         word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
@@ -1321,8 +1328,8 @@ def _reject(
             log_field(facts.role or "-"),
             log_field(facts.path or "-"),
             log_field(facts.model or "-"),
-            log_field(decision.message, 2 * LOG_FIELD_CHARS),
-            f" [{log_field(error, 2 * LOG_FIELD_CHARS)}]" if error else "",
+            log_field(decision.message, 2 * LOG_FIELD_CHARS, quote=False),  # the free text after the fields
+            f" [{log_field(error, 2 * LOG_FIELD_CHARS, quote=False)}]" if error else "",
             f" ({suppressed} like it left out in the last {AUDIT_REPEAT_SECONDS:.0f} s)" if suppressed else "",
         )
     if not stop:
@@ -1344,9 +1351,10 @@ MAX_MENTIONS = 1000
 def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
     """The model ids of `<@M:id>` / `<@M:id|label>` mentions in `text`, up to `most` distinct ones.
 
-    A superset of what Open WebUI's own regex (`<@([A-Z]):([^|>]+)(?:[|][^>]+)?>`) finds: every
-    candidate start is tried, so a mention inside another never hides. One pass: the next `|` and
-    `>` are looked up only once the scan has moved past them."""
+    A superset of what Open WebUI's own regexes find: `<@([A-Z]):([^|>]+)(?:[|][^>]+)?>` on 0.12,
+    without the closing `>` on 0.8 and 0.10. Every candidate start is tried (a mention inside another
+    never hides) and an id runs to the next `|` or `>`, or to the end. One pass: the next `|` and `>`
+    are looked up only once the scan has moved past them."""
     if text.count(MODEL_MENTION) > MAX_MENTIONS:  # counted at C speed; no message needs this many
         return [], f"the message holds more than {MAX_MENTIONS} model mentions"
     found: dict[str, None] = {}
@@ -1358,11 +1366,8 @@ def mentioned_models(text: str, most: int = 2) -> tuple[list[str], str]:
             bar = text.find("|", begin)
         if gt != -1 and gt < begin:
             gt = text.find(">", begin)
-        if gt == -1:  # no '>' left: no mention can start from here on
-            break
-        end = min(i for i in (bar, gt) if i != -1) if (bar, gt) != (-1, -1) else -1
-        label_ok = end == gt or (gt != -1 and gt > end + 1)
-        if end > begin and gt != -1 and label_ok:
+        end = min((i for i in (bar, gt) if i != -1), default=len(text))
+        if end > begin:
             if end - begin > MAX_MODEL_ID_CHARS:
                 return [], f"a model mention is longer than {MAX_MODEL_ID_CHARS} characters"
             found.setdefault(text[begin:end])
@@ -1375,32 +1380,44 @@ def mentioned_model(body: Any) -> ModelRequest:
     answer; a message that can call no model names none, and that is no problem."""
     if not isinstance(body, dict):
         return ModelRequest(problem="the request body is not a JSON object")
-    if body.get("reply_to_id"):
-        return ModelRequest(problem="a reply can make the model of the message it answers respond")
     content = body.get("content")
     mentioned, problem = mentioned_models(content if isinstance(content, str) else str(content or ""))
+    # Each mentioned model answers, and so does the model of a message replied to: several calls.
+    calls = (MAX_MENTIONS + 1 if problem else len(mentioned)) + bool(body.get("reply_to_id"))
+    if body.get("reply_to_id"):
+        return ModelRequest(problem="a reply can make the model of the message it answers respond", calls=calls)
     if problem:
-        return ModelRequest(problem=problem)
+        return ModelRequest(problem=problem, calls=calls)
     if len(mentioned) > 1:
-        return ModelRequest(problem="the message mentions several models")
+        return ModelRequest(problem="the message mentions several models", calls=calls)
     return ModelRequest(model=mentioned[0]) if mentioned else NO_MODEL
 
 
-def fan_out_targets(message_ids: Any) -> tuple[list[str], str]:
-    """The models of a chat request's message_ids (0.10+: [{model_id, message_id}] or {model_id: id})."""
+def fan_out_targets(message_ids: Any) -> tuple[list[str], str, int]:
+    """The models of a chat request's message_ids (0.10+: [{model_id, message_id}] or {model_id: id}),
+    why they cannot be checked, and how many model calls they ask for (counted even when unreadable)."""
     if message_ids is None:
-        return [], ""
+        return [], "", 1
     if isinstance(message_ids, dict):
         entries = list(message_ids)
     elif isinstance(message_ids, list):
         entries = [e.get("model_id") if isinstance(e, dict) else None for e in message_ids]
     else:
-        return [], "message_ids is neither a list nor an object"
+        return [], "message_ids is neither a list nor an object", 2
+    calls = max(len(entries), 1)
     if len(entries) > MAX_FAN_OUT_TARGETS:
-        return [], f"message_ids has more than {MAX_FAN_OUT_TARGETS} entries"
+        return [], f"message_ids has more than {MAX_FAN_OUT_TARGETS} entries", calls
     if not all(isinstance(m, str) and 0 < len(m) <= MAX_MODEL_ID_CHARS for m in entries):
-        return [], "a message_ids entry names no model, or one too long to check"
-    return entries, ""
+        return [], "a message_ids entry names no model, or one too long to check", calls
+    return entries, "", calls
+
+
+def proxied_model(body: Any) -> ModelRequest:
+    """The provider proxy: the model may be in the forwarded path, which the guard cannot know."""
+    asked = model_of(body)
+    return ModelRequest(
+        asked.model, "the /openai proxy forwards any path, and a provider may take the model from it", asked.calls
+    )
 
 
 def stored_model(body: Any) -> ModelRequest:
@@ -1435,40 +1452,31 @@ def model_of(body: Any) -> ModelRequest:
         return ModelRequest(problem="the request names no model")
     if len(model) > MAX_MODEL_ID_CHARS:
         return ModelRequest(problem=f"the model id is longer than {MAX_MODEL_ID_CHARS} characters")
-    targets, problem = fan_out_targets(body.get("message_ids"))
+    targets, problem, calls = fan_out_targets(body.get("message_ids"))
     if problem:
-        return ModelRequest(model=model, problem=problem)
-    return ModelRequest(model=model, targets=tuple(targets), calls=max(len(targets), 1))
+        return ModelRequest(model=model, problem=problem, calls=calls)
+    return ModelRequest(model=model, targets=tuple(targets), calls=calls)
 
 
 # ---------------------------------------------------------------------------
 # The model that answers. A workspace model is a name over a base model: core
-# calls the base (`base_model_id`), so a user who may create models could wrap
-# any model in a name the key's list admits. A model a non-admin made is judged
-# on its base too; an alias an admin made is the admin's own published choice
-# and is judged by its own id. An arena model picks among its candidates.
+# calls the base (`base_model_id`), so a user who may create (or was granted
+# write access to) a model could wrap any model in a name the key's list admits.
+# Every workspace model is judged on its own id and on its base, whoever made
+# it. An arena model picks among its candidates.
 # ---------------------------------------------------------------------------
 MODEL_TTL_SECONDS = GROUPS_TTL_SECONDS
-_model_cache = TTLCache(MODEL_TTL_SECONDS)
+_model_cache = TTLCache(MODEL_TTL_SECONDS)  # for accounting only (answering_model): never for a decision
 
 
 async def models_behind(model_id: str) -> list:
-    """[(model, how)]: the models core may call when a request names `model_id`, besides it."""
-    cached = _model_cache.get(model_id)
-    if cached is None:
-        cached = tuple(await _models_behind(model_id))
-        _model_cache.put(model_id, cached)
-    return list(cached)
-
-
-async def _models_behind(model_id: str) -> list:
+    """[(model, how)]: the models core may call when a request names `model_id`, besides it. Read
+    fresh for every decision: a base model edited between check and call must not ride on a cache."""
     behind, seen, current = [], {model_id}, model_id
     for _ in range(2):  # core swaps once; a second level is judged too, never followed further
         record = await settle(openwebui_model("models", "Models").get_model_by_id(current))
         base = getattr(record, "base_model_id", None) if record is not None else None
         if not base or base in seen:
-            break
-        if await owner_role(record) == "admin":
             break
         behind.append((str(base), f"the base model of workspace model '{log_field(current, 64)}'"))
         seen.add(base)
@@ -1479,22 +1487,15 @@ async def _models_behind(model_id: str) -> list:
     return behind
 
 
-async def owner_role(record: Any) -> str:
-    owner = getattr(record, "user_id", None)
-    if not owner:
-        return ""
-    user = await settle(openwebui_model("users", "Users").get_user_by_id(owner))
-    return str(getattr(user, "role", "") or "")
-
-
 ANY_MODEL = "*"
 
 
 def arena_candidates(model_id: str) -> list | None:
     """The models an arena model picks from (None when it is no arena model); ['*'] when it may pick any."""
     main = sys.modules.get("open_webui.main")
-    models = getattr(getattr(getattr(main, "app", None), "state", None), "MODELS", None) or {}
-    model = models.get(model_id) if isinstance(models, dict) else None
+    models = getattr(getattr(getattr(main, "app", None), "state", None), "MODELS", None)
+    # a dict, or (0.8+ with WEBSOCKET_MANAGER=redis) a Redis-backed mapping with the same get()
+    model = models.get(model_id) if hasattr(models, "get") else None
     if not isinstance(model, dict) or model.get("owned_by") != "arena":
         return None
     meta = (model.get("info") or {}).get("meta") or {}
@@ -1564,6 +1565,7 @@ class Filter:
 # request path.
 # ---------------------------------------------------------------------------
 USAGE_TABLE = "api_key_guard_usage"
+USAGE_MODEL_CHARS = 255  # the model column's width
 USAGE_FLUSH_SECONDS = 5.0
 if os.environ.get("API_KEY_GUARD_TEST_CACHE_SECONDS"):
     USAGE_FLUSH_SECONDS = float(os.environ["API_KEY_GUARD_TEST_CACHE_SECONDS"])
@@ -1788,10 +1790,16 @@ class UsageBook:
             if not rows and self._created and time.monotonic() - self._pruned_at < USAGE_PRUNE_SECONDS:
                 return
             try:
-                with self.engine().begin() as conn:
+                engine = self.engine()
+            except LookupError:  # not inside Open WebUI (tests, linters): nowhere to write
+                return
+            except Exception as exc:
+                return self._failed_flush(rows, exc)
+            try:
+                with engine.begin() as conn:
                     self._ensure_table(conn)
                     if rows:
-                        conn.execute(sql_text(USAGE_UPSERT), [usage_params(k, v) for k, v in rows.items()])
+                        self._upsert(conn, rows)
                     if time.monotonic() - self._pruned_at >= USAGE_PRUNE_SECONDS:
                         self._pruned_at = time.monotonic()
                         conn.execute(
@@ -1799,17 +1807,38 @@ class UsageBook:
                             {"cutoff": cutoff_day(self.retention_days)},
                         )
                 self._failed = None
-            except LookupError:  # not inside Open WebUI (tests, linters): nowhere to write
-                return
             except Exception as exc:
-                self._keep(rows)
-                cause = describe(exc)
-                if cause != self._failed:
-                    self._failed = cause
-                    log.error(
-                        "api_key_guard usage not written to the database (kept for the next flush): %s",
-                        log_field(cause),
-                    )
+                self._failed_flush(rows, exc)
+
+    def _failed_flush(self, rows: dict, exc: Exception) -> None:
+        self._keep(rows)
+        cause = describe(exc)
+        if cause != self._failed:
+            self._failed = cause
+            log.error("api_key_guard usage not written to the database (kept for the next flush): %s", log_field(cause))
+
+    def _upsert(self, conn: Any, rows: dict) -> None:
+        """All rows in one statement; if the batch fails, row by row, and a row the database refuses is
+        dropped (logged), never kept to fail every later flush."""
+        params = [usage_params(k, v) for k, v in rows.items()]
+        try:
+            with conn.begin_nested():
+                conn.execute(sql_text(USAGE_UPSERT), params)
+            return
+        except Exception as exc:
+            batch_error = exc
+        dropped = 0
+        for row in params:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sql_text(USAGE_UPSERT), row)
+            except Exception:
+                dropped += 1
+        if dropped == len(params):
+            raise batch_error
+        log.error(
+            "api_key_guard dropped %d usage row(s) the database refused: %s", dropped, log_field(describe(batch_error))
+        )
 
     def _keep(self, rows: dict) -> None:
         with self._lock:
@@ -1933,7 +1962,6 @@ MODEL_ROUTES = frozenset(
         "/openai/chat/completions",
         "/openai/responses",
         "/openai/audio/speech",
-        "/openai/{path:path}",
         "/ollama/api/generate",
         "/ollama/api/generate/{url_idx}",
         "/ollama/api/chat",
@@ -1967,6 +1995,9 @@ STORED_MODEL_ROUTES = frozenset({"/api/v1/chats/{id}/messages/{message_id}/resol
 AUTOMATION_ROUTES = frozenset({"/api/v1/automations/create", "/api/v1/automations/{id}/update"})
 # Image edits (0.8+) use the body's model when it names one, else the admin's configured one.
 IMAGE_EDIT_ROUTES = frozenset({"/api/v1/images/edit"})
+# The provider proxy (always on 0.6-0.8; ENABLE_OPENAI_API_PASSTHROUGH on 0.10+) forwards any path,
+# `..` normalised upstream: a provider that takes the model from the path calls what the body hides.
+PROXY_ROUTES = frozenset({"/openai/{path:path}"})
 # GET routes that list models; for a key limited to some models they list only those.
 MODEL_LISTINGS = frozenset(
     {
@@ -1986,8 +2017,9 @@ MAX_MODEL_BODY_BYTES = 8 * 2**20
 MAX_VALVES_BODY_BYTES = 2**20
 ROUTE_KIND_CACHE_ENTRIES = 1024
 MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
-STORED, AUTOMATION, IMAGE_EDIT = "stored", "automation", "image-edit"
+STORED, AUTOMATION, IMAGE_EDIT, PROXY = "stored", "automation", "image-edit", "proxy"
 MODEL_READERS = {
+    PROXY: proxied_model,
     MODEL_ROUTE: model_of,
     MENTIONS: mentioned_model,
     STORED: stored_model,
@@ -2001,6 +2033,7 @@ READ_ROUTES = {
     **dict.fromkeys(STORED_MODEL_ROUTES, STORED),
     **dict.fromkeys(AUTOMATION_ROUTES, AUTOMATION),
     **dict.fromkeys(IMAGE_EDIT_ROUTES, IMAGE_EDIT),
+    **dict.fromkeys(PROXY_ROUTES, PROXY),
 }
 FUNCTIONS_PATH = "/api/v1/functions/"
 
@@ -2029,20 +2062,35 @@ class RequestState:
     meter: UsageMeter | None = None  # reads the answer of an admitted model request for its tokens
     started: float = 0.0
     audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
+    judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
 
 
 def scope_credential(scope: dict) -> str | None:
     """The credential core will authenticate, read from the raw ASGI headers in core's order."""
-    authorization = cookie = custom = None
+    authorization = custom = None
+    cookies = []
     custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
     for name, value in scope.get("headers") or ():
         if name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
         elif name == b"cookie":
-            cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
+            cookies.append(value.decode("latin-1"))
         elif name == custom_name and custom is None:
             custom = value.decode("latin-1")
-    return presented_credential(authorization, cookie_token(cookie), custom)
+    return presented_credential(authorization, cookie_token("; ".join(cookies) or None), custom)
+
+
+def may_carry_a_key(scope: dict) -> bool:
+    """Whether any credential header holds an `sk-` value: the guard's parse and core's may differ
+    (spacing, several Cookie headers on old Starlette), so the cheap work is done for either reading."""
+    if is_api_key(scope_credential(scope)):
+        return True
+    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
+    return any(
+        b"sk-" in value
+        for name, value in scope.get("headers") or ()
+        if name in (b"authorization", b"cookie", custom_name)
+    )
 
 
 def cookie_token(cookie: str | None) -> str | None:
@@ -2307,7 +2355,7 @@ class RouteGuard:
     async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
         state = scope[STATE_KEY] = RequestState(started=time.monotonic())
         path, method = scope["path"], scope["method"]
-        if is_api_key(scope_credential(scope)):
+        if may_carry_a_key(scope):
             if path.startswith(BODY_PREFIXES):
                 receive = await self.read_body(state, receive)
             # an uncompressed answer can be trimmed (listings) and metered (model routes)
@@ -2342,13 +2390,17 @@ class RouteGuard:
     async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
         """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
         authenticates the request (an admin key or session, nothing else), then its answer is replaced."""
+        original = {k: scope.get(k) for k in ("method", "path", "raw_path", "query_string")}
         valves_path = scope["path"].rsplit("/", 1)[0] + "/valves"
         query = urllib.parse.parse_qs((scope.get("query_string") or b"").decode("latin-1"))
+        # A key is judged on what it asked for (DELETE .../usage), not on the route that authenticates it.
+        scope[STATE_KEY].judged_as = (original["method"], original["path"])
         scope.update(method="GET", path=valves_path, raw_path=valves_path.encode("latin-1"), query_string=b"")
         held: list = []
 
         async def send_report(message):
             if message["type"] == "http.response.start":
+                scope.update(original)  # the access line shows what was asked
                 if message["status"] != 200:
                     return await send(message)
                 held.append(message)
@@ -2391,14 +2443,20 @@ class RouteGuard:
         """An admin saving invalid valves must learn which valve is wrong: Open WebUI 0.10+ answers
         every refused save with a fixed text, so the 400 it sends is given the guard's own reason."""
         raw, replay = await buffered(receive, MAX_VALVES_BODY_BYTES)
-        problem = valves_problem(raw) if raw is not None else None
-        if problem is None:
+        if raw is None:
             return replay, send
-        detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
         refused: list = []
+        detail = b""
 
         async def send_explained(message):
+            nonlocal detail
+            # Parsed only once core refused the save: core checked the admin first, so nobody else
+            # can make the guard validate a megabyte of valves.
             if message["type"] == "http.response.start" and message["status"] == 400:
+                problem = valves_problem(raw)
+                if problem is None:
+                    return await send(message)
+                detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
                 refused.append(message)
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
                 message = {**message, "headers": [*headers, (b"content-length", str(len(detail)).encode())]}
@@ -2468,6 +2526,8 @@ class RouteGuard:
         asked = read_asked(state, MODEL_READERS[kind]) if kind in MODEL_READERS else NO_MODEL
         person = {"id": user.id, "email": user.email, "role": user.role}
         method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
+        if state is not None and state.judged_as is not None:
+            method, path = state.judged_as
         refusal, limits, listing = None, (), []
         for copy in copies:
             refusal, headers = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
@@ -2501,6 +2561,8 @@ class RouteGuard:
         except Exception:  # the decision already stands; the record falls back to the named model
             model = asked.model or "-"
         decision = "allow" if refusal is None else "limit" if refusal.status == 429 else "deny"
+        # A refused request's model is the attacker's word: every new name would be a new row.
+        model = model[:USAGE_MODEL_CHARS] if refusal is None else "-"
         state.usage = (str(user.id), model, route_class(path), decision)
         state.audit_all = any(c.valves.audit_log == "all" for c in copies)
         usage_book().retention_days = copies[0].valves.usage_retention_days
@@ -2561,6 +2623,7 @@ def usage_answer(report: str, query: dict) -> tuple[str, bytes]:
     book = usage_book()
     if report == "drop":
         book.drop()
+        log.warning("api_key_guard usage table %s dropped by an administrator (DELETE .../usage)", USAGE_TABLE)
         return "application/json", json.dumps({"dropped": USAGE_TABLE}).encode()
     since = day_param(query, "since", cutoff_day(book.retention_days))
     until = day_param(query, "until", today())
@@ -2581,19 +2644,28 @@ def day_param(query: dict, name: str, default: str) -> str:
 
 
 async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
-    """Read a request body once, up to `limit` bytes: (the body, or None past the limit; a receive
-    that hands every message on to the app byte for byte, the unread rest included)."""
-    messages, size, more = [], 0, True
+    """Read a request body once, up to `limit` bytes: (the body, or None past the limit; a receive that
+    hands it on to the app as ONE message, byte for byte, then the unread rest). One message, because a
+    client dripping a byte per packet makes one ASGI message each: replaying them one by one would make
+    core pay for every one again."""
+    chunks, size, more, other = [], 0, True, None
     while more and size <= limit:
         message = await receive()
-        messages.append(message)
-        size += len(message.get("body", b""))
-        more = message["type"] == "http.request" and message.get("more_body", False)
+        if message["type"] != "http.request":
+            other = message  # a disconnect: handed on after the body read so far
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    pending = [{"type": "http.request", "body": body, "more_body": more or other is not None}]
+    if other is not None:
+        pending.append(other)
 
     async def replay():
-        return messages.pop(0) if messages else await receive()
+        return pending.pop(0) if pending else await receive()
 
-    return (b"".join(m.get("body", b"") for m in messages) if size <= limit else None), replay
+    return (body if size <= limit and other is None else None), replay
 
 
 def valves_problem(body: bytes) -> str | None:

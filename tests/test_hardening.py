@@ -12,13 +12,13 @@ MENTIONS = [
     pytest.param("<@M:gpt|GPT>", (["gpt"], ""), id="labelled"),
     pytest.param("<@M:gpt>", (["gpt"], ""), id="bare"),
     pytest.param("<@M:|x>", ([], ""), id="empty-id-is-no-mention"),
-    pytest.param("<@M:gpt|>", ([], ""), id="empty-label-is-no-mention"),
-    pytest.param("<@M:gpt", ([], ""), id="unterminated"),
+    pytest.param("<@M:gpt|>", (["gpt"], ""), id="empty-label-still-a-mention-on-0.8"),
+    pytest.param("answer this <@M:gpt", (["gpt"], ""), id="unterminated-is-a-mention-on-0.8-and-0.10"),
     pytest.param("<@U:abc<@M:gpt>", (["gpt"], ""), id="inside-a-user-mention-still-found"),
     pytest.param("<@M:<@M:gpt>", (["<@M:gpt", "gpt"], ""), id="nested-starts-all-tried"),
     pytest.param("<@M:" * 1000 + ">", ([], "a model mention is longer than 256 characters"), id="crafted-maze"),
     pytest.param("<@M:" * 1001, ([], "the message holds more than 1000 model mentions"), id="too-many-mentions"),
-    pytest.param("x>" + "<@M:" * 1000, ([], ""), id="no-terminator-after-the-starts"),
+    pytest.param("x>" + "<@M:" * 1000, ([], "a model mention is longer than 256 characters"), id="runs-to-the-end"),
     pytest.param("<@M:a><@M:b><@M:c>", (["a", "b"], ""), id="stops-at-two"),
     pytest.param(f"<@M:{LONG_ID}>", ([], "a model mention is longer than 256 characters"), id="id-too-long"),
     pytest.param("<@M:a|x|y>", (["a"], ""), id="bar-in-label"),
@@ -42,7 +42,7 @@ BODIES = [
     ),
     pytest.param(
         {"model": "m", "message_ids": "x"},
-        g.ModelRequest(model="m", problem="message_ids is neither a list nor an object"),
+        g.ModelRequest(model="m", problem="message_ids is neither a list nor an object", calls=2),
         id="fan-out-odd",
     ),
     pytest.param(
@@ -52,7 +52,7 @@ BODIES = [
     ),
     pytest.param(
         {"model": "m", "message_ids": [{"model_id": "a"}] * 65},
-        g.ModelRequest(model="m", problem="message_ids has more than 64 entries"),
+        g.ModelRequest(model="m", problem="message_ids has more than 64 entries", calls=65),
         id="fan-out-too-wide",
     ),
     pytest.param(
@@ -124,6 +124,9 @@ FIELDS = [
     pytest.param("a\\nb", "a\\\\nb", id="backslash-cannot-fake-an-escape"),
     pytest.param("\u2028", "\\u2028", id="unicode-line-separator"),
     pytest.param("y" * 300, "y" * 200 + "…", id="cut"),
+    pytest.param("x via=route user=u-admin", '"x via=route user=u-admin"', id="cannot-pose-as-more-fields"),
+    pytest.param('say "hi"', '"say \\"hi\\""', id="quotes-escaped"),
+    pytest.param("\u202egpt", "\\u202egpt", id="bidi-override"),
     pytest.param(None, "-", id="none"),
 ]
 

@@ -137,6 +137,7 @@ def test_mentioned_model(body, expected):
 BODIES_IN_CHUNKS = [
     pytest.param([b'{"model": ', b'"m"}'], 100, b'{"model": "m"}', id="whole-body"),
     pytest.param([b"x" * 60, b"y" * 60, b"z"], 100, None, id="past-the-limit"),
+    pytest.param([b"a"] * 5000, 10_000, b"a" * 5000, id="dripped-byte-by-byte"),
 ]
 
 
@@ -150,6 +151,13 @@ def test_buffered_body_is_handed_on_byte_for_byte(chunks, limit, body):
 
     async def read_all():
         raw, replay = await g.buffered(receive, limit)
-        return raw, [await replay() for _ in sent]
+        handed, more = [], True
+        while more:
+            message = await replay()
+            handed.append(message["body"])
+            more = message["more_body"]
+        return raw, b"".join(handed), len(handed)
 
-    assert asyncio.run(read_all()) == (body, sent)
+    raw, handed, messages = asyncio.run(read_all())
+    assert (raw, handed) == (body, b"".join(chunks))
+    assert messages <= 2, "the buffered part is handed on as one message"

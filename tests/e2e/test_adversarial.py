@@ -669,12 +669,12 @@ def new_error_lines(deployment, before: int, count: int) -> list[str]:
 
 @named("fault:invalid-stored-valves")
 def test_fault_invalid_stored_valves(case, request, deployment):
-    """fault:invalid-stored-valves — keys (the admin's too) fail closed, one ERROR line each; sessions chat."""
+    """fault:invalid-stored-valves — keys (the admin's too) fail closed, one ERROR line for the cause; sessions chat."""
     deployment.configure()
     people = deployment.people
+    before = len(guard_error_lines(deployment))
     store_valves(deployment, DEFAULT_VALVES | {"api_key_roles": "admins"})
     try:
-        before = len(guard_error_lines(deployment))
         denied = [
             key_answer(deployment, people.admin),
             send(deployment, "POST", "/api/chat/completions", bearer(people.admin.api_key), CHAT_BODY),
@@ -685,9 +685,9 @@ def test_fault_invalid_stored_valves(case, request, deployment):
             assert answer.guard_header == "fail-closed"
         chat = send(deployment, "POST", "/api/chat/completions", bearer(people.alice.jwt), CHAT_BODY)
         verdict(request, chat, "ok", attack=False, backend=True)
-        new = new_error_lines(deployment, before, len(denied))
-        assert len(new) == len(denied), new
-        assert all("api_key_roles" in line for line in new), new
+        new = new_error_lines(deployment, before, 1)
+        # One ERROR per cause (a minute): every key request fails closed, the log says why once.
+        assert len(new) == 1 and "api_key_roles" in new[0], new
     finally:
         store_valves(deployment, DEFAULT_VALVES)
     verdict(request, key_answer(deployment, people.admin), "ok", attack=False, backend=None)

@@ -1,7 +1,8 @@
 """Hardening (issue 18), on every pinned Open WebUI release: one class of attack per block.
 
     dos        a crafted body never stalls the worker: answered in bounded time while /health answers
-    workspace  a workspace model is judged by the model core calls (its base), unless an admin made it
+    workspace  a workspace model is judged by the model core calls (its base), whoever made it: a
+               model an admin made can be edited by a group granted write access
     fanout     one counted request buys one model call: message_ids targets are refused, or judged
     lifecycle  a second copy of the guard (inactive, deleted, active and permissive) or a Tool upload
                never disarms it: the strictest active copy wins
@@ -65,7 +66,7 @@ def base_of(wrapper: str) -> str:
 def fan_out_denied(count: int) -> str:
     return (
         f"{PREFIX}get one model call per request, and this request asks for {count} "
-        "(message_ids; api_key_rate_limit_user)"
+        "(message_ids targets or model mentions; api_key_rate_limit_user)"
     )
 
 
@@ -197,19 +198,26 @@ def test_dos_junk_key_crafted_body(request, deployment, target, body, expected):
 
 
 # An admitted user key under a model list: the body is judged, in bounded time, or served.
+TOO_MANY_MENTIONS = fan_out_denied(GUARD.MAX_MENTIONS + 1)  # each mention is a model call: counted first
 DOS_AUTHENTICATED = [
-    # No mention to judge: core answers; channels are off by default (ENABLE_CHANNELS).
-    # 0.6 serves channels unasked and answers that channel x does not exist.
-    pytest.param(
-        CHANNEL_POST, mentions(6 * MIB), {"0.6": "core-404", "0.8": "core-403"}, (), None, id="dos:key-mentions-6mib"
-    ),
+    # No message needs more than 1000 model mentions: counted at C speed, refused where a list applies.
+    pytest.param(CHANNEL_POST, mentions(6 * MIB), "guard", (), TOO_MANY_MENTIONS, id="dos:key-mentions-6mib"),
     pytest.param(
         CHANNEL_POST,
         {"content": "<@M:test-model|" * (6 * MIB // 15) + ">"},
         "guard",
         (),
-        model_denied(FORBIDDEN),
+        TOO_MANY_MENTIONS,
         id="dos:key-mention-maze-6mib",
+    ),
+    # A few mentions in 6 MiB of text: the one mentioned model is judged.
+    pytest.param(
+        CHANNEL_POST,
+        {"content": "x" * (6 * MIB) + "<@M:test-model|T>"},
+        "guard",
+        (),
+        model_denied(FORBIDDEN),
+        id="dos:key-mention-after-6mib",
     ),
     # FastAPI parses a route's JSON body before its dependencies: core refuses it before any key lookup.
     pytest.param(CHAT, nested_json(4 * MIB), "core-400", (), None, id="dos:key-nested-json-4mib"),
@@ -234,9 +242,9 @@ def test_dos_admitted_key_crafted_body(request, deployment, target, body, expect
 
 
 # =============================================================================================
-# workspace: a workspace model is a name over a base model, and core calls the base. One a user
-# made is judged by its base too (else any name the list admits could wrap any model); one an
-# admin made is the admin's published choice and is judged by its own id.
+# workspace: a workspace model is a name over a base model, and core calls the base. Every one is
+# judged by its base too, whoever made it (else any name the list admits could wrap any model, and
+# an admin's model can be rewritten by a group granted write access to it).
 # =============================================================================================
 def default_permissions(deployment) -> dict:
     return deployment.server.ok("GET", "/api/v1/users/default/permissions", deployment.people.admin.jwt)
@@ -343,20 +351,20 @@ WORKSPACE = [
         [("other-wrap-a1", FORBIDDEN)],
         CHAT,
         "other-wrap-a1",
-        "ok",
-        [FORBIDDEN],
-        None,
-        id="workspace-allowed:admin-wrapper-chat",
+        "guard",
+        (),
+        behind_denied(FORBIDDEN, base_of("other-wrap-a1")),
+        id="workspace:admin-wrapper-chat",
     ),
     pytest.param(
         "admin",
         [("other-wrap-a2", FORBIDDEN)],
         PROVIDER,
         "other-wrap-a2",
-        "ok",
-        [FORBIDDEN],
-        None,
-        id="workspace-allowed:admin-wrapper-provider",
+        "guard",
+        (),
+        behind_denied(FORBIDDEN, base_of("other-wrap-a2")),
+        id="workspace:admin-wrapper-provider",
     ),
 ]
 
@@ -436,7 +444,7 @@ FANOUT = [
     pytest.param(
         fan_out(targets(*[ALLOWED] * 65)),
         "guard",
-        unreadable("message_ids has more than 64 entries"),
+        fan_out_denied(65),
         id="fanout:too-many-to-read",
     ),
     pytest.param(
