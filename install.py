@@ -9,7 +9,7 @@
 
     uv run install.py [install] --url URL --api-key KEY [--valves FILE.json] [--set NAME=VALUE ...]
                                 [--id api_key_guard] [--file GUARD.py] [--no-arm-at-startup] [--dry-run]
-                                [--ca-bundle PATH]
+                                [--ca-bundle PATH] [--allow-insecure-http]
     uv run install.py status --url URL --api-key KEY [--json] [--no-arm-at-startup] [--id ID] [--file GUARD.py]
     uv run install.py uninstall --url URL --api-key KEY [--drop-usage] [--id ID] [--file GUARD.py] [--ca-bundle PATH]
     uv run install.py usage --url URL --api-key KEY [--since 7d|DATE] [--until DATE] [--by user|model|day]
@@ -18,8 +18,10 @@
 (`pipx run install.py ...`, or `python3 install.py ...` with requests and pydantic installed, work the same.)
 OPENWEBUI_URL and OPENWEBUI_API_KEY stand in for --url and --api-key. The credential is an
 administrator's API key (sk-...) or session token (JWT); both are sent as `Authorization: Bearer`,
-never printed, and never sent anywhere a redirect points to. The guard file is --file, else
-api_key_guard.py next to this script, else filters/api_key_guard.py under it.
+never printed, and never sent anywhere a redirect points to, nor in clear text over http:// to another
+machine unless --allow-insecure-http says so. A user name and password in --url are neither sent nor shown.
+A server answering 429 is asked again after the wait it names (Retry-After), 30 s in all at most. The guard
+file is --file, else api_key_guard.py next to this script, else filters/api_key_guard.py under it.
 
 Exit codes:
     0  done; for status: installed, active, global, current, valves valid, route guard armed (or not
@@ -27,21 +29,27 @@ Exit codes:
        active copy of the guard on the server (or not checkable)
     1  status found a problem, or install finished but the guard is not armed, the policy it wrote is not
        in force within 10 s, or it could not arm the guard at startup
-    2  usage or input error (arguments, URL, valves file, valve values, missing dependencies); nothing was written
-    3  server, authentication, TLS or network error
+    2  usage or input error (arguments, URL, plain http:// to another machine, valves file, valve values, missing
+       dependencies); nothing was written
+    3  server, authentication, TLS or network error, or still rate limited (429) after the retries
+When several problems are found together, each gets its own `error:` line and the exit code is the gravest's.
 """
 
 import argparse
 import csv
+import email.utils
 import importlib.util
 import io
+import ipaddress
 import json
 import os
 import re
 import sys
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -72,6 +80,7 @@ if __name__ == "__main__":
         sys.exit(2)
 
 import requests  # noqa: E402
+import requests.auth  # noqa: E402
 from pydantic import BaseModel, TypeAdapter, ValidationError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +101,12 @@ GUARD_HEADER = "X-API-Key-Guard"
 POLICY_HEADER = "X-API-Key-Guard-Policy"
 COUNTERS_HEADER = "X-API-Key-Guard-Counters"
 TIMEOUT_SECONDS = 30
+# A server (or the guard's own api_key_rate_limit_admin) answering 429: ask again after the wait it names in
+# Retry-After, else after 1, 2, 4, 8 s; at most RATE_LIMIT_RETRIES times per request and RATE_LIMIT_WAIT_SECONDS
+# of waiting in the whole run, so a limit that will not lift soon ends the run with an error, not a hang.
+RATE_LIMIT_RETRIES = 4
+RATE_LIMIT_WAIT_SECONDS = 30.0
+RATE_LIMIT_FIRST_WAIT_SECONDS = 1.0
 # Right after a write a worker may still act on the function state it cached before (the guard's TTL, 2 s;
 # the worker that saved drops it at once): install probes until the guard shows the policy it wrote, bounded.
 PROBE_INTERVAL_SECONDS = 0.2
@@ -148,7 +163,45 @@ class NotAnApiRoute(ServerError):
 
 
 class NotArmedError(InstallError):
+    """Install finished, but the guard is not in force as planned (not armed, policy or valves not as written)."""
+
     exit_code = 1
+
+
+class Problems(InstallError):
+    """Several failures found together: each reported on its own line, the exit code the gravest one's."""
+
+    def __init__(self, errors: Iterable[InstallError]):
+        self.errors = list(errors)
+        super().__init__("; ".join(map(str, self.errors)))
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return max(error.exit_code for error in self.errors)
+
+
+def reported(errors: list[InstallError]) -> InstallError:
+    """One error for all of `errors`: itself when alone."""
+    flat = [one for error in errors for one in (error.errors if isinstance(error, Problems) else [error])]
+    return flat[0] if len(flat) == 1 else Problems(flat)
+
+
+# ---------------------------------------------------------------------------
+# What is printed. A password in a URL (--url https://user:pass@host, a Location header, a server's own words)
+# would otherwise land in a terminal, a CI log or a bug report: every line goes out through say(), which masks
+# it, so one forgotten call site cannot leak it. (The credential itself is masked where it can come back: the
+# server's error details, Client.detail.)
+# ---------------------------------------------------------------------------
+URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s:/?#@]*):\S*@")
+
+
+def masked(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***, user names and hosts kept."""
+    return URL_PASSWORD.sub(r"\1\2:***@", text)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    print(masked(text), file=sys.stderr if err else sys.stdout)
 
 
 # ---------------------------------------------------------------------------
@@ -284,17 +337,70 @@ def network_reason(exc: requests.RequestException) -> str:
     return str(getattr(cause, "reason", cause))
 
 
+class BearerAuth(requests.auth.AuthBase):
+    """`Authorization: Bearer <credential>` on every request, set as the session's auth.
+
+    Not as a session header: for a request without auth, requests puts the credentials of a ~/.netrc (or
+    $NETRC) entry for the host, or a user:password in the URL, in place of that header. The admin's key would
+    silently give way to whoever's login the netrc holds, every answer then speaking for that account."""
+
+    def __init__(self, credential: str):
+        self.credential = credential
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.credential}"
+        return request
+
+    def __repr__(self) -> str:  # never the credential, should the object ever be printed
+        return "BearerAuth(...)"
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """A Retry-After header as seconds from `now`: delta-seconds or an HTTP-date (RFC 9110 10.2.3);
+    None when absent or unreadable."""
+    text = (value or "").strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when.replace(tzinfo=when.tzinfo or UTC) - now).total_seconds())
+
+
+class Backoff(NamedTuple):
+    wait: float | None  # seconds to wait before asking again; None: give up
+    why: str  # when giving up: "retries" (all used), "asked" (Retry-After beyond what is left), "budget" (spent)
+
+
+def backoff(asked: float | None, retries: int, waited: float) -> Backoff:
+    """What to do about a 429 after `retries` retries of this request and `waited` s of waiting in the run.
+
+    Never sooner than Retry-After asks (it would be refused again); without one, 1, 2, 4, 8 s."""
+    if retries >= RATE_LIMIT_RETRIES:
+        return Backoff(None, "retries")
+    wait = RATE_LIMIT_FIRST_WAIT_SECONDS * 2**retries if asked is None else asked
+    if waited + wait <= RATE_LIMIT_WAIT_SECONDS:
+        return Backoff(wait, "")
+    return Backoff(None, "budget" if asked is None or waited >= RATE_LIMIT_WAIT_SECONDS else "asked")
+
+
 class Client:
-    """Sends every request (credential attached, redirects refused) and maps every failure to an InstallError."""
+    """Sends every request (credential attached, redirects refused, 429 waited out within bounds) and maps
+    every failure to an InstallError."""
 
     def __init__(self, url: str, credential: str, ca_bundle: str | None, shown: str):
-        self.url = url
+        self.url = url  # never with a user name or password (checked_url takes them out)
         self.credential = credential
         self.shown = shown  # what output may show of the credential: the guard's own fingerprint of it
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {credential}"
+        # The session still trusts the environment for proxies and REQUESTS_CA_BUNDLE; as its auth, the key
+        # wins over ~/.netrc (see BearerAuth).
+        self.session.auth = BearerAuth(credential)
         if ca_bundle:
             self.session.verify = ca_bundle
+        self.waited = 0.0  # seconds spent waiting out 429s, across the run and its threads
+        self.waiting = threading.Lock()
 
     def call(
         self,
@@ -311,18 +417,7 @@ class Client:
         `fresh` sends the request on a new connection, so that with several workers probes reach more
         than the one worker a kept-alive connection is bound to."""
         where = f"{method} {path}"
-        headers = {"Connection": "close"} if fresh else None
-        try:
-            response = self.session.request(
-                method, self.url + path, json=body, headers=headers, timeout=TIMEOUT_SECONDS, allow_redirects=False
-            )
-        except requests.exceptions.SSLError as exc:
-            raise ServerError(
-                f"TLS verification failed for {self.url}: {network_reason(exc)}; "
-                "pass --ca-bundle PATH with the CA that signed the server's certificate"
-            ) from exc
-        except requests.RequestException as exc:
-            raise ServerError(f"cannot reach {self.url}: {network_reason(exc)}") from exc
+        response = self.answer(method, path, body, {"Connection": "close"} if fresh else None)
         status = response.status_code
         if 300 <= status < 400:
             location = response.headers.get("Location", "(no Location header)")
@@ -352,6 +447,62 @@ class Client:
             ) from exc
         headers = response.headers
         return Reply(data, headers.get(GUARD_HEADER), headers.get(POLICY_HEADER), headers.get(COUNTERS_HEADER))
+
+    def send(self, method: str, path: str, body: Any, headers: dict | None) -> requests.Response:
+        try:
+            return self.session.request(
+                method, self.url + path, json=body, headers=headers, timeout=TIMEOUT_SECONDS, allow_redirects=False
+            )
+        except requests.exceptions.SSLError as exc:
+            raise ServerError(
+                f"TLS verification failed for {self.url}: {network_reason(exc)}; "
+                "pass --ca-bundle PATH with the CA that signed the server's certificate"
+            ) from exc
+        except requests.RequestException as exc:
+            raise ServerError(f"cannot reach {self.url}: {network_reason(exc)}") from exc
+
+    def answer(self, method: str, path: str, body: Any, headers: dict | None) -> requests.Response:
+        """The first answer that is not 429 Too Many Requests, waiting between tries as `backoff` says."""
+        where, retries = f"{method} {path}", 0
+        while (response := self.send(method, path, body, headers)).status_code == 429:  # bounded: backoff gives up
+            asked = retry_after_seconds(response.headers.get("Retry-After"), datetime.now(UTC))
+            with self.waiting:  # the arming listings run on threads; the budget is the run's
+                decision = backoff(asked, retries, self.waited)
+                self.waited += decision.wait or 0.0
+            if decision.wait is None:
+                raise self.rate_limited(where, response, asked, decision.why)
+            honoured = ", as its Retry-After asks" if asked is not None else ""
+            say(
+                f"rate limited (429) on {where}: asking again in {decision.wait:g} s{honoured} "
+                f"(retry {retries + 1} of {RATE_LIMIT_RETRIES})",
+                err=True,
+            )
+            sleep(decision.wait)
+            retries += 1
+        return response
+
+    def rate_limited(self, where: str, response: requests.Response, asked: float | None, why: str) -> ServerError:
+        detail = self.detail(response)
+        said = f" Server said: {detail}" if detail else ""
+        cap = f"{RATE_LIMIT_WAIT_SECONDS:g} s"
+        if why == "retries":
+            story = f"still after {RATE_LIMIT_RETRIES} retries ({self.waited:g} s of waiting)"
+        elif why == "asked":
+            story = (
+                f"and asks to wait {asked:g} s: more than install.py waits for rate limits ({cap} in a run, "
+                f"{self.waited:g} s spent)"
+            )
+        else:
+            story = f"and install.py has spent the {cap} it waits for rate limits in a run"
+        guard = (
+            " API Key Guard's valve api_key_rate_limit_admin limits this key: raise it, or use an admin session "
+            "token (JWT)."
+            if GUARD_HEADER in response.headers
+            else ""
+        )
+        return ServerError(
+            f"the server answered {where} with 429 Too Many Requests {story}; try again later.{guard}{said}"
+        )
 
     def failure(self, where: str, path: str, response: requests.Response, detail: str) -> ServerError:
         """The error for a 4xx/5xx answer: what it means and what to do, the server's own words last."""
@@ -590,89 +741,165 @@ def read_valves_file(path: Path) -> dict:
 
 
 def requested_valves(guard: LocalGuard, valves_file: Path | None, assignments: list[str]) -> dict:
-    """--valves FILE overlaid by --set NAME=VALUE; every name checked against the local Valves."""
-    requested = read_valves_file(valves_file) if valves_file else {}
+    """--valves FILE overlaid by --set NAME=VALUE, every name and value checked against the local Valves
+    before anything is sent; all that is wrong with them in one UsageError."""
+    problems = []
+    requested = {}
+    if valves_file:
+        try:
+            requested = read_valves_file(valves_file)
+        except UsageError as exc:
+            problems.append(str(exc))
     for assignment in assignments:
         name, equals, value = assignment.partition("=")
         if not equals:
-            raise UsageError(f"--set expects NAME=VALUE, got {assignment!r}")
+            problems.append(f"--set expects NAME=VALUE, got {assignment!r}")
+            continue
         requested[name.strip()] = value
     unknown = [name for name in requested if name not in guard.valve_names]
+    try:  # each value on its own, the others at their defaults: the stored ones are checked in the plan
+        guard.valves_model(**{name: value for name, value in requested.items() if name not in unknown})
+    except ValidationError as exc:
+        problems.append(f"invalid valves: {'; '.join(valve_errors(exc))}")
     if unknown:
-        raise UsageError(f"unknown valve {', '.join(unknown)}; valid names: {', '.join(guard.valve_names)}")
+        problems.append(f"unknown valve {', '.join(unknown)}; valid names: {', '.join(guard.valve_names)}")
+    if problems:
+        raise UsageError("; ".join(problems))
     return requested
 
 
-def install(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
-    function_id, version = args.id, guard.version
-    requested = requested_valves(guard, args.valves, args.set)
-    found = read_function(client, function_id)
-    stored = read_stored_valves(client, function_id) if found else {}
+def changed_valves(stored: dict, valves: dict) -> list[str]:
+    """The names whose value differs between two sets of valves (one lacking a name counts as different)."""
+    return [name for name in {**valves, **stored} if stored.get(name, MISSING) != valves.get(name, MISSING)]
+
+
+class Step(NamedTuple):
+    """One write of an install: what --dry-run says, what install says once it is done, the POST that does it."""
+
+    action: str  # create, update, arm (at startup), valves, activate, global
+    would: str
+    done: str
+    path: str
+    payload: Any = None
+
+
+class Plan(NamedTuple):
+    steps: list[Step]
+    valves: dict  # the function's valves once the steps are done: what verify expects to read back
+    startup_problem: str  # why the guard cannot be armed at startup; "" when it can, is, or the admin opted out
+    problems: list[str]  # why no step may be taken; empty when the plan can be applied
+
+    @property
+    def writes_function(self) -> bool:
+        return any(step.action != "arm" for step in self.steps)
+
+
+def plan_install(
+    function_id: str,
+    guard: LocalGuard,
+    found: ServerFunction | None,
+    stored: dict,
+    requested: dict,
+    arming: StartupArming | None,
+) -> Plan:
+    """The writes that take the server from what was read (`found`, `stored` valves, `arming`; None when opted
+    out) to the local guard with the `requested` valves, in the order they must happen. Reads and writes nothing."""
     try:
         valves = guard.valves_model(**{**stored, **requested}).model_dump()
-    except ValidationError as exc:
-        raise UsageError(f"invalid valves: {'; '.join(valve_errors(exc))}") from exc
-    changed = [name for name in {**valves, **stored} if stored.get(name, MISSING) != valves.get(name, MISSING)]
-    arming = None if args.no_arm_at_startup else read_startup_arming(client)
-    # Open WebUI creates a function inactive and not global; the read-back at the end checks the outcome.
-    function = found.data if found else ServerFunction(is_active=False, is_global=False)
+    except ValidationError as exc:  # the request's own values passed requested_valves: a stored one is wrong
+        return Plan([], {}, "", [f"invalid valves: {'; '.join(valve_errors(exc))}"])
+    version = guard.version
     body = {
         "id": function_id,
         "name": guard.manifest["title"],
         "content": guard.content,
         "meta": {"description": guard.manifest["description"], "manifest": guard.manifest},
     }
-    writes = 0
-
-    def write(done: str, would: str, path: str, payload: Any = None) -> None:
-        nonlocal writes
-        writes += 1
-        if not args.dry_run:
-            client.call("POST", path, payload)
-        print(would if args.dry_run else done)
-
-    if not found:
+    steps = []
+    if found is None:
         created = f"function {function_id} (version {version})"
-        write(f"created {created}", f"would create {created}", f"{FUNCTIONS_API}create", body)
-    elif function.content != as_stored(guard.content):
-        versions = f"({frontmatter(function.content or '').get('version', 'unknown')} -> {version})"
-        write(
-            f"updated function content {versions}",
-            f"would update function content {versions}",
-            function_path(function_id, "/update"),
-            body,
+        steps.append(Step("create", f"would create {created}", f"created {created}", f"{FUNCTIONS_API}create", body))
+    elif found.content != as_stored(guard.content):
+        versions = f"({frontmatter(found.content or '').get('version', 'unknown')} -> {version})"
+        update = f"function content {versions}"
+        steps.append(
+            Step("update", f"would update {update}", f"updated {update}", function_path(function_id, "/update"), body)
         )
     # Before the valves: a policy that keeps admin keys off /api/v1/configs takes effect with them.
-    startup_problem = arming.problem if arming else ""
-    arm_at_startup = bool(arming and arming.form is not None and not arming.armed)
-    if arm_at_startup:
-        if args.dry_run:
-            print(f"would arm at startup: switch on {ARM_AT_STARTUP}")
-        elif not (startup_problem := switch_on_startup_arming(client, arming.form)):
-            print(f"armed at startup: switched on {ARM_AT_STARTUP}")
-    if changed:
-        names = ", ".join(changed)
-        write(
-            f"valves updated: {names}",
-            f"would update valves: {names}",
-            function_path(function_id, "/valves/update"),
-            valves,
+    if arming and arming.form is not None and not arming.armed:
+        steps.append(
+            Step(
+                "arm",
+                f"would arm at startup: switch on {ARM_AT_STARTUP}",
+                f"armed at startup: switched on {ARM_AT_STARTUP}",
+                CONNECTIONS_API,
+                {**arming.form, BASE_MODELS_CACHE: True},  # the form exactly as read but for the cache
+            )
         )
-    if not function.is_active:
-        write("activated", "would activate", function_path(function_id, "/toggle"))
-    if not function.is_global:
-        write("made global", "would make global", function_path(function_id, "/toggle/global"))
-    if not writes and not arm_at_startup:
-        print(f"{function_id} {version} is installed and current; nothing changed")
-    if not args.dry_run:
-        verify_in_force(client, guard, function_id, announce=bool(writes))  # only writes to the function matter
-    if startup_problem:
-        raise NotArmedError(unarmed_at_startup(startup_problem))
+    if changed := changed_valves(stored, valves):
+        names = ", ".join(changed)
+        path = function_path(function_id, "/valves/update")
+        steps.append(Step("valves", f"would update valves: {names}", f"valves updated: {names}", path, valves))
+    # Open WebUI creates a function inactive and not global.
+    if not (found and found.is_active):
+        steps.append(Step("activate", "would activate", "activated", function_path(function_id, "/toggle")))
+    if not (found and found.is_global):
+        path = function_path(function_id, "/toggle/global")
+        steps.append(Step("global", "would make global", "made global", path))
+    return Plan(steps, valves, arming.problem if arming else "", [])
+
+
+def install(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
+    function_id = args.id
+    requested = requested_valves(guard, args.valves, args.set)  # before any request: input errors send nothing
+    found = read_function(client, function_id)
+    stored = read_stored_valves(client, function_id) if found else {}
+    arming = None if args.no_arm_at_startup else read_startup_arming(client)
+    plan = plan_install(function_id, guard, found.data if found else None, stored, requested, arming)
+    if plan.problems:
+        raise UsageError("; ".join(plan.problems))
+    problems: list[InstallError] = []
+    if plan.startup_problem:
+        problems.append(NotArmedError(unarmed_at_startup(plan.startup_problem)))
+    try:
+        if args.dry_run:
+            for step in plan.steps:
+                say(step.would)
+        else:
+            problems += apply(client, plan)
+        if not plan.steps:
+            say(f"{function_id} {guard.version} is installed and current; nothing changed")
+        if not args.dry_run:
+            problems += verify(client, guard, function_id, plan)
+    except InstallError as exc:  # a write or a read failed: nothing more can be done; what was found before stands
+        raise reported([*problems, exc]) from exc
+    if problems:
+        raise reported(problems)
     return 0
 
 
-def verify_in_force(client: Client, guard: LocalGuard, function_id: str, announce: bool) -> None:
-    """Return once the guard is active, global, armed and acting on the stored valves; or say why not."""
+def apply(client: Client, plan: Plan) -> list[InstallError]:
+    """Take the plan's steps in order, saying each once done; the problems that need not stop the others.
+
+    Only arming at startup may fail and let the rest go on: the guard is in force without it, until a restart."""
+    problems: list[InstallError] = []
+    for step in plan.steps:
+        if step.action == "arm":
+            if problem := switch_on_startup_arming(client, step.payload):
+                problems.append(NotArmedError(unarmed_at_startup(problem)))
+                continue
+        else:
+            try:
+                client.call("POST", step.path, step.payload)
+            except InstallError as exc:  # the later steps depend on this one; what went wrong before still counts
+                raise reported([*problems, exc]) from exc
+        say(step.done)
+    return problems
+
+
+def verify(client: Client, guard: LocalGuard, function_id: str, plan: Plan) -> list[InstallError]:
+    """What is not as planned once the guard had time to take it: the function active, global, holding the
+    local file and the planned valves, the route guard armed and acting on them. Empty when all is."""
     # A model listing makes the worker that serves it load global filters, which arms the route guard there.
     # Each worker of a running multi-worker server must list once, and the kernel picks the worker of each
     # new connection; one connection after another tends to land on the same idle worker, so the listings
@@ -683,26 +910,53 @@ def verify_in_force(client: Client, guard: LocalGuard, function_id: str, announc
     live = watch(
         client, guard, function_id, stored, read_function(client, function_id, fresh=True), INSTALL_WAIT_SECONDS
     )
-    if live.reply is None or not live.reply.data.is_active:
-        raise ServerError(
-            f"function {function_id} is not active after install; Open WebUI switches a function off "
-            "when its module fails to load: check the server log"
+    function = live.reply.data if live.reply else None
+    if function is None or not function.is_active:
+        return [
+            ServerError(
+                f"function {function_id} is not active after install; Open WebUI switches a function off "
+                "when its module fails to load: check the server log"
+            )
+        ]
+    # Another admin (or a second install.py) writing at the same time: what is in force is not what was planned.
+    problems: list[InstallError] = []
+    if function.content != as_stored(guard.content):
+        server = frontmatter(function.content or "").get("version", "unknown")
+        problems.append(
+            NotArmedError(
+                f"function {function_id} on the server differs from the local file after install (server {server}, "
+                f"local {guard.version}); did something else write it meanwhile? Run install.py again"
+            )
         )
-    if not live.reply.data.is_global:
-        raise ServerError(f"function {function_id} is still not global after /toggle/global; check the server log")
-    if live.route.armed is False:
-        raise NotArmedError(
-            f"route guard is not armed {INSTALL_WAIT_SECONDS:g} s after GET /api/models; look in the server log for "
-            "'api_key_guard could not arm the route guard' (with several workers, each arms on its own first model "
-            "listing)"
+    if changed := changed_valves(stored, plan.valves):
+        problems.append(
+            NotArmedError(
+                f"the stored valves differ from what install wrote ({', '.join(changed)}); did something else "
+                "write them meanwhile? Run install.py again"
+            )
         )
-    if not live.settled:
-        raise NotArmedError(
-            f"the guard does not act on the stored valves {INSTALL_WAIT_SECONDS:g} s after install wrote them "
-            f"(policy in force: {live.policy.line}); check the server log for api_key_guard errors"
+    if not function.is_global:
+        problems.append(
+            ServerError(f"function {function_id} is still not global after /toggle/global; check the server log")
         )
-    if announce and live.policy.in_force is None:
-        print(f"policy in force: {live.policy.line}")
+    elif live.route.armed is False:
+        problems.append(
+            NotArmedError(
+                f"route guard is not armed {INSTALL_WAIT_SECONDS:g} s after GET /api/models; look in the server log "
+                "for 'api_key_guard could not arm the route guard' (with several workers, each arms on its own "
+                "first model listing)"
+            )
+        )
+    elif not live.settled:
+        problems.append(
+            NotArmedError(
+                f"the guard does not act on the stored valves {INSTALL_WAIT_SECONDS:g} s after install wrote them "
+                f"(policy in force: {live.policy.line}); check the server log for api_key_guard errors"
+            )
+        )
+    elif plan.writes_function and live.policy.in_force is None:  # only writes to the function matter
+        say(f"policy in force: {live.policy.line}")
+    return problems
 
 
 # ---------------------------------------------------------------------------
@@ -858,30 +1112,30 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
         verdict = f"NOT OK - {'; '.join(problems)}"
     facts.update(ok=ok, verdict=verdict)
     if args.json:
-        print(json.dumps(facts, indent=2))
+        say(json.dumps(facts, indent=2))
         return 0 if ok else 1
 
     def yes_no(value: bool) -> str:
         return "yes" if value else "no"
 
-    print(f"verdict: {verdict}")
-    print(f"installed: {yes_no(facts['installed'])} (id {function_id})")
+    say(f"verdict: {verdict}")
+    say(f"installed: {yes_no(facts['installed'])} (id {function_id})")
     if function:
-        print(f"active: {yes_no(facts['active'])}")
-        print(f"global: {yes_no(facts['global'])}")
-        print(f"content: {'same as' if current else 'differs from'} the local file ({versions})")
-        print(f"valves: {'invalid' if errors else 'valid'}")
+        say(f"active: {yes_no(facts['active'])}")
+        say(f"global: {yes_no(facts['global'])}")
+        say(f"content: {'same as' if current else 'differs from'} the local file ({versions})")
+        say(f"valves: {'invalid' if errors else 'valid'}")
         for error in errors:
-            print(f"  {error}")
+            say(f"  {error}")
     for line in copies_lines:
-        print(line)
+        say(line)
     if route:
-        print(f"route guard: {route.line}")
-        print(f"policy in force: {policy.line}")
-        print(f"rate-limit counters: {counters_line(client.credential, counters)}")
-    print(f"armed at startup: {startup_line(arming, opted_out)}")
+        say(f"route guard: {route.line}")
+        say(f"policy in force: {policy.line}")
+        say(f"rate-limit counters: {counters_line(client.credential, counters)}")
+    say(f"armed at startup: {startup_line(arming, opted_out)}")
     for line in posture_lines:
-        print(line)
+        say(line)
     return 0 if ok else 1
 
 
@@ -891,13 +1145,13 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
 def uninstall(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     function_id = args.id
     if read_function(client, function_id) is None:
-        print(f"{function_id} is not installed; nothing to do")
+        say(f"{function_id} is not installed; nothing to do")
         return 0
     left = usage_left_behind(client, function_id, args.drop_usage)  # the function serves it: ask first
     if client.call("DELETE", function_path(function_id, "/delete"), shape=bool).data is not True:
         raise ServerError(f"the server did not delete function {function_id}; check the server log")
-    print(f"deleted function {function_id}")
-    print(left)
+    say(f"deleted function {function_id}")
+    say(left)
     return 0
 
 
@@ -986,15 +1240,15 @@ def usage_lines(rows: list[dict], by: str | None) -> list[str]:
 def usage(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
     rows = grouped_usage(read_usage(client, args.id, args.since, args.until), args.by)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        say(json.dumps(rows, indent=2))
     elif args.csv:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=USAGE_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        print(out.getvalue(), end="")
+        say(out.getvalue().removesuffix("\n"))
     else:
-        print("\n".join(usage_lines(rows, args.by)))
+        say("\n".join(usage_lines(rows, args.by)))
     return 0
 
 
@@ -1025,6 +1279,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--id", type=function_id_argument, default=DEFAULT_ID, help="function id (default %(default)s)")
     common.add_argument("--ca-bundle", help="CA bundle (PEM) to verify the server's TLS certificate")
+    common.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="send the admin key over plain http:// to a host other than this machine (it crosses the network "
+        "in clear text)",
+    )
     common.add_argument(
         "--file",
         type=Path,
@@ -1071,35 +1331,129 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checked_url(url: str) -> str:
+class Address(NamedTuple):
+    url: str  # where requests go: without user name and password, without a trailing slash
+    host: str
+    plain_http: bool
+    had_userinfo: bool  # --url carried user[:password]@, taken out
+
+
+def hidden_userinfo(url: str) -> str:
+    """A --url as an error may echo it, parsed or not: everything from :// (or the start) to its last @ hidden."""
+    head, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}{sep}***@{rest}" if sep else f"***@{rest}"
+
+
+def checked_url(url: str) -> Address:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"invalid --url {url!r}: expected http:// or https:// and a host, e.g. http://localhost:8080")
-    return url.rstrip("/")
+    try:
+        port = parts.port  # raises for a port that is no number, as a password with a / in it makes one:
+    except ValueError:  # in https://user:pa/ss@host the host ends at the /, and "pa" is where the port goes
+        port = -1
+    # An @ after the host (https://host/x@y, or a password with an unescaped / ? #) means the URL is not what
+    # it looks like: refused rather than guessed at.
+    stray_at = "@" in parts.path + parts.query + parts.fragment
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or stray_at:
+        raise UsageError(
+            f"invalid --url {hidden_userinfo(url)!r}: expected http:// or https:// and a host, "
+            "e.g. http://localhost:8080"
+        )
+    _, at, host_port = parts.netloc.rpartition("@")
+    return Address(
+        url.replace(parts.netloc, host_port, 1).rstrip("/"), parts.hostname, parts.scheme == "http", bool(at)
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine. Anything else may cross a network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_http(address: Address) -> bool:
+    """Plain http:// to another machine: the admin's key would cross the network in clear text, readable by
+    anyone on the path (a shared Wi-Fi, a cloud VPC, a corporate proxy) and good for everything an admin can do."""
+    return address.plain_http and not is_loopback(address.host)
+
+
+def insecure_refused(host: str) -> str:
+    return (
+        f"refusing to send the admin key in clear text to {host}: --url is plain http:// and {host} is not this "
+        "machine (loopback); use https://, or pass --allow-insecure-http if every network in between is trusted"
+    )
+
+
+def insecure_warning(host: str) -> str:
+    return (
+        f"warning: sending the admin key in clear text to {host} (plain http://, --allow-insecure-http): anyone "
+        "on the network in between can read it and act as this admin"
+    )
+
+
+USERINFO_WARNING = (
+    "warning: --url carries a user name and password; install.py neither sends nor shows them "
+    "(its only credential is the admin key, sent as Authorization: Bearer)"
+)
+
+
+def preflight(args: argparse.Namespace) -> tuple[Address, LocalGuard]:
+    """What the arguments, the URL and the guard file allow before anything is sent; all their problems at once."""
+    problems: list[InstallError] = []
+    address = guard = None
+    if not args.url:
+        problems.append(UsageError("--url is required (or set OPENWEBUI_URL)"))
+    if not args.api_key:
+        problems.append(UsageError("--api-key is required (or set OPENWEBUI_API_KEY)"))
+    if args.ca_bundle and not Path(args.ca_bundle).is_file():
+        problems.append(UsageError(f"--ca-bundle {args.ca_bundle}: no such file"))
+    if args.url:
+        try:
+            address = checked_url(args.url)
+        except UsageError as exc:
+            problems.append(exc)
+    if address and insecure_http(address) and not args.allow_insecure_http:
+        problems.append(UsageError(insecure_refused(address.host)))
+    try:
+        guard = load_local_guard(args.file)
+    except UsageError as exc:
+        problems.append(exc)
+    if problems:
+        raise reported(problems)
+    return address, guard
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "install")
+    # argparse echoes what it cannot place (a URL typed without --url, say): its output is masked like ours.
+    out, err = io.StringIO(), io.StringIO()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse has already printed usage and the problem (or the help)
+        with redirect_stdout(out), redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and the problem (or the help)
         return int(exc.code or 0)
+    finally:
+        sys.stdout.write(masked(out.getvalue()))
+        sys.stderr.write(masked(err.getvalue()))
     try:
-        if not args.url:
-            raise UsageError("--url is required (or set OPENWEBUI_URL)")
-        if not args.api_key:
-            raise UsageError("--api-key is required (or set OPENWEBUI_API_KEY)")
-        if args.ca_bundle and not Path(args.ca_bundle).is_file():
-            raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
-        url = checked_url(args.url)
-        guard = load_local_guard(args.file)
-        return COMMANDS[args.command](
-            Client(url, args.api_key, args.ca_bundle, guard.fingerprint(args.api_key)), guard, args
-        )
+        address, guard = preflight(args)
+        if address.had_userinfo:
+            say(USERINFO_WARNING, err=True)
+        if insecure_http(address):
+            say(insecure_warning(address.host), err=True)
+        client = Client(address.url, args.api_key, args.ca_bundle, guard.fingerprint(args.api_key))
+        return COMMANDS[args.command](client, guard, args)
     except InstallError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for error in exc.errors if isinstance(exc, Problems) else [exc]:
+            say(f"error: {error}", err=True)
         return exc.exit_code
 
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import responses
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_PY = ROOT / "install.py"
 
-URL = "http://owui.test"
+URL = "https://owui.test"
 KEY = "sk-RECOGNISABLE-test-key-0123456789wxyz"  # must never appear in any output
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJpZCI6ImFkbWluIn0.RECOGNISABLE-signature-abcd"
 FN = f"{URL}/api/v1/functions/id/api_key_guard"
@@ -34,6 +34,20 @@ CONNECTIONS = URL + CONNECTIONS_PATH
 NOT_FOUND = {"detail": "We could not find what you're looking for :/"}
 OLD_CONTENT = '"""\ntitle: API Key Guard\nversion: 0.0.9\n"""\nHOOKS_ATTR = "_api_key_guard_hooks"\n'  # a guard of old
 ARGS = ("--url", URL, "--api-key", KEY)
+URL_PASSWORD = "Hunter2-url-password"  # like KEY: must never appear in any output
+URL_WITH_PASSWORD = f"https://admin:{URL_PASSWORD}@owui.test"
+USERINFO_WARNING = (
+    "warning: --url carries a user name and password; install.py neither sends nor shows them (its only "
+    "credential is the admin key, sent as Authorization: Bearer)"
+)
+INSECURE_REFUSED = (
+    "error: refusing to send the admin key in clear text to {host}: --url is plain http:// and {host} is not this "
+    "machine (loopback); use https://, or pass --allow-insecure-http if every network in between is trusted"
+)
+INSECURE_WARNING = (
+    "warning: sending the admin key in clear text to {host} (plain http://, --allow-insecure-http): anyone on the "
+    "network in between can read it and act as this admin"
+)
 
 # The connections form as 0.11+ answers it (0.6.16-0.10 lack ENABLE_DIRECT_INTEGRATIONS).
 CACHE_OFF = {"ENABLE_DIRECT_CONNECTIONS": True, "ENABLE_DIRECT_INTEGRATIONS": False, "ENABLE_BASE_MODELS_CACHE": False}
@@ -167,14 +181,17 @@ def guard_headers(mode: str | None, policy: str | None = None, counters: str | N
     return {"X-API-Key-Guard": mode} | {name: value for name, value in named.items() if value is not None}
 
 
-def in_force(server, local, stored, *, mode: str | None = "enforce", policy: str = "stored", **flags) -> None:
+def in_force(
+    server, local, stored, *, mode: str | None = "enforce", policy: str = "stored", content: str = "", **flags
+) -> None:
     """The read-back after install's writes: one model listing, the stored valves re-read, the probe.
 
-    `policy` is what the guard says it acts on: "stored" for the fingerprint of `stored`."""
+    `policy` is what the guard says it acts on: "stored" for the fingerprint of `stored`; `content` what the
+    server holds (default: the local guard file)."""
     server.get(MODELS, json={"data": []})
     server.get(f"{FN}/valves", **json_body(stored))
     live = local.policy(stored) if policy == "stored" else policy
-    server.get(FN, json=function(local.content, **flags), headers=guard_headers(mode, live))
+    server.get(FN, json=function(content or local.content, **flags), headers=guard_headers(mode, live))
 
 
 def sent(server) -> list[tuple[str, str]]:
@@ -714,7 +731,7 @@ def test_install_from_an_old_guard_file_cannot_check_the_policy(server, cli, loc
     server.get(f"{FN}/valves", json=defaults)
     server.get(CONNECTIONS, json=CACHE_ON)
     server.post(f"{FN}/update", json=function(old.read_text()))
-    in_force(server, local, defaults)
+    in_force(server, local, defaults, content=old.read_text())
 
     assert cli(*ARGS, "--file", str(old)) == (
         0,
@@ -1644,9 +1661,45 @@ ERROR_CASES = [
         [*ARGS, "--set", "mode"], None, [], "error: --set expects NAME=VALUE, got 'mode'", 2, id="set-without-value"
     ),
     pytest.param(
+        [*ARGS, "--set", "mode", "--set", "priority=high", "--set", "api_key_roles=root", "--set", "colour=blue"],
+        None,
+        [],
+        "error: --set expects NAME=VALUE, got 'mode'; invalid valves: valve priority: Input should be a valid "
+        "integer, unable to parse string as an integer; valve api_key_roles: Value error, expected roles from admin, "
+        "user, pending, got 'root'; unknown valve colour; valid names: {all}",
+        2,
+        id="every-valve-problem-in-one-error-nothing-sent",
+    ),
+    pytest.param(
+        [*ARGS, "--valves", "{tmp}/valves.json", "--set", "colour=blue"],
+        '["mode"]',
+        [],
+        "error: invalid valves file {tmp}/valves.json: expected a JSON object of valve names to values; unknown "
+        "valve colour; valid names: {all}",
+        2,
+        id="valves-file-and-set-problems-together",
+    ),
+    pytest.param(
+        [],
+        None,
+        [],
+        "error: --url is required (or set OPENWEBUI_URL)\nerror: --api-key is required (or set OPENWEBUI_API_KEY)",
+        2,
+        id="no-url-no-key-both-said",
+    ),
+    pytest.param(
+        ["--url", "http://owui.test", "--api-key", KEY, "--file", "{tmp}/nothing.py"],
+        None,
+        [],
+        INSECURE_REFUSED.replace("{host}", "owui.test") + "\nerror: cannot read the guard file {tmp}/nothing.py: "
+        "No such file or directory; put api_key_guard.py next to install.py or pass --file PATH",
+        2,
+        id="plain-http-and-missing-guard-file-both-said",
+    ),
+    pytest.param(
         [*ARGS, "--set", "priority=high"],
         None,
-        [ABSENT],
+        [],
         "error: invalid valves: valve priority: Input should be a valid integer, unable to parse string as an integer",
         2,
         id="set-invalid-int",
@@ -1654,7 +1707,7 @@ ERROR_CASES = [
     pytest.param(
         [*ARGS, "--set", "api_key_roles=root"],
         None,
-        [ABSENT],
+        [],
         "error: invalid valves: valve api_key_roles: Value error, expected roles from admin, user, pending, got 'root'",
         2,
         id="set-invalid-roles",
@@ -1664,7 +1717,7 @@ ERROR_CASES = [
         ARGS,
         None,
         [answer(body=requests.exceptions.ConnectionError("Connection refused"))],
-        "error: cannot reach http://owui.test: Connection refused",
+        "error: cannot reach https://owui.test: Connection refused",
         3,
         id="unreachable",
     ),
@@ -1672,7 +1725,7 @@ ERROR_CASES = [
         ARGS,
         None,
         [answer(body=requests.exceptions.SSLError("certificate verify failed: self-signed certificate"))],
-        "error: TLS verification failed for http://owui.test: certificate verify failed: self-signed certificate; "
+        "error: TLS verification failed for https://owui.test: certificate verify failed: self-signed certificate; "
         "pass --ca-bundle PATH with the CA that signed the server's certificate",
         3,
         id="tls-failure",
@@ -1805,6 +1858,77 @@ ERROR_CASES = [
         id="status-307-redirect-refused",
     ),
     pytest.param(
+        ARGS,
+        None,
+        [answer(429, json={"detail": "Too Many Requests"}, headers={"Retry-After": "120"})],
+        "error: the server answered GET /api/v1/functions/id/api_key_guard with 429 Too Many Requests and asks to "
+        "wait 120 s: more than install.py waits for rate limits (30 s in a run, 0 s spent); try again later. "
+        "Server said: Too Many Requests",
+        3,
+        id="429-retry-after-beyond-the-cap",
+    ),
+    # a password in a URL: never shown, wherever it comes from
+    pytest.param(
+        ["--url", f"ftp://admin:{URL_PASSWORD}@owui.test", "--api-key", KEY],
+        None,
+        [],
+        "error: invalid --url 'ftp://***@owui.test': expected http:// or https:// and a host, e.g. "
+        "http://localhost:8080",
+        2,
+        id="url-password-not-http",
+    ),
+    pytest.param(
+        ["--url", f"https://admin:{URL_PASSWORD[:6]}/{URL_PASSWORD[6:]}@owui.test", "--api-key", KEY],
+        None,
+        [],
+        "error: invalid --url 'https://***@owui.test': expected http:// or https:// and a host, e.g. "
+        "http://localhost:8080",
+        2,
+        id="url-password-with-a-slash-is-no-port",
+    ),
+    pytest.param(
+        ["--url", f"http://admin:{URL_PASSWORD}@owui.test", "--api-key", KEY],
+        None,
+        [],
+        INSECURE_REFUSED.replace("{host}", "owui.test"),
+        2,
+        id="url-password-plain-http-refused",
+    ),
+    pytest.param(
+        ["status", URL_WITH_PASSWORD, "--api-key", KEY],
+        None,
+        [],
+        "install.py: error: unrecognized arguments: https://admin:***@owui.test",
+        2,
+        id="url-without-its-flag-echoed-by-argparse",
+    ),
+    pytest.param(
+        ["--url", URL_WITH_PASSWORD, "--api-key", KEY],
+        None,
+        [answer(302, headers={"Location": f"https://sso:{URL_PASSWORD}@sso.example/login"})],
+        f"{USERINFO_WARNING}\nerror: the server redirected GET /api/v1/functions/id/api_key_guard to "
+        "https://sso:***@sso.example/login (302); the API key was not sent there. Pass the final address as --url",
+        3,
+        id="url-password-in-the-redirect-location",
+    ),
+    pytest.param(
+        ["--url", URL_WITH_PASSWORD, "--api-key", KEY],
+        None,
+        [answer(500, json={"detail": f"upstream https://svc:{URL_PASSWORD}@db.internal failed"})],
+        f"{USERINFO_WARNING}\nerror: the server answered GET /api/v1/functions/id/api_key_guard with 500 Internal "
+        "Server Error. Server said: upstream https://svc:***@db.internal failed",
+        3,
+        id="url-password-echoed-by-the-server",
+    ),
+    pytest.param(
+        ["--url", URL_WITH_PASSWORD, "--api-key", KEY],
+        None,
+        [answer(body=requests.exceptions.ConnectionError(f"Failed to resolve {URL_WITH_PASSWORD}"))],
+        f"{USERINFO_WARNING}\nerror: cannot reach https://owui.test: Failed to resolve https://admin:***@owui.test",
+        3,
+        id="url-password-in-a-network-error",
+    ),
+    pytest.param(
         ["uninstall", *ARGS],
         None,
         [
@@ -1832,8 +1956,8 @@ def test_errors(server, cli, tmp_path, expand, argv, valves_file, answers, error
     result_code, out, err = run_error_case(server, cli, tmp_path, expand, argv, valves_file, answers)
 
     assert (result_code, out) == (code, [])
-    if error.startswith("error: "):
-        assert err == [expand(error)]  # one line, no traceback
+    if error.startswith(("error: ", "warning: ")):
+        assert err == expand(error).splitlines()  # one line per problem, no traceback
     else:  # argparse's own message, after its usage lines
         assert err[-1] == error
     assert len(server.calls) == len(answers)  # a redirect is never followed
@@ -1846,6 +1970,510 @@ def test_errors_never_show_the_key(server, cli, tmp_path, expand, argv, valves_f
     shown = "\n".join(out + err)
     for secret in (KEY, JWT):
         assert secret[:-4] not in shown  # the whole credential, and all but the 4 characters a fingerprint shows
+
+
+@pytest.mark.parametrize("argv, valves_file, answers, error, code", ERROR_CASES)
+def test_errors_never_show_a_url_password(server, cli, tmp_path, expand, argv, valves_file, answers, error, code):
+    """Every error case again with user:password@ in --url: the same outcome, the same requests, no password."""
+    argv = [URL_WITH_PASSWORD if arg == URL else arg for arg in argv]
+    result_code, out, err = run_error_case(server, cli, tmp_path, expand, argv, valves_file, answers)
+
+    assert (result_code, len(server.calls), URL_PASSWORD in "\n".join(out + err)) == (code, len(answers), False)
+    assert all(call.request.url.startswith(URL + "/") for call in server.calls)  # never to admin:...@
+
+
+# ---------------------------------------------------------------------------
+# Credentials: the key is what is sent, to no one in clear text, and a URL's password never shows
+# ---------------------------------------------------------------------------
+def healthy_status(server, local, defaults, url: str = URL) -> None:
+    """A server's answers to one `status` of a guard installed, armed and in force."""
+    fn = url + FN_PATH
+    server.get(fn, json=function(local.content), headers=guard_headers("enforce", local.policy(defaults)))
+    server.get(f"{url}/api/v1/functions/export", json=[function(local.content)])
+    server.get(f"{fn}/valves", json=defaults)
+    server.get(url + CONNECTIONS_PATH, json=CACHE_ON)
+    server.get(f"{url}/api/v1/auths/admin/config", json=CONFIG_012)
+    server.get(f"{url}/api/v1/users/default/permissions", json=PERMISSIONS_012)
+
+
+@pytest.mark.parametrize(
+    "netrc_at, env", [pytest.param(".netrc", "HOME", id="home-netrc"), pytest.param("creds", "NETRC", id="NETRC")]
+)
+def test_a_netrc_entry_for_the_host_never_replaces_the_key(
+    server, cli, local, defaults, expand, tmp_path, monkeypatch, netrc_at, env
+):
+    """requests puts a netrc entry's login in place of an Authorization header set on the session; not the key's."""
+    netrc = tmp_path / netrc_at
+    netrc.write_text("machine owui.test login someone-else password their-password\n")
+    netrc.chmod(0o600)  # Python's netrc ignores a ~/.netrc with a password that others may read
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.setenv(env, str(tmp_path if env == "HOME" else netrc))
+    healthy_status(server, local, defaults)
+
+    code, out, err = cli("status", *ARGS)
+
+    assert (code, out[0], err) == (0, expand(OK_VERDICT), [])
+    assert [call.request.headers["Authorization"] for call in server.calls] == [f"Bearer {KEY}"] * 6
+
+
+def current_install(server, local, defaults) -> None:
+    """A server's answers to the reads of an install (or a dry run) that finds the guard current."""
+    server.get(FN, json=function(local.content))
+    server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_ON)
+
+
+def second_install(server, local, defaults) -> None:
+    current_install(server, local, defaults)
+    in_force(server, local, defaults)
+
+
+def installed_then_deleted(server, local, defaults) -> None:
+    server.get(FN, json=function(local.content))
+    server.get(f"{FN}/usage", json={"rows": []})
+    server.delete(f"{FN}/delete", json=True)
+
+
+def usage_rows(server, local, defaults) -> None:
+    server.get(f"{FN}/usage", json={"rows": ROWS})
+
+
+ANSWERS = {  # what the server answers each command of the table below
+    "status": healthy_status,
+    "install": second_install,
+    "dry-run": current_install,
+    "uninstall": installed_then_deleted,
+    "usage": usage_rows,
+}
+
+
+@pytest.mark.parametrize(
+    "argv, answers",
+    [
+        pytest.param(["status"], "status", id="status"),
+        pytest.param(["status", "--json"], "status", id="status-json"),
+        pytest.param(["install"], "install", id="install"),
+        pytest.param(["install", "--dry-run"], "dry-run", id="install-dry-run"),
+        pytest.param(["uninstall"], "uninstall", id="uninstall"),
+        pytest.param(["usage"], "usage", id="usage"),
+        pytest.param(["usage", "--json"], "usage", id="usage-json"),
+        pytest.param(["usage", "--csv"], "usage", id="usage-csv"),
+    ],
+)
+def test_url_credentials_are_neither_sent_nor_shown(server, cli, local, defaults, argv, answers):
+    """Every command with user:password@ in --url: it works, says once that they are not used, never shows them."""
+    ANSWERS[answers](server, local, defaults)
+
+    code, out, err = cli(argv[0], "--url", URL_WITH_PASSWORD, "--api-key", KEY, *argv[1:])
+
+    assert (code, err, URL_PASSWORD in "\n".join(out)) == (0, [USERINFO_WARNING], False)
+    assert {(call.request.url.split("/api/")[0], call.request.headers["Authorization"]) for call in server.calls} == {
+        (URL, f"Bearer {KEY}")
+    }
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        pytest.param("https://admin:s3cret@owui.test/x", "https://admin:***@owui.test/x", id="user-and-password"),
+        pytest.param("to https://:s3cret@h (302)", "to https://:***@h (302)", id="password-only"),
+        pytest.param("'http://a:p@ss@h/x'", "'http://a:***@h/x'", id="unescaped-at-in-password"),
+        pytest.param("x HTTP://A:p@h y https://b:q@i", "x HTTP://A:***@h y https://b:***@i", id="two-urls"),
+        pytest.param("https://owui.test:8443/api", "https://owui.test:8443/api", id="port-is-no-password"),
+        pytest.param("https://user@owui.test", "https://user@owui.test", id="user-without-password-kept"),
+        pytest.param("admin@example.com: 3 rows", "admin@example.com: 3 rows", id="email-kept"),
+    ],
+)
+def test_masked(install, text, shown):
+    assert install.masked(text) == shown
+
+
+def outcome(call, *args):
+    """What a pure helper gives: its answer, or the message of the InstallError it raised."""
+    try:
+        return call(*args)
+    except Exception as exc:  # the table says which
+        return f"{type(exc).__name__}: {exc}"
+
+
+INVALID_URL = "UsageError: invalid --url {!r}: expected http:// or https:// and a host, e.g. http://localhost:8080"
+
+
+@pytest.mark.parametrize(
+    "url, address",
+    [
+        pytest.param("https://owui.test/", ("https://owui.test", "owui.test", False, False), id="https-slash"),
+        pytest.param(
+            "https://admin:pw@owui.test:8443/base/",
+            ("https://owui.test:8443/base", "owui.test", False, True),
+            id="userinfo-taken-out",
+        ),
+        pytest.param("https://admin@owui.test", ("https://owui.test", "owui.test", False, True), id="user-only"),
+        pytest.param("http://[::1]:8080", ("http://[::1]:8080", "::1", True, False), id="ipv6-loopback"),
+        pytest.param("HTTP://LOCALHOST:3000", ("HTTP://LOCALHOST:3000", "localhost", True, False), id="upper-case"),
+        pytest.param("https://u:pa/ss@h", INVALID_URL.format("https://***@h"), id="slash-in-password"),
+        pytest.param("https://u:1#x@h", INVALID_URL.format("https://***@h"), id="hash-in-password"),
+        pytest.param("https://h/x@y", INVALID_URL.format("https://***@y"), id="at-in-the-path"),
+        pytest.param("admin:pw@owui.test", INVALID_URL.format("***@owui.test"), id="no-scheme-password-hidden"),
+        pytest.param("https://owui.test:99999", INVALID_URL.format("https://owui.test:99999"), id="port-out-of-range"),
+    ],
+)
+def test_checked_url(install, url, address):
+    assert outcome(lambda: tuple(install.checked_url(url))) == address
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        pytest.param("localhost", True, id="localhost"),
+        pytest.param("127.0.0.1", True, id="127.0.0.1"),
+        pytest.param("127.8.9.10", True, id="all-of-127/8"),
+        pytest.param("::1", True, id="ipv6-loopback"),
+        pytest.param("owui.test", False, id="a-name"),
+        pytest.param("localhost.owui.test", False, id="localhost-lookalike"),
+        pytest.param("127.0.0.1.nip.io", False, id="127-lookalike"),
+        pytest.param("10.0.0.5", False, id="private-address"),
+        pytest.param("0.0.0.0", False, id="unspecified"),  # noqa: S104 - a host name in a table
+        pytest.param("::", False, id="ipv6-unspecified"),
+        pytest.param("fe80::1", False, id="ipv6-link-local"),
+    ],
+)
+def test_is_loopback(install, host, loopback):
+    assert install.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "url, flags, code, err",
+    [
+        pytest.param("http://owui.test", [], 2, [INSECURE_REFUSED.replace("{host}", "owui.test")], id="name-refused"),
+        pytest.param("http://10.0.0.5:8080", [], 2, [INSECURE_REFUSED.replace("{host}", "10.0.0.5")], id="lan-refused"),
+        pytest.param(
+            "http://localhost.owui.test",
+            [],
+            2,
+            [INSECURE_REFUSED.replace("{host}", "localhost.owui.test")],
+            id="localhost-lookalike-refused",
+        ),
+        pytest.param(
+            "http://owui.test",
+            ["--allow-insecure-http"],
+            0,
+            [INSECURE_WARNING.replace("{host}", "owui.test")],
+            id="allowed-warns-once",
+        ),
+        pytest.param("http://127.0.0.1:8080", [], 0, [], id="loopback"),
+        pytest.param("http://[::1]:8080", [], 0, [], id="ipv6-loopback"),
+        pytest.param("http://localhost:8080", [], 0, [], id="localhost"),
+        pytest.param("https://owui.test", [], 0, [], id="https"),
+        pytest.param("https://owui.test", ["--allow-insecure-http"], 0, [], id="https-flag-changes-nothing"),
+    ],
+)
+def test_plain_http_sends_the_key_only_to_this_machine(server, cli, local, defaults, url, flags, code, err):
+    """Over plain http:// the key crosses the network readable by anyone on the path: only loopback, or told."""
+    if code == 0:
+        healthy_status(server, local, defaults, url)
+
+    assert cli("status", "--url", url, "--api-key", KEY, *flags)[::2] == (code, err)
+    assert len(server.calls) == (6 if code == 0 else 0)  # refused: nothing sent
+
+
+# ---------------------------------------------------------------------------
+# 429: waited out within bounds, said in one line each time, an error once it will not lift
+# ---------------------------------------------------------------------------
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "header, seconds",
+    [
+        pytest.param("3", 3.0, id="delta-seconds"),
+        pytest.param(" 0 ", 0.0, id="zero"),
+        pytest.param("Fri, 04 Dec 2026 12:00:10 GMT", 10.0, id="http-date"),
+        pytest.param("Fri, 04 Dec 2026 11:59:00 GMT", 0.0, id="http-date-past"),
+        pytest.param(None, None, id="absent"),
+        pytest.param("", None, id="empty"),
+        pytest.param("-1", None, id="negative"),
+        pytest.param("1.5", None, id="fraction"),
+        pytest.param("soon", None, id="garbage"),
+    ],
+)
+def test_retry_after_seconds(install, header, seconds):
+    assert install.retry_after_seconds(header, NOW) == seconds
+
+
+@pytest.mark.parametrize(
+    "asked, retries, waited, decision",
+    [
+        pytest.param(None, 0, 0.0, (1.0, ""), id="first-1-s"),
+        pytest.param(None, 3, 7.0, (8.0, ""), id="fourth-8-s"),
+        pytest.param(None, 4, 15.0, (None, "retries"), id="retries-used"),
+        pytest.param(5.0, 0, 0.0, (5.0, ""), id="retry-after-honoured"),
+        pytest.param(0.0, 0, 0.0, (0.0, ""), id="retry-after-zero"),
+        pytest.param(30.0, 0, 0.0, (30.0, ""), id="retry-after-the-whole-budget"),
+        pytest.param(40.0, 0, 0.0, (None, "asked"), id="retry-after-beyond-the-cap"),
+        pytest.param(10.0, 1, 25.0, (None, "asked"), id="retry-after-beyond-what-is-left"),
+        pytest.param(None, 2, 28.0, (None, "budget"), id="backoff-beyond-what-is-left"),
+        pytest.param(1.0, 0, 30.0, (None, "budget"), id="budget-spent"),
+    ],
+)
+def test_backoff(install, asked, retries, waited, decision):
+    assert install.backoff(asked, retries, waited) == decision
+
+
+def limited(retry_after: str | None = None, guard: bool = False) -> dict:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    return {
+        "status": 429,
+        "json": {"detail": "Too Many Requests"},
+        "headers": headers | guard_headers("enforce" if guard else None),
+    }
+
+
+USAGE_AT = "GET /api/v1/functions/id/api_key_guard/usage?since=2026-12-01"
+LIMITED_ERROR = f"error: the server answered {USAGE_AT} with 429 Too Many Requests "
+
+
+def waiting(seconds: int, retry: int, asked: bool = True) -> str:
+    honoured = ", as its Retry-After asks" if asked else ""
+    return f"rate limited (429) on {USAGE_AT}: asking again in {seconds} s{honoured} (retry {retry} of 4)"
+
+
+@pytest.mark.parametrize(
+    "answers, code, err, slept_for",
+    [
+        pytest.param([limited("2"), {}], 0, [waiting(2, 1)], [2.0], id="retry-after-honoured"),
+        pytest.param(
+            [limited(), limited(), {}], 0, [waiting(1, 1, False), waiting(2, 2, False)], [1, 2], id="backs-off-1-2-s"
+        ),
+        pytest.param(
+            [limited()] * 5,
+            3,
+            [
+                *(waiting(s, n, False) for n, s in enumerate((1, 2, 4, 8), 1)),
+                LIMITED_ERROR
+                + "still after 4 retries (15 s of waiting); try again later. Server said: Too Many Requests",
+            ],
+            [1, 2, 4, 8],
+            id="still-limited-after-4-retries",
+        ),
+        pytest.param(
+            [limited("20"), limited("20")],
+            3,
+            [
+                waiting(20, 1),
+                LIMITED_ERROR
+                + "and asks to wait 20 s: more than install.py waits for rate limits (30 s in a run, 20 s "
+                "spent); try again later. Server said: Too Many Requests",
+            ],
+            [20],
+            id="retry-after-beyond-what-is-left",
+        ),
+        pytest.param(
+            [limited("30"), limited()],
+            3,
+            [
+                waiting(30, 1),
+                LIMITED_ERROR + "and install.py has spent the 30 s it waits for rate limits in a run; try again later. "
+                "Server said: Too Many Requests",
+            ],
+            [30],
+            id="budget-spent",
+        ),
+        pytest.param(
+            [limited("1", guard=True)] * 5,
+            3,
+            [
+                *(waiting(1, n) for n in range(1, 5)),
+                LIMITED_ERROR + "still after 4 retries (4 s of waiting); try again later. API Key Guard's valve "
+                "api_key_rate_limit_admin limits this key: raise it, or use an admin session token (JWT). Server said: "
+                "Too Many Requests",
+            ],
+            [1] * 4,
+            id="the-guards-own-limit-names-its-valve",
+        ),
+    ],
+)
+def test_rate_limited_requests_are_asked_again(server, cli, slept, answers, code, err, slept_for):
+    for reply in answers:
+        server.get(f"{FN}/usage", **(reply or {"json": {"rows": []}}))
+
+    assert cli("usage", *ARGS, "--since", "2026-12-01", "--json")[::2] == (code, err)
+    assert (slept, len(server.calls)) == (slept_for, len(answers))
+
+
+# ---------------------------------------------------------------------------
+# install plans, then applies, then verifies
+# ---------------------------------------------------------------------------
+FOUND = {  # the function as read: content, is_active, is_global
+    "current": ("current", True, True),
+    "old": ("old", True, True),
+    "current-inactive": ("current", False, True),
+    "current-not-global": ("current", True, False),
+    "old-off": ("old", False, False),
+}
+ARMING = {  # the connections form as read: form, armed, problem
+    "off": (CACHE_OFF, False, ""),
+    "on": (CACHE_ON, True, ""),
+    "no-setting": (None, False, "no cache setting"),
+    "unreadable": (None, None, "GET refused"),
+}
+
+
+@pytest.mark.parametrize(
+    "found, stored, requested, arming, actions, startup_problem",
+    [
+        pytest.param(None, {}, {}, "off", ["create", "arm", "valves", "activate", "global"], "", id="absent-all"),
+        pytest.param(None, {}, {}, None, ["create", "valves", "activate", "global"], "", id="absent-opted-out"),
+        pytest.param("current", {}, {}, "on", [], "", id="current-nothing"),
+        pytest.param("current", {}, {"mode": "monitor"}, "on", ["valves"], "", id="one-valve"),
+        pytest.param("current", {}, {"mode": "enforce"}, "on", [], "", id="valve-already-so"),
+        pytest.param("current", {"legacy": "x"}, {}, "on", ["valves"], "", id="obsolete-valve-dropped"),
+        pytest.param("old", {}, {}, "on", ["update"], "", id="outdated-content"),
+        pytest.param("old-off", {}, {}, "off", ["update", "arm", "activate", "global"], "", id="everything-but-valves"),
+        pytest.param("current-inactive", {}, {}, "on", ["activate"], "", id="inactive"),
+        pytest.param("current-not-global", {}, {}, "on", ["global"], "", id="not-global"),
+        pytest.param("current", {}, {}, "no-setting", [], "no cache setting", id="no-cache-setting-said-not-written"),
+        pytest.param("current", {}, {}, "unreadable", [], "GET refused", id="form-unreadable-said"),
+    ],
+)
+def test_plan_install(install, local, defaults, found, stored, requested, arming, actions, startup_problem):
+    """`stored`: on top of the defaults; the function absent (None) has none."""
+    content, active, is_global = FOUND[found] if found else ("", False, False)
+    function = found and install.ServerFunction(
+        content=local.content if content == "current" else OLD_CONTENT, is_active=active, is_global=is_global
+    )
+    held = (defaults | stored) if found else {}
+    plan = install.plan_install(
+        "api_key_guard", local, function, held, requested, arming and install.StartupArming(*ARMING[arming])
+    )
+    assert ([step.action for step in plan.steps], plan.startup_problem, plan.problems) == (actions, startup_problem, [])
+
+
+@pytest.mark.parametrize(
+    "stored, problem",
+    [
+        pytest.param(
+            {"priority": "high", "api_key_roles": "root"},
+            "invalid valves: valve priority: Input should be a valid integer, unable to parse string as an integer; "
+            "valve api_key_roles: Value error, expected roles from admin, user, pending, got 'root'",
+            id="every-invalid-stored-valve-in-one-problem",
+        ),
+    ],
+)
+def test_plan_install_with_invalid_stored_valves_takes_no_step(install, local, defaults, stored, problem):
+    function = install.ServerFunction(content=local.content, is_active=True, is_global=True)
+    plan = install.plan_install("api_key_guard", local, function, defaults | stored, {}, None)
+    assert (plan.steps, plan.problems) == ([], [problem])
+
+
+STARTUP_REFUSED = (
+    "error: not armed at startup: the server answered POST /api/v1/configs/connections with 500 Internal Server "
+    f"Error. Server said: database is locked. {UNARMED_AFTER_RESTART}; switch on Admin Panel > Settings > "
+    "Connections > Cache Base Model List (ENABLE_BASE_MODELS_CACHE), or pass --no-arm-at-startup to accept that"
+)
+LOCKED = {"status": 500, "json": {"detail": "database is locked"}}
+NOT_ACTIVE = (
+    "error: function api_key_guard is not active after install; Open WebUI switches a function off when its module "
+    "fails to load: check the server log"
+)
+NEVER_ARMED = (
+    "error: route guard is not armed 10 s after GET /api/models; look in the server log for 'api_key_guard could "
+    "not arm the route guard' (with several workers, each arms on its own first model listing)"
+)
+
+
+@pytest.mark.parametrize(
+    "argv, form_post, valves_post, read_back, code, out, errors",
+    [
+        pytest.param(
+            [], LOCKED, None, {"mode": None}, 1, [], [STARTUP_REFUSED, NEVER_ARMED], id="arming-refused-and-never-armed"
+        ),
+        pytest.param(
+            [],
+            LOCKED,
+            None,
+            {"mode": None, "active": False},
+            3,
+            [],
+            [STARTUP_REFUSED, NOT_ACTIVE],
+            id="arming-refused-and-switched-off-gravest-exit-code",
+        ),
+        pytest.param(
+            ["--set", "mode=monitor"],
+            LOCKED,
+            LOCKED,
+            None,
+            3,
+            [],
+            [
+                STARTUP_REFUSED,
+                "error: the server answered POST /api/v1/functions/id/api_key_guard/valves/update with 500 Internal "
+                "Server Error. Server said: database is locked",
+            ],
+            id="arming-refused-then-a-write-fails-no-later-step",
+        ),
+        pytest.param(
+            [],
+            LOCKED,
+            None,
+            "listings-limited",
+            3,
+            [],
+            [
+                STARTUP_REFUSED,
+                "error: the server answered GET /api/models with 429 Too Many Requests and asks to wait 120 s: more "
+                "than install.py waits for rate limits (30 s in a run, 0 s spent); try again later. Server said: Too "
+                "Many Requests",
+            ],
+            id="arming-refused-then-verify-cannot-read",
+        ),
+        pytest.param(
+            ["--set", "mode=monitor"],
+            None,
+            {"json": {}},
+            {},
+            1,
+            ["valves updated: mode"],
+            [
+                "error: the stored valves differ from what install wrote (mode); did something else write them "
+                "meanwhile? Run install.py again"
+            ],
+            id="valves-changed-meanwhile",
+        ),
+        pytest.param(
+            [],
+            None,
+            None,
+            {"content": OLD_CONTENT},
+            1,
+            ["api_key_guard {version} is installed and current; nothing changed"],
+            [
+                "error: function api_key_guard on the server differs from the local file after install (server "
+                "0.0.9, local {version}); did something else write it meanwhile? Run install.py again"
+            ],
+            id="content-changed-meanwhile",
+        ),
+    ],
+)
+def test_install_reports_every_problem_together(
+    server, cli, local, defaults, expand, argv, form_post, valves_post, read_back, code, out, errors
+):
+    """The first problem never hides the next; the exit code is the gravest one's. `read_back`: None when
+    install stops before verifying, "listings-limited" when verify's model listings stay 429, else how the
+    read-back differs (the valves read back are the defaults)."""
+    server.get(FN, json=function(local.content))
+    server.get(f"{FN}/valves", json=defaults)
+    server.get(CONNECTIONS, json=CACHE_OFF if form_post else CACHE_ON)
+    if form_post:
+        server.post(CONNECTIONS, **form_post)
+    if valves_post:
+        server.post(f"{FN}/valves/update", **valves_post)
+    if read_back == "listings-limited":
+        server.get(MODELS, **limited("120"))
+    elif read_back is not None:
+        in_force(server, local, defaults, **read_back)
+
+    assert cli(*ARGS, *argv) == (code, [expand(line) for line in out], [expand(line) for line in errors])
 
 
 # ---------------------------------------------------------------------------

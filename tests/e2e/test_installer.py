@@ -1,6 +1,7 @@
 """install.py against the real servers: install, a second run that changes nothing, a valve change in
-force when install returns, arming at startup and what status proves of it, a deactivated guard, a second copy
-of the guard under another id, uninstall.
+force when install returns, a dry run that writes nothing, arming at startup and what status proves of it, a
+deactivated guard, a second copy of the guard under another id, uninstall; the credential it sends (a netrc entry
+for the server, a user:password in --url), and the guard's own rate limit on the admin key waited out.
 
 The test servers run with ENABLE_PERSISTENT_CONFIG=false. There Open WebUI's connections endpoint still
 answers and switches the base models cache in the memory of the process that served the request (0.6-0.8:
@@ -34,6 +35,13 @@ def run(deployment, capsys, *args) -> tuple[int, list[str]]:
     code = deployment.installer(*args, key=deployment.people.admin.api_key)
     out = capsys.readouterr().out
     return code, out.splitlines()
+
+
+def run_at(url: str, deployment, capsys, *args) -> tuple[int, list[str], list[str]]:
+    """install.py with the admin's key against `url` (the server under another address): code, stdout, stderr."""
+    code = install.main([*args, "--url", url, "--api-key", deployment.people.admin.api_key])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
 
 
 def status_json(deployment, capsys, *args) -> tuple[int, dict]:
@@ -153,7 +161,16 @@ def test_status_shows_a_copy_of_the_guard_and_fails_while_two_copies_are_active(
 
 
 def test_uninstall_then_status_then_reinstall(installed, capsys):
-    assert run(installed, capsys, "uninstall") == (0, ["deleted function api_key_guard"])
+    code, lines = run(installed, capsys, "uninstall")
+    assert (
+        code,
+        lines[0],
+        lines[1].startswith("usage table api_key_guard_usage stays in Open WebUI's database ("),
+    ) == (
+        0,
+        "deleted function api_key_guard",
+        True,
+    )
     code, lines = run(installed, capsys, "status")
     assert code == 1
     assert lines[0] == "verdict: NOT OK - function api_key_guard is not installed"
@@ -191,3 +208,58 @@ def test_without_persistent_config_a_restart_forgets_the_setting(installed, caps
             permissions = server.ok("GET", "/api/v1/users/default/permissions", jwt)
             permissions["features"]["api_keys"] = True
             server.ok("POST", "/api/v1/users/default/permissions", jwt, json=permissions)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(installed, capsys):
+    assert run(installed, capsys, "install", "--dry-run", "--set", "mode=monitor") == (0, ["would update valves: mode"])
+    assert installed.server.ok("GET", VALVES, installed.people.admin.jwt)["mode"] == "enforce"
+
+
+def test_every_invalid_valve_in_one_error_and_nothing_sent(installed, capsys):
+    code, out, err = run_at(
+        installed.server.url, installed, capsys, "install", "--set", "priority=high", "--set", "api_key_roles=root"
+    )
+    assert (code, out, err) == (
+        2,
+        [],
+        [
+            "error: invalid valves: valve priority: Input should be a valid integer, unable to parse string as an "
+            "integer; valve api_key_roles: Value error, expected roles from admin, user, pending, got 'root'"
+        ],
+    )
+
+
+def test_a_netrc_entry_for_the_server_never_replaces_the_key(installed, capsys, tmp_path, monkeypatch):
+    """requests would send a netrc entry's login for the host in place of an Authorization header."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice@example.com password not-the-admin\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    code, lines = run(installed, capsys, "status")
+    assert (code, lines[0].startswith("verdict: OK - ")) == (0, True)
+
+
+URL_PASSWORD = "Hunter2-url-password"
+
+
+@pytest.mark.parametrize(
+    "netloc, err",
+    [
+        pytest.param("127.0.0.1", [], id="loopback-address"),
+        pytest.param("localhost", [], id="localhost-plain-http-allowed"),
+        pytest.param(f"admin:{URL_PASSWORD}@127.0.0.1", [install.USERINFO_WARNING], id="url-credentials-not-used"),
+    ],
+)
+def test_status_over_plain_http_to_this_machine(installed, capsys, netloc, err):
+    url = installed.server.url.replace("127.0.0.1", netloc)
+    code, out, errors = run_at(url, installed, capsys, "status")
+    assert (code, out[0].startswith("verdict: OK - "), errors, URL_PASSWORD in "\n".join(out)) == (0, True, err, False)
+
+
+def test_a_rate_limited_admin_key_is_waited_out(installed, capsys):
+    """The guard's own api_key_rate_limit_admin answers 429 with Retry-After; status waits and still proves all."""
+    installed.configure(api_key_rate_limit_admin="2/second")
+    capsys.readouterr()  # what configure's install said
+    code, out, err = run_at(installed.server.url, installed, capsys, "status")
+    waits = [line for line in err if line.startswith("rate limited (429) on ") and "as its Retry-After asks" in line]
+    assert (code, out[0].startswith("verdict: OK - "), bool(waits), len(waits) == len(err)) == (0, True, True, True)
