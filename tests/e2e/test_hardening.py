@@ -31,7 +31,8 @@ import requests
 
 from .attacks import BACKEND_SETTLE_SECONDS as SETTLE
 from .attacks import BYPASSES, Answer, add_account, bearer, log_text, on_release, send
-from .conftest import DEFAULT_VALVES, FUNCTION_ID, GUARD, wait_for
+from .conftest import DEFAULT_VALVES, FUNCTION_ID, GUARD, start_deployment, wait_for
+from .provision import VERSIONS
 from .routes import CHAT_BODY
 
 ALLOWED, FORBIDDEN = "other-model", "test-model"
@@ -461,6 +462,25 @@ def test_fanout_refused_before_any_model_call(request, deployment, body, expecte
     deployment.configure(**COUNTED)
     key = add_account(deployment, "fan").api_key
     pin(request, ask(deployment, "POST", CHAT, bearer(key), body), expected, (), detail)
+
+
+# Core's audit middleware (AUDIT_LOG_LEVEL other than NONE) authenticates every request a second time
+# up to 0.10, and on 0.12 after a refusal: each request must still count once against the limit.
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"owui-{v}" for v in VERSIONS])
+def audited(request, tmp_path_factory):
+    version = request.param
+    root = tmp_path_factory.mktemp(f"audited-{version}")
+    return start_deployment(version, root, request, AUDIT_LOG_LEVEL="METADATA")
+
+
+def test_fanout_one_request_counts_once_when_core_authenticates_it_twice(request, audited):
+    audited.configure(**BASE, api_key_rate_limit_user="5/minute")
+    key = add_account(audited, "audited").api_key
+    answers = [ask(audited, "POST", PROVIDER, bearer(key), BODY) for _ in range(6)]
+    outcomes = [(a.answer.status, len(a.models)) for a in answers]
+    if any(status == 200 for status, _ in outcomes[5:]):
+        BYPASSES.append(request.node.name)
+    assert outcomes == [(200, 1)] * 5 + [(429, 0)], outcomes
 
 
 # 0.6 wants a non-admin's chat_id stored (local: is no exception there) and answers 400; 0.8 runs
