@@ -64,8 +64,11 @@ ALLOWED = [
 @pytest.mark.parametrize(("request_facts", "valves", "reason"), ALLOWED)
 def test_allowed(request_facts, valves, reason):
     decision = g.decide(request_facts, policy(**valves))
-    assert decision.reason == reason
-    assert decision.allowed is (reason != g.REASON_ENDPOINT)
+    # monitor mode serves what enforce would refuse, and still names the rule
+    assert {"allowed": decision.allowed, "reason": decision.reason} == {
+        "allowed": reason != g.REASON_ENDPOINT,
+        "reason": reason,
+    }
 
 
 DENIED = [
@@ -139,7 +142,7 @@ DENIED = [
 @pytest.mark.parametrize(("request_facts", "valves", "reason"), DENIED)
 def test_denied(request_facts, valves, reason):
     decision = g.decide(request_facts, policy(**valves))
-    assert (decision.allowed, decision.reason) == (False, reason)
+    assert {"allowed": decision.allowed, "reason": decision.reason} == {"allowed": False, "reason": reason}
 
 
 MESSAGES = [
@@ -240,56 +243,120 @@ def test_invalid_valves_are_refused_with_the_valve_name(name, value, expected):
 
 
 def test_defaults_are_the_restrictive_choice():
-    v = g.Valves()
-    assert (v.mode, v.api_key_roles, v.api_key_groups, v.api_key_users, v.route_guard) == (
-        "enforce",
-        "admin",
-        "",
-        "",
-        True,
-    )
-    assert v.priority < 0
-    assert (
-        v.api_key_allowed_endpoints_user
-        == "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
-    )
+    """Every valve's built-in default: only admins' keys, refused (not merely logged), on every route, with
+    non-admins limited to chat and reading the model list; nobody blocked, every model, no rate limit."""
+    assert g.Valves().model_dump() == {
+        "mode": "enforce",
+        "priority": -100,
+        "api_key_roles": "admin",
+        "api_key_groups": "",
+        "api_key_users": "",
+        "api_key_blocked_users": "",
+        "api_key_allowed_endpoints_admin": "*",
+        "api_key_allowed_endpoints_user": (
+            "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
+        ),
+        "api_key_allowed_models_admin": "*",
+        "api_key_allowed_models_user": "*",
+        "api_key_rate_limit_admin": "",
+        "api_key_rate_limit_user": "",
+        "route_guard": True,
+        "block_message": "API Key Guard: {reason}",
+        "usage_accounting": True,
+        "usage_retention_days": 90,
+        "audit_log": "deny",
+    }
+
+
+DEFAULTS = g.Valves().model_dump()
+# For every valve, an API_KEY_GUARD_<NAME> value other than its default, and the value it must preset.
+# A valve added to the Valves model without a row here fails test_every_valve_has_an_environment_preset.
+PRESETS = {
+    "mode": ("monitor", "monitor"),
+    "priority": ("-5", -5),
+    "api_key_roles": ("admin,user", "admin,user"),
+    "api_key_groups": ("automation, g-42", "automation, g-42"),
+    "api_key_users": ("alice@example.com", "alice@example.com"),
+    "api_key_blocked_users": ("u-mallory", "u-mallory"),
+    "api_key_allowed_endpoints_admin": ("/api", "/api"),
+    "api_key_allowed_endpoints_user": ("/api/models", "/api/models"),
+    "api_key_allowed_models_admin": ("gpt-4*", "gpt-4*"),
+    "api_key_allowed_models_user": ("llama3, gpt-4o-mini", "llama3, gpt-4o-mini"),
+    "api_key_rate_limit_admin": ("600/minute", "600/minute"),
+    "api_key_rate_limit_user": ("5/minute,100/day", "5/minute,100/day"),
+    "route_guard": ("false", False),
+    "block_message": ("Refused: {reason}. Ask IT.", "Refused: {reason}. Ask IT."),
+    "usage_accounting": ("off", False),
+    "usage_retention_days": ("30", 30),
+    "audit_log": ("all", "all"),
+}
+BOOLEANS = [name for name, field in g.Valves.model_fields.items() if field.annotation is bool]
+INTEGERS = [name for name, field in g.Valves.model_fields.items() if field.annotation is int]
+
+
+def guard_with_env(monkeypatch, env: dict):
+    """The guard loaded with `env` set: its Valves model is built at import, so that is when presets are read."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    module = load_guard()
+    module.policy_from_valves(module.Valves())  # the preset makes a usable policy
+    return module
+
+
+def test_every_preset_row_names_a_valve():
+    assert sorted(PRESETS) == sorted(g.Valves.model_fields)
+
+
+@pytest.mark.parametrize("name", list(g.Valves.model_fields))
+def test_every_valve_has_an_environment_preset(monkeypatch, name):
+    variable = g.ENV_PREFIX + name.upper()
+    assert name in PRESETS, f"add a PRESETS row for the valve {name}: {variable} is untested"
+    text, expected = PRESETS[name]
+    assert expected != DEFAULTS[name], "a preset equal to the default proves nothing"
+    module = guard_with_env(monkeypatch, {variable: text})
+    assert module.Valves().model_dump() == DEFAULTS | {name: expected}, f"{variable}={text!r}"
+    saved = module.Valves(**{name: DEFAULTS[name]})
+    assert getattr(saved, name) == DEFAULTS[name], "saved valves win over the environment"
 
 
 ENV_DEFAULTS = [
-    pytest.param({"API_KEY_GUARD_API_KEY_ROLES": "admin,user"}, "api_key_roles", "admin,user", id="prefixed"),
-    pytest.param(
-        {"API_KEY_ALLOWED_ENDPOINTS_USER": "/api/models"},
-        "api_key_allowed_endpoints_user",
-        "/api/models",
-        id="legacy-user-endpoints",
-    ),
-    pytest.param(
-        {"API_KEY_ALLOWED_ENDPOINTS_ADMIN": "/api"},
-        "api_key_allowed_endpoints_admin",
-        "/api",
-        id="legacy-admin-endpoints",
-    ),
+    *[
+        pytest.param({legacy: PRESETS[name][0]}, name, PRESETS[name][1], id=f"legacy-{legacy}")
+        for name, legacy in g.LEGACY_ENV.items()
+    ],
     pytest.param(
         {"API_KEY_GUARD_API_KEY_ALLOWED_ENDPOINTS_USER": "/a", "API_KEY_ALLOWED_ENDPOINTS_USER": "/b"},
         "api_key_allowed_endpoints_user",
         "/a",
-        id="prefixed-wins-over-legacy",
+        id="prefixed-wins-over-legacy-user",
     ),
-    pytest.param({"API_KEY_GUARD_PRIORITY": "-5"}, "priority", -5, id="int"),
-    pytest.param({"API_KEY_GUARD_PRIORITY": "first"}, "priority", -100, id="bad-int-keeps-default"),
-    pytest.param({"API_KEY_GUARD_ROUTE_GUARD": "false"}, "route_guard", False, id="route-guard-off"),
-    pytest.param({"API_KEY_GUARD_ROUTE_GUARD": "nope"}, "route_guard", True, id="unclear-bool-stays-on"),
-    pytest.param({"API_KEY_GUARD_MODE": "monitor"}, "mode", "monitor", id="mode"),
+    pytest.param(
+        {"API_KEY_GUARD_API_KEY_ALLOWED_ENDPOINTS_ADMIN": "/a", "API_KEY_ALLOWED_ENDPOINTS_ADMIN": "/b"},
+        "api_key_allowed_endpoints_admin",
+        "/a",
+        id="prefixed-wins-over-legacy-admin",
+    ),
+    *[
+        pytest.param({g.ENV_PREFIX + name.upper(): "first"}, name, DEFAULTS[name], id=f"bad-int-keeps-default-{name}")
+        for name in INTEGERS
+    ],
+    *[
+        pytest.param({g.ENV_PREFIX + name.upper(): "nope"}, name, DEFAULTS[name], id=f"unclear-bool-stays-{name}")
+        for name in BOOLEANS
+    ],
 ]
 
 
 @pytest.mark.parametrize(("env", "name", "expected"), ENV_DEFAULTS)
 def test_environment_presets_defaults(monkeypatch, env, name, expected):
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    module = load_guard()
-    assert getattr(module.Valves(), name) == expected
-    assert getattr(module.Valves(**{name: g.Valves().model_dump()[name]}), name) == g.Valves().model_dump()[name]
+    assert guard_with_env(monkeypatch, env).Valves().model_dump() == DEFAULTS | {name: expected}
+
+
+def test_the_legacy_names_are_the_two_endpoint_lists():
+    assert g.LEGACY_ENV == {
+        "api_key_allowed_endpoints_admin": "API_KEY_ALLOWED_ENDPOINTS_ADMIN",
+        "api_key_allowed_endpoints_user": "API_KEY_ALLOWED_ENDPOINTS_USER",
+    }
 
 
 def test_invalid_env_default_fails_closed_not_at_load(monkeypatch):

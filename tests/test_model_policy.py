@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from tests.conftest import receiver
 from tests.guard_loader import load_guard
 
 g = load_guard()
@@ -144,13 +145,9 @@ BODIES_IN_CHUNKS = [
 @pytest.mark.parametrize(("chunks", "limit", "body"), BODIES_IN_CHUNKS)
 def test_buffered_body_is_handed_on_byte_for_byte(chunks, limit, body):
     sent = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
-    queue = list(sent)
-
-    async def receive():
-        return queue.pop(0)
 
     async def read_all():
-        raw, replay = await g.buffered(receive, limit)
+        raw, replay = await g.buffered(receiver(sent), limit)
         handed, more = [], True
         while more:
             message = await replay()
@@ -159,5 +156,5 @@ def test_buffered_body_is_handed_on_byte_for_byte(chunks, limit, body):
         return raw, b"".join(handed), len(handed)
 
     raw, handed, messages = asyncio.run(read_all())
-    assert (raw, handed) == (body, b"".join(chunks))
+    assert {"buffered": raw, "handed on": handed} == {"buffered": body, "handed on": b"".join(chunks)}
     assert messages <= 2, "the buffered part is handed on as one message"

@@ -1,7 +1,6 @@
 """The rate limiter: parsing, exactness at window edges, memory bounds, headers, and a real Redis."""
 
 import asyncio
-import inspect
 import logging
 import signal
 import threading
@@ -11,6 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
+from tests.conftest import Clock, error_lines, settle, wait_for
 from tests.e2e.services import Redis  # the harness's real redis-server
 from tests.guard_loader import load_guard
 
@@ -46,15 +46,28 @@ FORM = block.RATE_LIMIT_FORM
             '"minute";q=60;w=60, "day";q=1000;w=86400',
             id="two-sorted-by-length",
         ),
-        pytest.param(" 10 / Second , 5/HOUR ", ("10/second", "5/hour"), None, id="spaces-and-case"),
-        pytest.param("007/minute", ("7/minute",), None, id="leading-zeros"),
-        pytest.param("1/second,2/minute,3/hour,4/day", ("1/second", "2/minute", "3/hour", "4/day"), None, id="all"),
-        pytest.param("5/minute,", ("5/minute",), None, id="trailing-comma"),
+        pytest.param(
+            " 10 / Second , 5/HOUR ",
+            ("10/second", "5/hour"),
+            '"second";q=10;w=1, "hour";q=5;w=3600',
+            id="spaces-and-case",
+        ),
+        pytest.param("007/minute", ("7/minute",), '"minute";q=7;w=60', id="leading-zeros"),
+        pytest.param(
+            "1/second,2/minute,3/hour,4/day",
+            ("1/second", "2/minute", "3/hour", "4/day"),
+            '"second";q=1;w=1, "minute";q=2;w=60, "hour";q=3;w=3600, "day";q=4;w=86400',
+            id="all",
+        ),
+        pytest.param("5/minute,", ("5/minute",), '"minute";q=5;w=60', id="trailing-comma"),
     ],
 )
 def test_parse_valid(text, windows, policy):
     parsed = RateLimit.parse(text)
-    assert (tuple(w.text for w in parsed.windows), policy or parsed.policy) == (windows, parsed.policy)
+    assert {"windows": tuple(w.text for w in parsed.windows), "policy": parsed.policy} == {
+        "windows": windows,
+        "policy": policy,
+    }
 
 
 @pytest.mark.parametrize(
@@ -90,14 +103,6 @@ def test_redis_args_are_limit_and_microseconds():
 # ---------------------------------------------------------------------------
 # The algorithm, on an injected clock (no sleeping)
 # ---------------------------------------------------------------------------
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def replay(text: str, times: list[float]) -> list[str]:
     """'ok' or 'deny <window> <retry>' for each request at the given offsets."""
     clock, limit = Clock(), RateLimit.parse(text)
@@ -196,7 +201,7 @@ def test_remaining_and_reset(times, remaining, reset):
     for t in times:
         clock.now = t
         verdict = counters.check("u1", limit)
-    assert (verdict.remaining, verdict.reset) == (remaining, reset)
+    assert {"remaining": verdict.remaining, "reset": verdict.reset} == {"remaining": remaining, "reset": reset}
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +211,10 @@ def test_memory_keeps_at_most_max_users_and_forgets_the_least_recent():
     counters, limit = MemoryCounters(max_users=3, clock=Clock()), RateLimit.parse("1/minute")
     for user in ("a", "b", "c", "a", "d"):  # "a" seen again, so "b" is the least recent when "d" arrives
         counters.check(user, limit)
-    assert (len(counters), list(counters._users)) == (3, ["c", "a", "d"])
+    assert {"users kept": len(counters), "in order": list(counters._users)} == {
+        "users kept": 3,
+        "in order": ["c", "a", "d"],
+    }
 
 
 def test_forgotten_user_starts_from_zero():
@@ -235,7 +243,7 @@ def test_threads_admit_exactly_the_limit():
         thread.start()
     for thread in threads:
         thread.join()
-    assert (allowed.count(True), allowed.count(False)) == (500, 1100)
+    assert {"admitted": allowed.count(True), "refused": allowed.count(False)} == {"admitted": 500, "refused": 1100}
 
 
 # ---------------------------------------------------------------------------
@@ -301,14 +309,6 @@ def test_redis_key_base(prefix, base):
 # ---------------------------------------------------------------------------
 # A real Redis on 127.0.0.1, started and stopped here
 # ---------------------------------------------------------------------------
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Redis(tmp_path_factory.mktemp("redis"))
@@ -369,19 +369,19 @@ def test_redis_admits_exactly_n(url, checks, decode):
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
 def test_redis_denial_names_window_and_wait(url, checks, decode):
     denied = checks(url, "u1", "2/minute,10/day", 3, decode=decode)[-1]
-    assert (denied.window.text, 59 < denied.retry_after <= 60, 86399 < denied.reset[1] <= 86400) == (
-        "2/minute",
-        True,
-        True,
-    )
+    assert denied.window.text == "2/minute"
+    assert 59 < denied.retry_after <= 60, "retry when the minute's first entry leaves"
+    assert 86399 < denied.reset[1] <= 86400, "the day's window resets a day after its first entry"
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
 def test_redis_keys_ttl_and_hash_tag(url, checks, decode):
     checks(url, "user-1", "1/minute,1/hour", 1, prefix="open-webui", decode=decode)
     client = redis.Redis.from_url(url, decode_responses=True)
-    ttls = {key: 0 < client.pttl(key) <= int(key.rsplit(":", 1)[1]) * 1000 for key in client.keys("*")}
-    assert ttls == {"open-webui:api_key_guard:rl:{user-1}:60": True, "open-webui:api_key_guard:rl:{user-1}:3600": True}
+    ttls = {key: client.pttl(key) for key in client.keys("*")}
+    assert sorted(ttls) == ["open-webui:api_key_guard:rl:{user-1}:3600", "open-webui:api_key_guard:rl:{user-1}:60"]
+    outside = {key: ms for key, ms in ttls.items() if not 0 < ms <= int(key.rsplit(":", 1)[1]) * 1000}
+    assert outside == {}, "each key expires within its window (ms)"
 
 
 def test_redis_counts_are_shared_between_clients(url):
@@ -395,15 +395,17 @@ def test_redis_window_slides_on_server_time(url):
     verdicts = sync_checks(url, "u1", "2/second", 3)
     started = time.monotonic()
     counters = RedisCounters(lambda: redis.Redis.from_url(url), "t")
-    wait_for(lambda: counters.check("u1", RateLimit.parse("2/second")).allowed, timeout=3)
+    wait_for(lambda: counters.check("u1", RateLimit.parse("2/second")).allowed, "a free slot in 2/second", timeout=3)
     waited = time.monotonic() - started
-    assert (verdicts[-1].allowed, waited <= verdicts[-1].retry_after + 0.2) == (False, True)
+    assert not verdicts[-1].allowed, "the third request within a second is refused"
+    assert waited <= verdicts[-1].retry_after + 0.2, "a slot frees when Retry-After said it would"
 
 
 def test_redis_lowered_limit_waits_for_enough_entries_to_leave(url):
     sync_checks(url, "u1", "3/minute", 3)
     denied = sync_checks(url, "u1", "1/minute", 1)[0]
-    assert (denied.allowed, 59 < denied.retry_after <= 60, denied.remaining) == (False, True, (0,))
+    assert {"allowed": denied.allowed, "remaining": denied.remaining} == {"allowed": False, "remaining": (0,)}
+    assert 59 < denied.retry_after <= 60, "all three entries must leave, the first of them a minute on"
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
@@ -437,52 +439,50 @@ class Probe:
 
     def check(self, text: str = "3/minute") -> Verdict:
         result = self.limiter.check("u1", RateLimit.parse(text))
-        return self.runner.run(block_settle(result)) if self.asynchronous else result
+        return self.runner.run(settle(result)) if self.asynchronous else result
 
     def close(self):
         if self.runner:
             self.runner.close()
 
 
-async def block_settle(value):
-    return await value if inspect.isawaitable(value) else value
-
-
 def errors(caplog) -> int:
-    return sum(1 for r in caplog.records if r.levelno == logging.ERROR and "degraded" in r.getMessage())
+    """How many ERROR lines say the counters are degraded."""
+    return sum("degraded" in line for line in error_lines(caplog))
 
 
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
 def test_degraded_when_redis_stops_and_back_when_it_returns(server, url, caplog, asynchronous):
     caplog.set_level(logging.INFO, logger="api_key_guard")
     probe = Probe(url, asynchronous)
+
+    def seen(verdicts: list) -> dict:
+        return {"verdicts": [v.counters for v in verdicts], "limiter": probe.limiter.counters, "errors": errors(caplog)}
+
     try:
-        states = [(probe.check().counters, probe.limiter.counters)]
+        steps = {"redis up": seen([probe.check()])}
         server.stop()
-        served = [probe.check() for _ in range(4)]  # per process: 3/minute holds in this worker
-        states.append((*tuple(v.counters for v in served), probe.limiter.counters, errors(caplog)))
+        served = [probe.check() for _ in range(4)]
+        steps["redis stopped"] = seen(served)
         probe.clock.now += block.REDIS_RETRY_SECONDS
-        states.append((probe.check().counters, errors(caplog)))  # probe fails again: no second ERROR yet
+        steps["the retry fails: no second error yet"] = seen([probe.check()])
         probe.clock.now += block.DEGRADED_LOG_SECONDS
-        states.append((probe.check().counters, errors(caplog)))  # a minute later: one more ERROR
+        steps["a minute later: one more error"] = seen([probe.check()])
         server.start()
-        states.append((probe.check().counters, errors(caplog)))  # within the retry interval: still per process
+        steps["redis back, within the retry interval"] = seen([probe.check()])
         probe.clock.now += block.REDIS_RETRY_SECONDS
-        states.append((probe.check().counters, probe.limiter.counters))
-        allowed = [v.allowed for v in served]
+        steps["the next retry"] = seen([probe.check()])
     finally:
         probe.close()
-    assert (states, allowed) == (
-        [
-            ("redis", "redis"),
-            ("degraded", "degraded", "degraded", "degraded", "degraded", 1),
-            ("degraded", 1),
-            ("degraded", 2),
-            ("degraded", 2),
-            ("redis", "redis"),
-        ],
-        [True, True, True, False],
-    )
+    assert steps == {
+        "redis up": {"verdicts": ["redis"], "limiter": "redis", "errors": 0},
+        "redis stopped": {"verdicts": ["degraded"] * 4, "limiter": "degraded", "errors": 1},
+        "the retry fails: no second error yet": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 1},
+        "a minute later: one more error": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 2},
+        "redis back, within the retry interval": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 2},
+        "the next retry": {"verdicts": ["redis"], "limiter": "redis", "errors": 2},
+    }
+    assert [v.allowed for v in served] == [True, True, True, False], "3/minute holds in this worker meanwhile"
 
 
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
@@ -500,17 +500,18 @@ def test_stalled_redis_costs_one_bounded_wait_per_interval(server, url, asynchro
     finally:
         server.process.send_signal(signal.SIGCONT)
         probe.close()
-    assert (first.counters, {v.counters for v in rest}, first_wait < 1.5, rest_wait < 0.1) == (
-        "degraded",
-        {"degraded"},
-        True,
-        True,
-    )
+    assert {"first": first.counters, "rest": {v.counters for v in rest}} == {"first": "degraded", "rest": {"degraded"}}
+    assert first_wait < 1.5, "the first check waits out one bounded timeout"
+    assert rest_wait < 0.1, "the 20 checks within the retry interval wait for nothing"
 
 
 def test_redis_not_configured_counts_per_worker():
     limiter = Limiter(None, MemoryCounters(clock=Clock()))
-    assert (limiter.check("u1", RateLimit.parse("1/minute")).counters, limiter.counters) == ("per-worker", "per-worker")
+    verdict = limiter.check("u1", RateLimit.parse("1/minute"))
+    assert {"verdict": verdict.counters, "limiter": limiter.counters} == {
+        "verdict": "per-worker",
+        "limiter": "per-worker",
+    }
 
 
 def test_connect_failure_is_degraded_not_fatal(caplog):
@@ -519,15 +520,19 @@ def test_connect_failure_is_degraded_not_fatal(caplog):
 
     limiter = Limiter(RedisCounters(refuse, "t"), MemoryCounters(clock=Clock()), clock=Clock())
     verdict = limiter.check("u1", RateLimit.parse("1/minute"))
-    assert (verdict.allowed, verdict.counters, errors(caplog)) == (True, "degraded", 1)
+    assert {"allowed": verdict.allowed, "counters": verdict.counters, "errors logged": errors(caplog)} == {
+        "allowed": True,
+        "counters": "degraded",
+        "errors logged": 1,
+    }
 
 
 def test_shorten_timeouts_touches_the_guards_own_client_only(url):
     own = redis.Redis.from_url(url, decode_responses=False)
     shared = redis.Redis.from_url(url, decode_responses=True)
     block.shorten_timeouts(own, 0.5)
-    kwargs = own.connection_pool.connection_kwargs, shared.connection_pool.connection_kwargs
-    assert (kwargs[0]["socket_timeout"], "socket_timeout" in kwargs[1]) == (0.5, False)
+    assert own.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    assert shared.connection_pool.connection_kwargs.get("socket_timeout") is None, "the shared client keeps its own"
 
 
 def test_log_line_never_names_the_user(server, url, caplog):

@@ -11,6 +11,19 @@ from types import SimpleNamespace
 import pytest
 
 from install import GUARD_FILE, guard_module
+from tests.conftest import (
+    GUARD_ERROR,
+    NOT_ADMITTED,
+    App,
+    Functions,
+    Groups,
+    HTTPException,
+    Models,
+    Users,
+    error_lines,
+    receiver,
+    settle,
+)
 from tests.guard_loader import load_guard
 
 USERS = {
@@ -20,85 +33,25 @@ USERS = {
 ADMIN_KEY, ALICE_KEY = USERS
 
 
-class HTTPException(Exception):
-    def __init__(self, status_code, detail, headers=None):
-        super().__init__(detail)
-        self.status_code, self.detail, self.headers = status_code, detail, headers
-
-
-class App:
-    def __init__(self):
-        self.middleware_stack = None
-        self.served = []
-
-    def build_middleware_stack(self):
-        async def routed(scope, receive, send):
-            # what a route does: authenticate through core, then answer
-            user = await settle(sys.modules["open_webui.models.users"].Users.get_user_by_api_key(scope["key"]))
-            self.served.append((scope["path"], user.id))
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-
-        return routed
-
-
-async def settle(value):
-    return await value if asyncio.iscoroutine(value) else value
-
-
-class AsyncUsers:
-    async def get_user_by_api_key(self, api_key):
-        return USERS.get(api_key)
-
-
-class SyncUsers:
-    def get_user_by_api_key(self, api_key):
-        return USERS.get(api_key)
-
-
-class Functions:
-    """The installed guard `api_key_guard`, and `copies`: other active functions by id, with their valves."""
-
-    def __init__(self):
-        self.active, self.valves, self.reads, self.copies = True, {}, 0, {}
-
-    def get_function_by_id(self, function_id):
-        self.reads += function_id == "api_key_guard"
-        if function_id in self.copies:
-            return SimpleNamespace(is_active=True)
-        return SimpleNamespace(is_active=self.active) if function_id == "api_key_guard" else None
-
-    def get_function_valves_by_id(self, function_id):
-        return self.copies.get(function_id, self.valves)
-
-
-@pytest.fixture(params=[pytest.param(AsyncUsers, id="async-0.12"), pytest.param(SyncUsers, id="sync-0.6")])
-def server(request, monkeypatch):
-    app, functions = App(), Functions()
-    fakes = {
-        "open_webui.main": SimpleNamespace(app=app),
-        "open_webui.utils.auth": SimpleNamespace(HTTPException=HTTPException),
-        "open_webui.models.users": SimpleNamespace(Users=request.param()),
-        "open_webui.models.functions": SimpleNamespace(Functions=functions),
-        "open_webui.models.groups": SimpleNamespace(Groups=SimpleNamespace(get_groups_by_member_id=lambda uid: [])),
-        "open_webui.models.models": SimpleNamespace(Models=SimpleNamespace(get_model_by_id=lambda model_id: None)),
-    }
-    for name, module in fakes.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return SimpleNamespace(app=app, functions=functions, users=fakes["open_webui.models.users"].Users)
+@pytest.fixture(params=[pytest.param(True, id="async-0.12"), pytest.param(False, id="sync-0.6")])
+def server(request, open_webui):
+    app, functions, users = App(), Functions(), Users(USERS, is_async=request.param)
+    open_webui(
+        app=app, HTTPException=HTTPException, Users=users, Functions=functions, Groups=Groups({}), Models=Models()
+    )
+    return SimpleNamespace(app=app, functions=functions, users=users)
 
 
 def call(app, key, path, body=b""):
     """One HTTP request through the app; returns (status, guard header) or the 403 detail."""
-    sent, chunks = [], [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
 
     async def send(message):
         sent.append(message)
 
-    async def receive():
-        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
-
     headers = [(b"authorization", b"Bearer " + key.encode())]
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "key": key}
+    receive = receiver([{"type": "http.request", "body": body, "more_body": False}])
     try:
         asyncio.run(app.middleware_stack(scope, receive, send))
     except HTTPException as denied:
@@ -115,19 +68,11 @@ def test_reloads_never_stack_hooks(server):
     for _ in range(3):
         load_guard()
     assert getattr(server.app, first.HOOKS_ATTR) is hooks
-    assert (server.app.middleware_stack, server.users.get_user_by_api_key) == (stack, lookup)
+    assert server.app.middleware_stack is stack, "the ASGI hook was wrapped again"
+    assert server.users.get_user_by_api_key is lookup, "the key lookup was wrapped again"
     assert call(server.app, ADMIN_KEY, "/api/models") == (200, b"enforce")
     assert server.app.served == [("/api/models", "u-admin")]
 
-
-NOT_ADMITTED = (
-    "API Key Guard: API keys are not enabled for role 'user' (api_key_roles), nor for this user's groups "
-    "(api_key_groups) or account (api_key_users)"
-)
-GUARD_ERROR = (
-    "API Key Guard: API Key Guard could not evaluate this API key request and denied it; "
-    "an administrator must check the server log"
-)
 
 CASES = [
     pytest.param({}, True, ALICE_KEY, "/openai/chat/completions", (403, NOT_ADMITTED), id="user-key-denied"),
@@ -242,7 +187,8 @@ def test_the_same_file_uploaded_as_a_tool_never_displaces_the_guard(server):
     hooks = getattr(server.app, module.HOOKS_ATTR)
     guard = hooks.guard
     guard_module(GUARD_FILE.read_text(encoding="utf-8"), GUARD_FILE, "tool_api_key_guard")
-    assert (hooks.guard, hooks.function_ids) == (guard, {"api_key_guard"})
+    assert hooks.guard is guard, "a tool module must not take over judging"
+    assert hooks.function_ids == {"api_key_guard"}
     assert call(server.app, ALICE_KEY, "/openai/chat/completions") == (403, NOT_ADMITTED)
 
 
@@ -253,8 +199,7 @@ def test_two_active_copies_both_judge_the_strictest_wins_and_one_error_says_so(s
     server.functions.copies = {"api_key_guard_copy": {}}  # the copy keeps the default: admins only
     answers = [call(server.app, ALICE_KEY, "/openai/chat/completions") for _ in range(3)]
     assert answers == [(403, NOT_ADMITTED)] * 3
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == [
+    assert error_lines(caplog) == [
         "api_key_guard: 2 copies are active (api_key_guard, api_key_guard_copy): every one judges API keys and "
         "the strictest answer wins; deactivate or delete all but one"
     ]
@@ -273,9 +218,9 @@ class TwiceAuthenticatingApp(App):
         return audited
 
 
-def test_a_request_authenticated_twice_is_judged_and_counted_once(server, monkeypatch, caplog):
+def test_a_request_authenticated_twice_is_judged_and_counted_once(server, open_webui, caplog):
     app = TwiceAuthenticatingApp()
-    monkeypatch.setitem(sys.modules, "open_webui.main", SimpleNamespace(app=app))
+    open_webui(app=app)
     caplog.set_level(logging.INFO, "api_key_guard")
     load_guard()
     server.functions.valves = {"api_key_rate_limit_admin": "2/minute", "audit_log": "all"}

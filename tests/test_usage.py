@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from tests.conftest import error_lines
 from tests.guard_loader import load_guard
 
 g = load_guard()
@@ -127,7 +128,7 @@ def test_a_failing_database_keeps_the_rows_and_logs_once(book, caplog):
     book.flush()
     book.engine = engine
     assert [r["requests"] for r in book.rows("2026-01-01", "2026-12-31")] == [1]
-    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+    assert len(error_lines(caplog)) == 1, error_lines(caplog)
 
 
 def test_openmetrics_parses_with_a_real_parser():

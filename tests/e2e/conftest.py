@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import install
+from tests.conftest import wait_for as poll_until
 from tests.guard_loader import load_guard
 
 from .backend import CountingBackend
@@ -35,13 +36,8 @@ CLASSES = {"run": Counter(), "passed": Counter()}  # per hardening class, in the
 
 
 def wait_for(condition: Callable, what: str, timeout: float = WAIT_SECONDS):
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not seen within {timeout:g} s: {what}")
-        time.sleep(POLL_SECONDS)
-    return result
+    """The one poll-until helper (tests/conftest.py), with the servers' wait bound."""
+    return poll_until(condition, what, timeout, POLL_SECONDS)
 
 
 def pytest_runtest_logreport(report):
