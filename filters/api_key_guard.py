@@ -59,9 +59,10 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 log = logging.getLogger("api_key_guard")
 
 # ---------------------------------------------------------------------------
-# Reasons. Each decision carries one of these codes; REASON_TEXT turns it into
-# the sentence an admin reads in the rejection and in the audit log.
+# Reasons
 # ---------------------------------------------------------------------------
+# Each decision carries one of these codes; REASON_TEXT turns it into the sentence an admin reads in
+# the rejection and in the audit log.
 REASON_SESSION = "session"
 REASON_ALLOWED = "allowed"
 REASON_BLOCKED_USER = "blocked_user"
@@ -123,11 +124,11 @@ CACHE_MAX_ENTRIES = 4096
 
 
 # ---------------------------------------------------------------------------
-# Process-wide state. Open WebUI executes this file anew for every copy and
-# every code update; counters kept in the module would start again from zero
-# whenever an admin clones the function. They live on the route hooks instead,
-# which exist once per process.
+# Process-wide state
 # ---------------------------------------------------------------------------
+# Open WebUI executes this file anew for every copy and every code update; counters kept in the
+# module would start again from zero whenever an admin clones the function. They live on the route
+# hooks instead, which exist once per process.
 _outside_openwebui: dict = {}
 
 
@@ -578,8 +579,9 @@ def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------
-# Policy: the valves, parsed and validated once, precomputed for cheap lookups.
+# Policy
 # ---------------------------------------------------------------------------
+# The valves, parsed and validated once, precomputed for cheap lookups.
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -735,8 +737,9 @@ def policy_from_valves(valves: Any) -> Policy:
 
 
 # ---------------------------------------------------------------------------
-# The decision: a pure function of (request facts, policy).
+# The decision
 # ---------------------------------------------------------------------------
+# A pure function of (request facts, policy).
 @dataclass(frozen=True)
 class Facts:
     is_api_key: bool
@@ -809,9 +812,10 @@ def decide(facts: Facts, policy: Policy) -> Decision:
 
 
 # ---------------------------------------------------------------------------
-# Credentials, read in Open WebUI's own order (utils/auth.py get_current_user,
-# then the request.state.token fallback filled by its ASGI middleware).
+# Credentials
 # ---------------------------------------------------------------------------
+# Read in Open WebUI's own order (utils/auth.py get_current_user,
+# then the request.state.token fallback filled by its ASGI middleware).
 def presented_credential(authorization: str | None, cookie_token: str | None, custom_header: str | None) -> str | None:
     """The token core authenticates the request with, or None."""
     if authorization:
@@ -851,9 +855,10 @@ def request_credential(request: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Lookups through Open WebUI's own models (sync in 0.6, async in 0.12), cached
-# so a steady stream of requests causes no database query per request.
+# Lookups
 # ---------------------------------------------------------------------------
+# Through Open WebUI's own models (sync in 0.6, async in 0.12), cached
+# so a steady stream of requests causes no database query per request.
 async def settle(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -935,9 +940,10 @@ def block_text(template: str, decision: Decision) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Valves. Defaults are the restrictive choice; each can be preset by an
-# environment variable API_KEY_GUARD_<NAME>. Saved valves win over it.
+# Valves
 # ---------------------------------------------------------------------------
+# Defaults are the restrictive choice; each can be preset by an environment variable
+# API_KEY_GUARD_<NAME>. Saved valves win over it.
 def env_default(name: str, default: Any) -> Any:
     raw = os.environ.get(ENV_PREFIX + name.upper())
     if raw is None and name in LEGACY_ENV:
@@ -1133,10 +1139,10 @@ class Valves(BaseModel):
 
 
 # ---------------------------------------------------------------------------
-# The one evaluation path. Both adapters (the inlet filter and the route guard)
-# hand over what they know and get back None or a Refusal; `_reject` is the one
-# place a decision becomes an audit line and a refusal.
+# The one evaluation path
 # ---------------------------------------------------------------------------
+# Both adapters (the inlet filter and the route guard) hand over what they know and get back None or
+# a Refusal; `_reject` is the one place a decision becomes an audit line and a refusal.
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -1238,11 +1244,12 @@ async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: s
 
 
 # ---------------------------------------------------------------------------
-# Audit lines. Every field but the verdict words comes from a request, so an
-# attacker chooses it: control characters are escaped (no forged lines), each
-# field is cut to LOG_FIELD_CHARS, and refusals repeat at most once per user and
-# reason every AUDIT_REPEAT_SECONDS, the next line counting what was left out.
+# Audit lines
 # ---------------------------------------------------------------------------
+# Every field but the verdict words comes from a request, so an attacker chooses it: control
+# characters are escaped (no forged lines), each field is cut to LOG_FIELD_CHARS, and refusals
+# repeat at most once per user and reason every AUDIT_REPEAT_SECONDS, the next line counting what
+# was left out.
 LOG_FIELD_CHARS = 200
 AUDIT_REPEAT_SECONDS = 60.0
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\\\"]")
@@ -1338,10 +1345,10 @@ def _reject(
 
 
 # ---------------------------------------------------------------------------
-# Reading what a body asks of models. Runs only after core accepted the key, on
-# a body of at most MAX_MODEL_BODY_BYTES; every reader is linear in its input
-# and every id it keeps is at most MAX_MODEL_ID_CHARS long.
+# Reading what a body asks of models
 # ---------------------------------------------------------------------------
+# Runs only after core accepted the key, on a body of at most MAX_MODEL_BODY_BYTES; every reader is
+# linear in its input and every id it keeps is at most MAX_MODEL_ID_CHARS long.
 MAX_MODEL_ID_CHARS = 256
 MAX_FAN_OUT_TARGETS = 64
 MODEL_MENTION = "<@M:"
@@ -1459,12 +1466,12 @@ def model_of(body: Any) -> ModelRequest:
 
 
 # ---------------------------------------------------------------------------
-# The model that answers. A workspace model is a name over a base model: core
-# calls the base (`base_model_id`), so a user who may create (or was granted
-# write access to) a model could wrap any model in a name the key's list admits.
-# Every workspace model is judged on its own id and on its base, whoever made
-# it. An arena model picks among its candidates.
+# The model that answers
 # ---------------------------------------------------------------------------
+# A workspace model is a name over a base model: core calls the base (`base_model_id`), so a user
+# who may create (or was granted write access to) a model could wrap any model in a name the key's
+# list admits. Every workspace model is judged on its own id and on its base, whoever made it. An
+# arena model picks among its candidates.
 MODEL_TTL_SECONDS = GROUPS_TTL_SECONDS
 _model_cache = TTLCache(MODEL_TTL_SECONDS)  # for accounting only (answering_model): never for a decision
 
@@ -1527,8 +1534,9 @@ def unusable_valves(exc: Exception) -> "Valves":
 
 
 # ---------------------------------------------------------------------------
-# The filter: adapts Open WebUI's inlet arguments to the evaluation.
+# The filter
 # ---------------------------------------------------------------------------
+# Adapts Open WebUI's inlet arguments to the evaluation.
 class Filter:
     Valves = Valves
 
@@ -1556,14 +1564,13 @@ class Filter:
 
 
 # ---------------------------------------------------------------------------
-# Usage accounting. A key that may call a model spends money; the admin must
-# see who spent what, on every route a key reaches, streams and aborted
-# streams included. The response is read as it passes (never held back): only
-# the latest usage report is kept. Aggregates per day x user x model x route
-# class x decision go to a table of the guard's own in Open WebUI's database,
-# added to from every worker by one flush every USAGE_FLUSH_SECONDS, off the
-# request path.
+# Usage accounting
 # ---------------------------------------------------------------------------
+# A key that may call a model spends money; the admin must see who spent what, on every route a key
+# reaches, streams and aborted streams included. The response is read as it passes (never held
+# back): only the latest usage report is kept. Aggregates per day x user x model x route class x
+# decision go to a table of the guard's own in Open WebUI's database, added to from every worker by
+# one flush every USAGE_FLUSH_SECONDS, off the request path.
 USAGE_TABLE = "api_key_guard_usage"
 USAGE_MODEL_CHARS = 255  # the model column's width
 USAGE_FLUSH_SECONDS = 5.0
@@ -1924,20 +1931,18 @@ def openmetrics(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Route guard. An inlet filter only sees the chat pipeline, yet the same key
-# reaches models through /openai/*, /ollama/*, task and embedding routes, and
-# the whole REST API. Open WebUI authenticates every API key through one call,
-# Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
-# sees exactly the credential core accepted, from any transport, and the user
-# core resolved, and refuses before any route handler runs. A thin ASGI
-# wrapper keeps the request's RequestState in its scope: it redacts keys from
-# the URL, reads (never parses) the body of a key request that may name a
-# model, marks judged responses and trims model listings. Everything that
-# depends on the request's content runs inside the lookup, once core accepted
-# the key. Both hooks are installed once per process and delegate to the most
-# recently loaded copy of this file, which judges with the valves of every
-# ACTIVE copy: a clone, a trial install or a Tool upload never disarms it.
+# Route guard
 # ---------------------------------------------------------------------------
+# An inlet filter only sees the chat pipeline, yet the same key reaches models through /openai/*,
+# /ollama/*, task and embedding routes, and the whole REST API. Open WebUI authenticates every API
+# key through one call, Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
+# sees exactly the credential core accepted, from any transport, and the user core resolved, and
+# refuses before any route handler runs. A thin ASGI wrapper keeps the request's RequestState in its
+# scope: it redacts keys from the URL, reads (never parses) the body of a key request that may name
+# a model, marks judged responses and trims model listings. Everything that depends on the request's
+# content runs inside the lookup, once core accepted the key. Both hooks are installed once per
+# process and delegate to the most recently loaded copy of this file, which judges with the valves
+# of every ACTIVE copy: a clone, a trial install or a Tool upload never disarms it.
 HOOKS_ATTR = "_api_key_guard_hooks"
 GUARD_HEADER = "X-API-Key-Guard"
 POLICY_HEADER = "X-API-Key-Guard-Policy"
@@ -2104,10 +2109,11 @@ def cookie_token(cookie: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Keys in URLs. Core accepts no key in a URL, but users paste them there, and
-# uvicorn's access line prints the path and query string as the scope holds
-# them when the response starts. The scope is rewritten before anything runs.
+# Keys in URLs
 # ---------------------------------------------------------------------------
+# Core accepts no key in a URL, but users paste them there, and uvicorn's access line prints the
+# path and query string as the scope holds them when the response starts. The scope is rewritten
+# before anything runs.
 KEY_IN_TEXT = re.compile(r"sk-[A-Za-z0-9_\-]*")
 KEY_IN_PATH = re.compile(r"sk-[0-9a-fA-F]{32}")  # exactly Open WebUI's key shape: other path segments stay
 
