@@ -113,8 +113,8 @@ OTHER_WAYS = [
     pytest.param(
         "/api/v1/channels/any/messages/post",
         {"content": "<@M:other-model> and <@M:test-model>"},
-        "API Key Guard: API keys of role 'user' may only use the models in api_key_allowed_models_user, and the "
-        "model of this request cannot be checked: the message mentions several models",
+        "API Key Guard: API keys of role 'user' get one model call per request, and this request asks for 2 "
+        "(message_ids targets or model mentions; api_key_allowed_models_user)",
         (0, 6, 0),
         id="channel-two-mentions",
     ),
