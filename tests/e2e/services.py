@@ -391,6 +391,17 @@ class Sentinels:
         assert self.sentinels[0].command("SENTINEL", "FAILOVER", SENTINEL_SERVICE) == "OK"
         ready_when(lambda: self.master_address() not in (before, None) and self.healthy(), "SENTINEL FAILOVER done")
 
+    def rejoin(self, node: Redis) -> None:
+        """Bring a crashed or stale old master back as the master's replica, as Sentinel itself would about
+        8 s after it notices (its +convert-to-slave waits for 4 publish periods), then wait until healthy."""
+        master = self.master()
+        node.options = (*REPLICA_OPTIONS, "--replicaof", master.host, str(master.port))
+        if node.running:
+            assert node.command("REPLICAOF", master.host, str(master.port)).startswith("OK")  # or "OK Already ..."
+        else:
+            node.start()
+        self.wait_healthy()
+
     def wait_healthy(self) -> None:
         ready_when(self.healthy, f"Redis Sentinel in {self.root} healthy (one master, its replica, 3 sentinels)")
 
@@ -456,24 +467,30 @@ DATABASE_DRIVERS = {
 }
 
 
+# Open WebUI's Redis settings; a restart onto another Redis setup replaces all of them.
+REDIS_SETTINGS = ("REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINEL_HOSTS", "REDIS_SENTINEL_PORT")
+
+
 @dataclass
 class Topology:
     deployment: object  # conftest.Deployment
-    redis: Redis
+    redis: "Redis | Cluster | Sentinels"  # anything with openwebui_env()
     postgres: Postgres | None
 
 
-def start_topology(version: str, root: Path, request, start_deployment) -> Topology:
-    """Redis, PostgreSQL where the release can reach it, then Open WebUI with two workers on them.
+def start_topology(version: str, root: Path, request, start_deployment, store=None, **extra_env) -> Topology:
+    """Redis (or `store`: a Cluster, Sentinels), PostgreSQL where the release can reach it, then Open WebUI
+    with two workers on them.
 
     Persistent config is on, as in production: the base models cache setting the installer turns on
     must survive a restart (with it off, 0.10+ keeps saved settings per worker and per process life)."""
-    redis = start_redis(root / "redis", request)
+    redis = store or start_redis(root / "redis", request)
     env = {
-        "REDIS_URL": redis.url,
+        **redis.openwebui_env(),
         "UVICORN_WORKERS": str(WORKERS),
         "ENABLE_PERSISTENT_CONFIG": "true",
         "API_KEY_GUARD_TEST_CACHE_SECONDS": str(STATE_TTL_SECONDS),
+        **extra_env,
     }
     postgres = None
     if DATABASE_DRIVERS[version]:
@@ -483,6 +500,17 @@ def start_topology(version: str, root: Path, request, start_deployment) -> Topol
     wait_until_every_worker_answers(deployment.server)  # install then speaks to workers that all serve
     deployment.configure()
     return Topology(deployment, redis, postgres)
+
+
+def restart_on(topology: Topology, store) -> None:
+    """Restart Open WebUI on another Redis setup; its database (users, keys, valves, settings) stays."""
+    server = topology.deployment.server
+    for name in REDIS_SETTINGS:
+        server.extra_env.pop(name, None)
+    server.extra_env.update(store.openwebui_env())
+    server.restart()
+    wait_until_every_worker_answers(server)
+    topology.redis = store
 
 
 def wait_until_every_worker_answers(server) -> None:
