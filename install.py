@@ -133,6 +133,21 @@ COUNTERS = {
     "per-worker": "per worker",
     "degraded": "degraded (Redis is configured but failing; counting per worker meanwhile)",
 }
+# Why the guard's counters are degraded, from `degraded; cause=<code>` (the guard's REDIS_CAUSES; a unit
+# test keeps the codes in step): what is wrong and the fix. A misconfiguration never clears by itself.
+REDIS_CAUSES = {
+    "cluster": "REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true: set REDIS_CLUSTER=true",
+    "noperm": "the Redis ACL user may not run the guard's script or touch its keys: grant the permissions "
+    "the README lists (Redis permissions)",
+    "auth": "Redis refused the credentials: fix the user name and password in REDIS_URL",
+    "readonly": "Redis answered READONLY (a replica or demoted master): clears after a failover; "
+    "otherwise point REDIS_URL at the master",
+    "clusterdown": "the Redis Cluster has slots without a master: bring the failed master or its replica back",
+    "sentinel": "no Sentinel named a master: check REDIS_SENTINEL_HOSTS, REDIS_SENTINEL_PORT and the service name",
+    "timeout": "Redis did not answer in time: look for a stalled or overloaded Redis node",
+    "unreachable": "Redis refused or dropped the connection: check that it runs and that REDIS_URL reaches it",
+    "error": "Redis answered an error: see the guard's ERROR line in the server log",
+}
 ARM_AT_STARTUP = (
     f"Open WebUI's base models cache ({BASE_MODELS_CACHE}), "
     "so every worker loads the guard before it serves its first request after a restart"
@@ -615,8 +630,29 @@ def policy_state(credential: str, live: str | None, stored: dict, expected: str 
     return PolicyState(False, "", f"no - the guard acts on policy {live}, the stored valves are policy {expected}")
 
 
+def counters_state(header: str | None) -> tuple[str | None, str | None]:
+    """(where the counters live, why they are degraded) from the header: `degraded; cause=noperm`."""
+    if header is None:
+        return None, None
+    state, _, params = header.partition(";")
+    cause = dict(p.strip().partition("=")[::2] for p in params.split(";") if "=" in p).get("cause")
+    return state.strip(), cause
+
+
+def counters_problem(header: str | None) -> str | None:
+    state, cause = counters_state(header)
+    if state != "degraded":
+        return None
+    why = REDIS_CAUSES.get(cause or "", f"cause {cause!r}" if cause else "Redis failing")
+    return f"rate-limit counters degraded ({why})"
+
+
 def counters_line(credential: str, header: str | None) -> str:
     """Where the guard keeps its rate-limit counters, from its X-API-Key-Guard-Counters header."""
+    state, cause = counters_state(header)
+    if state == "degraded" and cause:
+        why = REDIS_CAUSES.get(cause, f"cause {cause!r}")
+        return f"degraded ({why}; counting per worker meanwhile)"
     if header in COUNTERS:
         return COUNTERS[header]
     if not is_api_key(credential):
@@ -1075,7 +1111,8 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
         "policy_in_force": policy.in_force if policy else None,
         "stored_policy": guard.policy(stored) if function else None,
         "live_policy": reply.policy if reply else None,
-        "rate_limit_counters": counters,
+        "rate_limit_counters": counters_state(counters)[0],
+        "rate_limit_cause": counters_state(counters)[1],
         "armed_at_startup": arming.armed,
         "copies": None
         if copies is None
@@ -1094,7 +1131,7 @@ def status(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
             (not errors, "stored valves do not validate"),
             (route is None or route.armed is not False, "route guard is not armed"),
             (policy is None or policy.in_force is not False, "the guard does not act on the stored valves"),
-            (counters != "degraded", "rate-limit counters degraded (Redis failing)"),
+            (counters_problem(counters) is None, counters_problem(counters)),
         )
         problems = [problem for passed, problem in checks if not passed]
     if copies_problem:

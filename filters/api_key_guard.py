@@ -170,6 +170,47 @@ REDIS_TIMEOUT_SECONDS = 0.5
 # worker); every other request meanwhile counts in process at memory speed.
 REDIS_RETRY_SECONDS = 5.0
 DEGRADED_LOG_SECONDS = 60.0
+# Why the counters are degraded: a short code (sent as `degraded; cause=<code>` in the counters
+# header, named by `install.py status`), what happened and the fix (in the one ERROR line per cause).
+# A misconfiguration never clears by itself: without a name for it the limiter would count per
+# worker forever (N x workers x replicas) while looking like a passing Redis hiccup.
+REDIS_CAUSES = {
+    "cluster": (
+        "REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true (Redis answered MOVED/ASK): "
+        "only users whose slot lives on that node are counted in Redis",
+        "set REDIS_CLUSTER=true for Open WebUI",
+    ),
+    "noperm": (
+        "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
+        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +pexpire and the keys "
+        "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
+    ),
+    "auth": (
+        "Redis refused the credentials (WRONGPASS/NOAUTH)",
+        "fix the user name and password in REDIS_URL",
+    ),
+    "readonly": (
+        "Redis answered READONLY: the guard's connection reached a replica (a demoted master)",
+        "none after a failover (the guard reconnects); otherwise point REDIS_URL at the master",
+    ),
+    "clusterdown": (
+        "the Redis Cluster answered CLUSTERDOWN (some slots have no master)",
+        "bring the failed master or its replica back",
+    ),
+    "sentinel": (
+        "no Sentinel named a master for the service (the host part of REDIS_URL)",
+        "check REDIS_SENTINEL_HOSTS, REDIS_SENTINEL_PORT and the service name",
+    ),
+    "timeout": (
+        f"Redis did not answer within {REDIS_TIMEOUT_SECONDS:g} s",
+        "look for a stalled or overloaded Redis node",
+    ),
+    "unreachable": (
+        "Redis refused or dropped the connection",
+        "check that Redis runs and that REDIS_URL (or REDIS_SENTINEL_HOSTS) reaches it",
+    ),
+    "error": ("Redis answered an error", "see the error in this line"),
+}
 # Users whose request times are kept per process; the least recently seen user is
 # forgotten first (its counters restart from zero if it comes back).
 RATE_MAX_USERS = 10_000
@@ -344,11 +385,70 @@ def is_noscript(exc: BaseException) -> bool:
     return type(exc).__name__ == "NoScriptError"
 
 
+def run_script(client: Any, keys: list, args: tuple) -> Any:
+    """EVALSHA, or EVAL where the node has not loaded the script: scripts are not replicated, so a
+    promoted replica (and a restarted or flushed node) answers NOSCRIPT. An asyncio client's
+    awaitable goes through settle_script for the same."""
+    try:
+        return client.evalsha(RATE_LIMIT_SHA, len(keys), *keys, *args)
+    except Exception as exc:
+        if not is_noscript(exc):
+            raise
+        return client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+
+
+async def settle_script(client: Any, pending: Awaitable, keys: list, args: tuple) -> Any:
+    try:
+        return await pending
+    except Exception as exc:
+        if not is_noscript(exc):
+            raise
+        return await client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+
+
+def retried_at_once(client: Any, exc: BaseException) -> bool:
+    """A Cluster client refreshes its slot map when a node refuses or drops a connection: once a replica
+    of a crashed master has been promoted, a second try reaches it (without it, counting came back in
+    Redis one retry interval later, 10 s after a kill -9 instead of 5). Refused connections fail in
+    microseconds; a timeout is not tried again (that would cost another full wait)."""
+    return hasattr(client, "nodes_manager") and redis_cause(exc) == "unreachable"
+
+
 def verdict_from_reply(limit: RateLimit, reply: list) -> Verdict:
     now = int(reply[1]) / 1e6
     counts = [int(c) for c in reply[2::2]]
     marks = [None if int(m) < 0 else int(m) / 1e6 for m in reply[3::2]]
     return weigh(limit, now, counts, marks, COUNTERS_REDIS)
+
+
+# Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
+# -> cause. First match wins: redis-py's AuthenticationError is a ConnectionError, MovedError a ResponseError.
+_CAUSE_BY_CLASS = (
+    ("AuthenticationError", "auth"),
+    ("AuthenticationWrongNumberOfArgsError", "auth"),
+    ("NoPermissionError", "noperm"),
+    ("MovedError", "cluster"),
+    ("AskError", "cluster"),
+    ("ClusterDownError", "clusterdown"),
+    ("MasterNotFoundError", "sentinel"),
+    ("ReadOnlyError", "readonly"),
+    ("TimeoutError", "timeout"),
+    ("ConnectionError", "unreachable"),
+)
+_CAUSE_BY_REPLY = (("WRONGPASS", "auth"), ("NOAUTH", "auth"), ("NOPERM", "noperm"), ("MOVED", "cluster"),
+                   ("ASK", "cluster"), ("CLUSTERDOWN", "clusterdown"), ("READONLY", "readonly"))  # fmt: skip
+
+
+def redis_cause(exc: BaseException) -> str:
+    """The REDIS_CAUSES code for a failure of the counters in Redis."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).lstrip()
+    for reply, cause in _CAUSE_BY_REPLY:  # redis-py strips the codes it maps to a class, not the others
+        if text.startswith(f"{reply} ") or f"-{reply} " in text:
+            return cause
+    if "user executing the script can't run" in text:  # an ACL refusal inside a script (Redis 7)
+        return "noperm"
+    return next((cause for name, cause in _CAUSE_BY_CLASS if name in names), "error")
 
 
 class RedisCounters:
@@ -368,22 +468,22 @@ class RedisCounters:
         keys = [f"{self.base}{{{user_id}}}:{w.seconds}" for w in limit.windows]
         args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", *limit.redis_args)
         try:
-            reply = client.evalsha(RATE_LIMIT_SHA, len(keys), *keys, *args)
+            reply = run_script(client, keys, args)
         except Exception as exc:
-            if not is_noscript(exc):
+            if not retried_at_once(client, exc):
                 raise
-            reply = client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+            reply = run_script(client, keys, args)
         if inspect.isawaitable(reply):
             return self._settle(client, reply, limit, keys, args)
         return verdict_from_reply(limit, reply)
 
-    async def _settle(self, client: Any, reply: Awaitable, limit: RateLimit, keys: list, args: tuple) -> Verdict:
+    async def _settle(self, client: Any, pending: Awaitable, limit: RateLimit, keys: list, args: tuple) -> Verdict:
         try:
-            reply = await reply
+            reply = await settle_script(client, pending, keys, args)
         except Exception as exc:
-            if not is_noscript(exc):
+            if not retried_at_once(client, exc):
                 raise
-            reply = await client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+            reply = await settle_script(client, run_script(client, keys, args), keys, args)
         return verdict_from_reply(limit, reply)
 
     def _resolve(self) -> Any:
@@ -419,12 +519,14 @@ class Limiter:
         self.retry_seconds = retry_seconds
         self._retry_at: float | None = None  # set while degraded
         self._logged_at: float | None = None
+        self.cause: str | None = None  # REDIS_CAUSES code while degraded
 
     @property
     def counters(self) -> str:
+        """The X-API-Key-Guard-Counters value: redis, per-worker, or `degraded; cause=<code>`."""
         if self.redis is None:
             return COUNTERS_PER_WORKER
-        return COUNTERS_REDIS if self._retry_at is None else COUNTERS_DEGRADED
+        return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
         if self.redis is None:
@@ -451,22 +553,28 @@ class Limiter:
         return self._recovered(verdict)
 
     def _fall_back(self, exc: Exception, user_id: str, limit: RateLimit) -> Verdict:
-        now = self.clock()
+        now, cause = self.clock(), redis_cause(exc)
         self._retry_at = now + self.retry_seconds
-        if self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
+        # One ERROR per cause: again only when the cause changes or a minute has passed.
+        if cause != self.cause or self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
             self._logged_at = now
             detail = " ".join(str(exc).split())[:200]
+            happened, fix = REDIS_CAUSES[cause]
             log.error(
-                "api_key_guard rate-limit counters degraded: Redis failed (%s); counting per worker, "
-                "retrying Redis every %.0f s",
+                "api_key_guard rate-limit counters degraded (cause=%s): %s (%s); counting per worker, "
+                "retrying Redis every %.0f s. Fix: %s",
+                cause,
+                happened,
                 f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
                 self.retry_seconds,
+                fix,
             )
+        self.cause = cause
         return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
 
     def _recovered(self, verdict: Verdict) -> Verdict:
         if self._retry_at is not None:
-            self._retry_at, self._logged_at = None, None
+            self._retry_at, self._logged_at, self.cause = None, None, None
             log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
         return verdict
 
@@ -488,38 +596,75 @@ def redis_configured() -> bool:
 
 
 def openwebui_redis(asynchronous: bool) -> Any:
-    """The asyncio client core itself uses (app.state.redis), or for sync
-    Open WebUI (0.6-0.8) a sync client of the guard's own (decode_responses=False
-    makes it a separate cached instance), with short socket timeouts."""
+    """A client of the guard's own, built by Open WebUI's helper from Open WebUI's settings (Sentinel,
+    Cluster, URL, credentials, TLS), asyncio on 0.9+ and sync on 0.6-0.8 (sync lookups in a threadpool).
+
+    Its own, because core's keeps redis-py's timeouts (none on 0.8.12's redis-py 7.4, 5 s later): a
+    stalled node would hold every key request that long. The socket timeouts ride in the URL's query,
+    which redis-py applies to every connection the client opens, also those a Cluster client opens
+    while it is built (0.6/0.8 build a new one per call, before anything could shorten it); the URL
+    also makes the helper's cache key differ from core's, so core's client is never touched."""
     env = openwebui_env()
     helpers = sys.modules["open_webui.utils.redis"]
     client = helpers.get_redis_connection(
-        redis_url=env.REDIS_URL,
+        redis_url=with_timeouts(env.REDIS_URL, REDIS_TIMEOUT_SECONDS),
         redis_sentinels=helpers.get_sentinels_from_env(env.REDIS_SENTINEL_HOSTS, env.REDIS_SENTINEL_PORT),
         redis_cluster=env.REDIS_CLUSTER,
         async_mode=asynchronous,
-        decode_responses=asynchronous,
+        decode_responses=False,
     )
-    if client is not None and not asynchronous:
-        shorten_timeouts(client, REDIS_TIMEOUT_SECONDS)
+    if client is not None:
+        bound_waits(client, REDIS_TIMEOUT_SECONDS)
     return client
 
 
-def shorten_timeouts(client: Any, seconds: float) -> int:
-    """Lower the socket timeouts of connections this sync client opens from now on;
-    redis-py 7.x (Open WebUI 0.8) waits forever on a stalled Redis by default.
-    Returns how many connection settings were changed (standalone, Sentinel, Cluster)."""
-    pools = [
-        getattr(getattr(client, "connection_pool", None), "connection_kwargs", None),
-        getattr(getattr(client, "_sentinel", None), "connection_kwargs", None),
-        getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None),
-    ]
-    nodes = client.get_nodes() if hasattr(client, "nodes_manager") else []
-    pools += [node.redis_connection.connection_pool.connection_kwargs for node in nodes if node.redis_connection]
-    changed = [kwargs for kwargs in pools if isinstance(kwargs, dict)]
-    for kwargs in changed:
-        kwargs.update(socket_timeout=seconds, socket_connect_timeout=seconds)
-    return len(changed)
+def with_timeouts(url: str, seconds: float) -> str:
+    """`url` with socket_timeout and socket_connect_timeout set in its query (replacing any given)."""
+    parts = urllib.parse.urlsplit(url)
+    ours = ("socket_timeout", "socket_connect_timeout")
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    query += [(name, f"{seconds:g}") for name in ours]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def bound_waits(client: Any, seconds: float) -> dict[str, int]:
+    """Bound what one command of this (the guard's own) client can wait, where the URL cannot reach.
+
+    - Sentinel: the helper reads only host, port, db and credentials from the URL, so the master's
+      connections get `seconds` here. The connections to the sentinels keep redis-py's defaults (no
+      timeout on 0.8.12, and 3 to 10 retries with backoff of up to 10 s each on every release): one
+      stalled sentinel held a master lookup 8 s, and 0.6-0.10 look the master up for every command.
+      They get a quarter of `seconds` and no retry: a lookup then moves on to the next sentinel, and
+      redis-py puts the sentinel that answered first for the next lookups.
+    - Cluster: redis-py retries a failed command on a fresh slot map, 3 times on 7.x and 10 on 8.x
+      with backoff, each try a full socket timeout (one stalled master held a sync check 2 s on 0.8.12
+      and the whole 3 s stall on 0.6.22). The guard's own retry is the degraded probe, and the failed
+      try has already refreshed the slot map for it: no retry here.
+    Each Retry object touched is this client's own (redis-py deep-copies it per client).
+    Returns how many connection settings and retry policies were changed."""
+    sentinel = vars(client).get("_sentinel")  # Open WebUI's SentinelRedisProxy; its __getattr__ asks the sentinels
+    cluster = sentinel is None and hasattr(client, "nodes_manager")
+    if sentinel is not None:
+        own = [getattr(sentinel, "connection_kwargs", None)]
+        lookups = [getattr(s.connection_pool, "connection_kwargs", None) for s in getattr(sentinel, "sentinels", ())]
+        retries = [k.get("retry") for k in lookups if isinstance(k, dict)]
+        lookups.append(getattr(sentinel, "sentinel_kwargs", None))
+    elif cluster:
+        own = [getattr(client.nodes_manager, "connection_kwargs", None)]
+        own += [n.redis_connection.connection_pool.connection_kwargs for n in client.get_nodes() if n.redis_connection]
+        lookups, retries = [], [getattr(client, "retry", None)]
+    else:
+        own, lookups, retries = [getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)], [], []
+    changed = {"timeouts": 0, "retries": 0}
+    for kwargs, timeout in [(k, seconds) for k in own] + [(k, seconds / 4) for k in lookups]:
+        if isinstance(kwargs, dict):
+            kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+            changed["timeouts"] += 1
+    for retry in retries:
+        if hasattr(retry, "update_retries"):
+            retry.update_retries(0)
+            changed["retries"] += 1
+    return changed
 
 
 def limiter() -> Limiter:

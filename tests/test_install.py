@@ -971,6 +971,26 @@ ON = form_answer(json=CACHE_ON)
             KEY,
             {},
             "defaults",
+            ("enforce", "stored", "degraded; cause=noperm"),
+            ON,
+            [],
+            1,
+            [
+                "verdict: NOT OK - rate-limit counters degraded (the Redis ACL user may not run the guard's script "
+                "or touch its keys: grant the permissions the README lists (Redis permissions))",
+                *OK_FUNCTION_LINES,
+                ROUTE_ARMED,
+                POLICY_YES,
+                "rate-limit counters: degraded (the Redis ACL user may not run the guard's script or touch its keys: "
+                "grant the permissions the README lists (Redis permissions); counting per worker meanwhile)",
+                STARTUP_YES,
+            ],
+            id="counters-degraded-with-a-cause",
+        ),
+        pytest.param(
+            KEY,
+            {},
+            "defaults",
             ("enforce", "stored", None),
             ON,
             [],
@@ -1219,6 +1239,7 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "stored_policy": "{policy}",
                 "live_policy": "{policy}",
                 "rate_limit_counters": "per-worker",
+                "rate_limit_cause": None,
                 "armed_at_startup": True,
                 "copies": [{"id": "api_key_guard", "active": True, "global": True}],
                 "copies_error": None,
@@ -1246,6 +1267,7 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "stored_policy": "{policy}",
                 "live_policy": None,
                 "rate_limit_counters": None,
+                "rate_limit_cause": None,
                 "armed_at_startup": False,
                 "copies": [{"id": "api_key_guard", "active": True, "global": True}],
                 "copies_error": None,
@@ -1272,6 +1294,7 @@ def test_status_reports_server_api_key_posture(server, cli, local, defaults, con
                 "stored_policy": None,
                 "live_policy": None,
                 "rate_limit_counters": None,
+                "rate_limit_cause": None,
                 "armed_at_startup": True,
                 "copies": [],
                 "copies_error": None,
@@ -2677,3 +2700,53 @@ def test_usage_json_rows_carry_the_documented_fields(server, cli, install):
 )
 def test_day_argument(install, text, day):
     assert install.day_argument(text, today=date(2026, 12, 4)) == day
+
+
+@pytest.mark.parametrize(
+    ("header", "state", "line", "problem"),
+    [
+        pytest.param("redis", ("redis", None), "shared (Redis)", None, id="redis"),
+        pytest.param("per-worker", ("per-worker", None), "per worker", None, id="per-worker"),
+        pytest.param(
+            "degraded",
+            ("degraded", None),
+            "degraded (Redis is configured but failing; counting per worker meanwhile)",
+            "rate-limit counters degraded (Redis failing)",
+            id="degraded-older-guard",
+        ),
+        pytest.param(
+            "degraded; cause=cluster",
+            ("degraded", "cluster"),
+            "degraded (REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true: set REDIS_CLUSTER=true; "
+            "counting per worker meanwhile)",
+            "rate-limit counters degraded (REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true: "
+            "set REDIS_CLUSTER=true)",
+            id="cluster",
+        ),
+        pytest.param(
+            "degraded;cause=auth",
+            ("degraded", "auth"),
+            "degraded (Redis refused the credentials: fix the user name and password in REDIS_URL; "
+            "counting per worker meanwhile)",
+            "rate-limit counters degraded (Redis refused the credentials: fix the user name and password in REDIS_URL)",
+            id="auth-no-space",
+        ),
+        pytest.param(
+            "degraded; cause=newer",
+            ("degraded", "newer"),
+            "degraded (cause 'newer'; counting per worker meanwhile)",
+            "rate-limit counters degraded (cause 'newer')",
+            id="cause-of-a-newer-guard",
+        ),
+        pytest.param(
+            None, (None, None), "unknown (the guard sent no X-API-Key-Guard-Counters header)", None, id="none"
+        ),
+    ],
+)
+def test_counters_header(install, header, state, line, problem):
+    seen = (install.counters_state(header), install.counters_line("sk-admin", header), install.counters_problem(header))
+    assert seen == (state, line, problem)
+
+
+def test_status_knows_every_cause_the_guard_sends(install, local):
+    assert sorted(install.REDIS_CAUSES) == sorted(local.module.REDIS_CAUSES)

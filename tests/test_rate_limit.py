@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aredis
 
 from tests.conftest import Clock, error_lines, settle, wait_for
-from tests.e2e.services import Redis  # the harness's real redis-server
+from tests.e2e.services import Cluster, Redis  # the harness's real redis-server and Redis Cluster
 from tests.guard_loader import load_guard
 
 block = load_guard()
@@ -430,11 +430,10 @@ class Probe:
         self.asynchronous = asynchronous
         self.clock = Clock()
         self.runner = asyncio.Runner() if asynchronous else None
-        if asynchronous:
-            client = aredis.from_url(url, decode_responses=True)
-        else:
-            client = redis.Redis.from_url(url, decode_responses=True)
-            block.shorten_timeouts(client, timeout)
+        # the guard's own client, as openwebui_redis builds it: timeouts in the URL, then bound_waits
+        module = aredis if asynchronous else redis
+        client = module.Redis.from_url(block.with_timeouts(url, timeout))
+        block.bound_waits(client, timeout)
         self.limiter = Limiter(RedisCounters(lambda: client, "t"), clock=self.clock, timeout=timeout)
 
     def check(self, text: str = "3/minute") -> Verdict:
@@ -474,12 +473,13 @@ def test_degraded_when_redis_stops_and_back_when_it_returns(server, url, caplog,
         steps["the next retry"] = seen([probe.check()])
     finally:
         probe.close()
+    DOWN = "degraded; cause=unreachable"  # what the counters header says: degraded, and why
     assert steps == {
         "redis up": {"verdicts": ["redis"], "limiter": "redis", "errors": 0},
-        "redis stopped": {"verdicts": ["degraded"] * 4, "limiter": "degraded", "errors": 1},
-        "the retry fails: no second error yet": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 1},
-        "a minute later: one more error": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 2},
-        "redis back, within the retry interval": {"verdicts": ["degraded"], "limiter": "degraded", "errors": 2},
+        "redis stopped": {"verdicts": ["degraded"] * 4, "limiter": DOWN, "errors": 1},
+        "the retry fails: no second error yet": {"verdicts": ["degraded"], "limiter": DOWN, "errors": 1},
+        "a minute later: one more error": {"verdicts": ["degraded"], "limiter": DOWN, "errors": 2},
+        "redis back, within the retry interval": {"verdicts": ["degraded"], "limiter": DOWN, "errors": 2},
         "the next retry": {"verdicts": ["redis"], "limiter": "redis", "errors": 2},
     }
     assert [v.allowed for v in served] == [True, True, True, False], "3/minute holds in this worker meanwhile"
@@ -527,12 +527,15 @@ def test_connect_failure_is_degraded_not_fatal(caplog):
     }
 
 
-def test_shorten_timeouts_touches_the_guards_own_client_only(url):
-    own = redis.Redis.from_url(url, decode_responses=False)
+def test_the_guards_own_client_has_bounded_timeouts_core_keeps_its_own(url):
+    own = redis.Redis.from_url(block.with_timeouts(url, 0.5))
     shared = redis.Redis.from_url(url, decode_responses=True)
-    block.shorten_timeouts(own, 0.5)
-    assert own.connection_pool.connection_kwargs["socket_timeout"] == 0.5
-    assert shared.connection_pool.connection_kwargs.get("socket_timeout") is None, "the shared client keeps its own"
+    kwargs = own.connection_pool.connection_kwargs, shared.connection_pool.connection_kwargs
+    assert (kwargs[0]["socket_timeout"], kwargs[0]["socket_connect_timeout"], "socket_timeout" in kwargs[1]) == (
+        0.5,
+        0.5,
+        False,
+    )
 
 
 def test_log_line_never_names_the_user(server, url, caplog):
@@ -540,3 +543,222 @@ def test_log_line_never_names_the_user(server, url, caplog):
     server.stop()
     probe.limiter.check("user-secret-id", RateLimit.parse("1/minute"))
     assert [r for r in caplog.records if "user-secret-id" in r.getMessage()] == []
+
+
+# ---------------------------------------------------------------------------
+# Bounded waits and named causes (issue 21): the guard's own client, and why Redis failed
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param(
+            "redis://127.0.0.1:6379/0",
+            "redis://127.0.0.1:6379/0?socket_timeout=0.5&socket_connect_timeout=0.5",
+            id="plain",
+        ),
+        pytest.param(
+            "rediss://u:p%40ss@h:6380/2?ssl_cert_reqs=none",
+            "rediss://u:p%40ss@h:6380/2?ssl_cert_reqs=none&socket_timeout=0.5&socket_connect_timeout=0.5",
+            id="tls-credentials-query-kept",
+        ),
+        pytest.param(
+            "redis://h/0?socket_timeout=30&socket_connect_timeout=",
+            "redis://h/0?socket_timeout=0.5&socket_connect_timeout=0.5",
+            id="admins-timeouts-replaced",
+        ),
+        pytest.param(
+            "redis://mymaster:6379/0",
+            "redis://mymaster:6379/0?socket_timeout=0.5&socket_connect_timeout=0.5",
+            id="sentinel",
+        ),
+    ],
+)
+def test_with_timeouts(url, expected):
+    assert block.with_timeouts(url, 0.5) == expected
+
+
+E = redis.exceptions
+SCRIPT_READONLY = (
+    "ERR Error running script (call to f_x): @user_script:12: -READONLY You can't write against a read only"
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "cause"),
+    [
+        pytest.param(
+            E.AuthenticationError("invalid username-password pair or user is disabled."), "auth", id="wrongpass"
+        ),
+        pytest.param(E.AuthenticationError("Authentication required."), "auth", id="noauth"),
+        pytest.param(E.AuthenticationWrongNumberOfArgsError("wrong number"), "auth", id="auth-args"),
+        pytest.param(E.ResponseError("WRONGPASS invalid username-password pair"), "auth", id="wrongpass-unmapped"),
+        pytest.param(
+            E.NoPermissionError("User u has no permissions to run the 'evalsha' command"), "noperm", id="noperm"
+        ),
+        pytest.param(
+            E.ResponseError("NOPERM No permissions to access a key script: 1f0"), "noperm", id="noperm-in-script"
+        ),
+        pytest.param(E.MovedError("3999 127.0.0.1:6381"), "cluster", id="moved"),
+        pytest.param(E.AskError("3999 127.0.0.1:6381"), "cluster", id="ask"),
+        pytest.param(E.ClusterDownError("The cluster is down"), "clusterdown", id="clusterdown"),
+        pytest.param(redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"), "sentinel", id="no-master"),
+        pytest.param(E.ReadOnlyError("You can't write against a read only replica."), "readonly", id="readonly"),
+        pytest.param(E.ResponseError(SCRIPT_READONLY), "readonly", id="readonly-in-old-script-error"),
+        pytest.param(E.TimeoutError("Timeout reading from socket"), "timeout", id="socket-timeout"),
+        pytest.param(TimeoutError(), "timeout", id="asyncio-timeout"),
+        pytest.param(
+            E.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."), "unreachable", id="refused"
+        ),
+        pytest.param(ConnectionError("Open WebUI returned no Redis client"), "unreachable", id="no-client"),
+        pytest.param(E.ResponseError("ERR unknown command 'EVALSHA'"), "error", id="other-error"),
+        pytest.param(ValueError("odd reply"), "error", id="not-redis"),
+    ],
+)
+def test_redis_cause(exc, cause):
+    assert (block.redis_cause(exc), cause in block.REDIS_CAUSES) == (cause, True)
+
+
+class OpenWebUISentinelProxy:
+    """The shape of Open WebUI's SentinelRedisProxy that bound_waits reads: its Sentinel in `_sentinel`,
+    every other attribute looked up on the master (which asks the sentinels)."""
+
+    def __init__(self, sentinel):
+        self._sentinel = sentinel
+
+    def __getattr__(self, item):
+        raise AssertionError(f"bound_waits asked the master for {item!r}")
+
+
+def sentinel_settings(client) -> dict:
+    sentinel = client._sentinel
+    lookups = [s.connection_pool.connection_kwargs for s in sentinel.sentinels]
+    return {
+        "master": (
+            sentinel.connection_kwargs.get("socket_timeout"),
+            sentinel.connection_kwargs.get("socket_connect_timeout"),
+        ),
+        "lookups": sorted(
+            {(k.get("socket_timeout"), k.get("socket_connect_timeout"), k["retry"].get_retries()) for k in lookups}
+        ),
+    }
+
+
+def test_bound_waits_on_sentinel_lookups_and_master_not_on_cores_sentinel():
+    """The releases' redis-py default to 3 (7.4) or 10 (8.x) retries with backoff on sentinel lookups."""
+    own, cores, fresh = (
+        OpenWebUISentinelProxy(redis.sentinel.Sentinel([("127.0.0.2", 1), ("127.0.0.3", 1)])) for _ in "abc"
+    )
+    changed = block.bound_waits(own, 0.5)
+    assert (changed, sentinel_settings(own), sentinel_settings(cores) == sentinel_settings(fresh)) == (
+        {"timeouts": 4, "retries": 2},
+        {"master": (0.5, 0.5), "lookups": [(0.125, 0.125, 0)]},
+        True,
+    )
+
+
+def test_bound_waits_on_a_standalone_client_changes_its_pool_only():
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0")
+    assert (block.bound_waits(client, 0.5), client.connection_pool.connection_kwargs["socket_timeout"]) == (
+        {"timeouts": 1, "retries": 0},
+        0.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    started = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+def two_users_on_two_masters(cluster) -> tuple[str, str]:
+    """Two user ids whose counters live on different masters."""
+    users = [f"user-{n}" for n in range(50)]
+    first = users[0]
+    master = cluster.master_of(cluster.slot(f"{{{first}}}"))
+    return first, next(u for u in users if cluster.master_of(cluster.slot(f"{{{u}}}")) is not master)
+
+
+def test_bound_waits_on_a_cluster_client_drops_its_retries(cluster):
+    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(cluster.url, 0.5))
+    try:
+        changed = block.bound_waits(client, 0.5)
+        nodes = {n.redis_connection.connection_pool.connection_kwargs["socket_timeout"] for n in client.get_nodes()}
+        assert (changed["retries"], client.retry.get_retries(), nodes) == (1, 0, {0.5})
+    finally:
+        client.close()
+
+
+def test_cluster_counts_two_users_on_two_masters_exactly(cluster):
+    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(cluster.url, 0.5))
+    counters = RedisCounters(lambda: client, "exact")
+    try:
+        verdicts = {
+            u: [counters.check(u, RateLimit.parse("3/minute")).allowed for _ in range(4)]
+            for u in two_users_on_two_masters(cluster)
+        }
+    finally:
+        client.close()
+    assert list(verdicts.values()) == [[True, True, True, False]] * 2
+
+
+def degraded_by(client, user: str = "u1", asynchronous: bool = False) -> tuple[str, bool]:
+    """(the counters header value, admitted) for one check through a limiter over `client`."""
+    limiter = Limiter(RedisCounters(lambda: client, "open-webui"), MemoryCounters(clock=Clock()), clock=Clock())
+    verdict = limiter.check(user, RateLimit.parse("1/minute"))
+    verdict = asyncio.run(settle(verdict)) if asynchronous else verdict
+    return limiter.counters, verdict.allowed
+
+
+def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting(cluster):
+    """REDIS_URL at a cluster node without REDIS_CLUSTER=true: users on other masters get MOVED."""
+    on_first, on_other = two_users_on_two_masters(cluster)
+    node = cluster.master_of(cluster.slot(f"{{{on_first}}}"))
+    client = redis.Redis.from_url(node.url)
+    assert (degraded_by(client, on_first), degraded_by(client, on_other)) == (
+        ("redis", True),
+        ("degraded; cause=cluster", True),
+    )
+
+
+ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+pexpire")  # README
+
+
+@pytest.mark.parametrize(
+    ("rules", "password", "counters"),
+    [
+        pytest.param(("~open-webui:api_key_guard:*", *ACL_GUARD), "right", "redis", id="documented-permissions"),
+        pytest.param(("~*", "+@all", "-@scripting"), "right", "degraded; cause=noperm", id="no-scripting"),
+        pytest.param(("~open-webui:config:*", *ACL_GUARD), "right", "degraded; cause=noperm", id="not-its-keys"),
+        pytest.param(
+            ("~open-webui:api_key_guard:*", *ACL_GUARD[:-1]), "right", "degraded; cause=noperm", id="no-pexpire"
+        ),
+        pytest.param(("~*", "+@all"), "wrong", "degraded; cause=auth", id="wrong-password"),
+    ],
+)
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_acl_users(server, url, rules, password, counters, asynchronous):
+    server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", *rules)
+    module = aredis if asynchronous else redis
+    client = module.Redis.from_url(f"redis://guard:{password}@127.0.0.1:{server.port}/0")
+    assert degraded_by(client, asynchronous=asynchronous) == (counters, True)
+
+
+def test_one_error_per_cause_and_the_fix_named(caplog):
+    failures = iter([E.NoPermissionError("no permissions to run the 'evalsha' command")] * 2 + [E.TimeoutError("x")])
+
+    def fail():
+        raise next(failures)
+
+    clock = Clock()
+    limiter = Limiter(RedisCounters(fail, "t"), MemoryCounters(clock=clock), clock=clock)
+    for _ in range(3):
+        limiter.check("u1", RateLimit.parse("5/minute"))
+        clock.now += block.REDIS_RETRY_SECONDS
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [(line.split("(cause=")[1].split(")")[0], "Fix: " in line) for line in lines] == [
+        ("noperm", True),
+        ("timeout", True),
+    ]

@@ -6,7 +6,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 READY_TIMEOUT = 60.0
@@ -14,10 +14,23 @@ POLL_SECONDS = 0.05
 STOP_TIMEOUT = 20.0
 
 
-def free_port() -> int:
+def free_port(*also_on: str, avoid: Collection[int] = ()) -> int:
+    """A port free on 127.0.0.1 (and on each loopback address in `also_on`), none of `avoid`."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid and all(bindable(host, port) for host in also_on):
+            return port
+
+
+def bindable(host: str, port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def spawn(argv: list[str], log: Path, cwd: Path, **popen_args) -> subprocess.Popen:

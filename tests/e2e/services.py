@@ -21,6 +21,9 @@ from pathlib import Path
 
 from .processes import POLL_SECONDS, READY_TIMEOUT, end, free_port, spawn, wait_until
 
+# A cluster forms, a sentinel set agrees, a failover settles: redis-py's own suite allows 20-30 s.
+TOPOLOGY_TIMEOUT = 30.0
+
 PG_USER = "postgres"
 PG_DATABASE = "openwebui"
 AS_POSTGRES = {"user": PG_USER, "group": PG_USER, "extra_groups": []}
@@ -93,15 +96,25 @@ class Postgres:
         end(self.process, signal.SIGINT)  # SIGINT = PostgreSQL's "fast" shutdown
 
 
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass
 class Redis:
     root: Path
     port: int = field(default_factory=free_port)
+    host: str = LOOPBACK
+    options: tuple[str, ...] = ()  # more redis-server arguments (cluster mode, replicaof, sentinel)
+    config: str = ""  # a config file (a sentinel rewrites its own): written once, kept across restarts
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -110,13 +123,18 @@ class Redis:
     def start(self) -> "Redis":
         """Start (or start again, on the same port, with empty memory: nothing is persisted)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        argv = [
-            shutil.which("redis-server") or "redis-server",
-            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.root),
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
+        argv = [shutil.which("redis-server") or "redis-server"]
+        if self.config:
+            conf = self.root / "redis.conf"
+            if not conf.exists():
+                conf.write_text(self.config)
+            argv.append(str(conf))
+        argv += [
+            "--bind", self.host, "--port", str(self.port), "--dir", str(self.root),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", *self.options,
         ]  # fmt: skip
         self.process = spawn(argv, self.log_path, self.root)
-        wait_until(lambda: self.ping() == "PONG", self.process, "Redis", self.log_path)
+        wait_until(lambda: self.ping() == "PONG", self.process, f"Redis {self.address}", self.log_path)
         return self
 
     def ping(self) -> str | None:
@@ -125,19 +143,287 @@ class Redis:
         except OSError:
             return None
 
-    def command(self, *args: str):
+    def command(self, *args: str, timeout: float = 5):
         """One Redis command over RESP; returns a simple string, integer, bulk string or list of them."""
         payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
             sock.sendall(payload.encode())
             return read_reply(sock.makefile("rb"))
+
+    def info(self, section: str) -> dict[str, str]:
+        """INFO <section> as a dict (`role`, `master_link_status`, ...)."""
+        return fields(self.command("INFO", section))
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stall(self) -> None:
+        """Freeze the server (SIGSTOP): connections are accepted by the kernel, nothing answers."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            self.process.send_signal(signal.SIGCONT)
+
+    def crash(self) -> None:
+        """kill -9: no goodbye to clients or to the other nodes."""
+        self.resume()
+        end(self.process, signal.SIGKILL)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process would sit on its SIGTERM until the harness gives up
         end(self.process, signal.SIGTERM)
+
+    def openwebui_env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.url}
+
+
+def fields(text: str) -> dict[str, str]:
+    """`key:value` lines (INFO, CLUSTER INFO) as a dict."""
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def answers(node: Redis, *args: str):
+    """A node's reply, or None when it is down or stalled (asked with a short timeout)."""
+    try:
+        return node.command(*args, timeout=1)
+    except (OSError, RuntimeError):
+        return None
+
+
+def ready_when(condition: Callable[[], bool], what: str, timeout: float = TOPOLOGY_TIMEOUT) -> None:
+    """Poll `condition` (a topology of several processes: no single one to watch for an early exit)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not reached within {timeout:g} s")
+        time.sleep(POLL_SECONDS)
+
+
+# ---------------------------------------------------------------------------
+# Redis Cluster: 3 masters and 3 replicas on 127.0.0.1. Each node has its own directory and an
+# explicit bus port (the default, port + 10000, is refused above 55535, which a free port can be).
+# ---------------------------------------------------------------------------
+CLUSTER_MASTERS = 3
+CLUSTER_NODE_TIMEOUT_MS = 1000  # a master silent this long is failed over (seconds, not the 15 s default)
+
+
+@dataclass
+class Cluster:
+    root: Path
+    nodes: list[Redis] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def openwebui_env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.url, "REDIS_CLUSTER": "true"}
+
+    def start(self) -> "Cluster":
+        taken: set[int] = set()
+        for index in range(2 * CLUSTER_MASTERS):
+            port = free_port(avoid=taken)
+            bus = free_port(avoid=taken | {port})
+            taken |= {port, bus}
+            options = (
+                "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS), "--repl-diskless-sync-delay", "0",
+                "--enable-debug-command", "local",
+            )  # fmt: skip
+            self.nodes.append(Redis(self.root / f"node{index}", port, options=options).start())
+        create = [shutil.which("redis-cli") or "redis-cli", "--cluster", "create", *(n.address for n in self.nodes)]
+        create += ["--cluster-replicas", "1", "--cluster-yes"]
+        with open(self.root / "create.log", "ab") as log:
+            subprocess.run(create, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True)
+        self.wait_healthy()
+        return self
+
+    def healthy(self) -> bool:
+        """Every node up and `cluster_state:ok`, 3 masters with a replica each, every replica in sync."""
+        if not all(n.running and (fields(answers(n, "CLUSTER", "INFO") or "").get("cluster_state") == "ok")
+                   for n in self.nodes):  # fmt: skip
+            return False
+        roles = [answers(n, "INFO", "replication") for n in self.nodes]
+        infos = [fields(r) if r else {} for r in roles]
+        masters = [i for i in infos if i.get("role") == "master" and i.get("connected_slaves") == "1"]
+        replicas = [i for i in infos if i.get("role") == "slave" and i.get("master_link_status") == "up"]
+        return (len(masters), len(replicas)) == (CLUSTER_MASTERS, CLUSTER_MASTERS)
+
+    def wait_healthy(self) -> None:
+        ready_when(self.healthy, f"Redis Cluster in {self.root} healthy (3 masters, 3 replicas in sync)")
+
+    def node(self, address: str) -> Redis:
+        return next(n for n in self.nodes if n.address == address)
+
+    def topology(self) -> dict[str, list[tuple[int, int]] | str]:
+        """From a live node's CLUSTER NODES: master address -> its slot ranges, replica address -> its master's."""
+        text = next(filter(None, (answers(n, "CLUSTER", "NODES") for n in self.nodes)))
+        rows = [line.split() for line in text.splitlines()]
+        ids = {row[0]: row[1].split("@")[0] for row in rows}
+        seen: dict[str, list[tuple[int, int]] | str] = {}
+        for row in rows:
+            address, flags = ids[row[0]], row[2].split(",")
+            if "fail" in flags:
+                continue
+            if "master" in flags:
+                ranges = [tuple(int(x) for x in (part.split("-") * 2)[:2]) for part in row[8:] if "[" not in part]
+                seen[address] = ranges
+            elif row[3] in ids:
+                seen[address] = ids[row[3]]
+        return seen
+
+    def master_of(self, slot: int) -> Redis:
+        for address, ranges in self.topology().items():
+            if isinstance(ranges, list) and any(low <= slot <= high for low, high in ranges):
+                return self.node(address)
+        raise LookupError(f"no master serves slot {slot}")
+
+    def replica_of(self, master: Redis) -> Redis:
+        return next(self.node(a) for a, m in self.topology().items() if m == master.address)
+
+    def failover(self, replica: Redis, *how: str) -> None:
+        """CLUSTER FAILOVER on `replica` (planned: it waits for its master to hand over; FORCE does not)."""
+        assert replica.command("CLUSTER", "FAILOVER", *how) == "OK"
+        promoted = f"{replica.address} promoted by CLUSTER FAILOVER {' '.join(how)}"
+        ready_when(lambda: self.serves(replica) and self.healthy(), promoted)
+
+    def serves(self, node: Redis) -> bool:
+        """Whether the live nodes' view has `node` as a master with slots."""
+        ranges = self.topology().get(node.address)
+        return isinstance(ranges, list) and bool(ranges)
+
+    def slot(self, key: str) -> int:
+        return next(filter(lambda r: r is not None, (answers(n, "CLUSTER", "KEYSLOT", key) for n in self.nodes)))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_cluster(root: Path, request) -> Cluster:
+    cluster = Cluster(root)
+    request.addfinalizer(cluster.stop)
+    return cluster.start()
+
+
+# ---------------------------------------------------------------------------
+# Redis Sentinel: a master and a replica on 127.0.0.1, three sentinels on 127.0.0.2-.4 sharing one
+# port (Open WebUI has one REDIS_SENTINEL_PORT for all hosts). Each sentinel announces its own
+# address; without that all three would announce 127.0.0.1 and take each other for themselves.
+# ---------------------------------------------------------------------------
+SENTINEL_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+SENTINEL_SERVICE = "mymaster"  # lower case: up to 0.10.2 Open WebUI lower-cases the name it reads
+SENTINEL_QUORUM = 2
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_CONFIG = """port {port}
+bind {host}
+sentinel announce-ip {host}
+sentinel monitor {service} 127.0.0.1 {master} {quorum}
+sentinel down-after-milliseconds {service} {down_after}
+sentinel failover-timeout {service} 5000
+sentinel parallel-syncs {service} 1
+"""
+REPLICA_OPTIONS = ("--repl-diskless-sync-delay", "0")  # the 5 s default left a new replica empty for seconds
+
+
+@dataclass
+class Sentinels:
+    root: Path
+    data: list[Redis] = field(default_factory=list)  # the master first, then the replica (until a failover)
+    sentinels: list[Redis] = field(default_factory=list)
+
+    def openwebui_env(self) -> dict[str, str]:
+        return {
+            "REDIS_URL": f"redis://{SENTINEL_SERVICE}:6379/0",
+            "REDIS_SENTINEL_HOSTS": ",".join(SENTINEL_HOSTS),
+            "REDIS_SENTINEL_PORT": str(self.sentinels[0].port),
+        }
+
+    def start(self) -> "Sentinels":
+        master = Redis(self.root / "data0", options=REPLICA_OPTIONS).start()
+        replica_options = (*REPLICA_OPTIONS, "--replicaof", LOOPBACK, str(master.port))
+        self.data = [master, Redis(self.root / "data1", free_port(avoid={master.port}), options=replica_options)]
+        self.data[1].start()
+        port = free_port(*SENTINEL_HOSTS, avoid=frozenset(n.port for n in self.data))
+        for index, host in enumerate(SENTINEL_HOSTS):
+            config = SENTINEL_CONFIG.format(
+                port=port, host=host, service=SENTINEL_SERVICE, master=master.port, quorum=SENTINEL_QUORUM,
+                down_after=SENTINEL_DOWN_AFTER_MS,
+            )  # fmt: skip
+            sentinel = Redis(self.root / f"sentinel{index}", port, host, ("--sentinel",), config)
+            self.sentinels.append(sentinel.start())
+        self.wait_healthy()
+        return self
+
+    def master_address(self) -> str | None:
+        """The master as the first answering sentinel names it."""
+        return next(filter(None, map(named_master, self.sentinels)), None)
+
+    def master(self) -> Redis:
+        return next(n for n in self.data if n.address == self.master_address())
+
+    def replica(self) -> Redis:
+        return next(n for n in self.data if n.address != self.master_address())
+
+    def healthy(self) -> bool:
+        """All sentinels agree on a master that has its replica in sync, and each sees the quorum."""
+        named = set(map(named_master, self.sentinels))
+        if len(named) != 1 or None in named or not all(n.running for n in self.data):
+            return False
+        master = self.master()
+        replica = next(n for n in self.data if n is not master)
+        quorum = [answers(s, "SENTINEL", "CKQUORUM", SENTINEL_SERVICE) or "" for s in self.sentinels]
+        replicas = [answers(s, "SENTINEL", "REPLICAS", SENTINEL_SERVICE) or [] for s in self.sentinels]
+        in_sync = [sum("s_down" not in dict(zip(r[::2], r[1::2], strict=True)).get("flags", "") for r in rs)
+                   for rs in replicas]  # fmt: skip
+        return (
+            (fields(answers(master, "INFO", "replication") or "").get("role"), replica_link(replica))
+            == ("master", "up")
+            and all(q.startswith("OK 3 usable") for q in quorum)
+            and in_sync == [1] * len(self.sentinels)
+        )
+
+    def failover(self) -> None:
+        """SENTINEL FAILOVER (planned): the replica is promoted without waiting for agreement."""
+        before = self.master_address()
+        assert self.sentinels[0].command("SENTINEL", "FAILOVER", SENTINEL_SERVICE) == "OK"
+        ready_when(lambda: self.master_address() not in (before, None) and self.healthy(), "SENTINEL FAILOVER done")
+
+    def rejoin(self, node: Redis) -> None:
+        """Bring a crashed or stale old master back as the master's replica, as Sentinel itself would about
+        8 s after it notices (its +convert-to-slave waits for 4 publish periods), then wait until healthy."""
+        master = self.master()
+        node.options = (*REPLICA_OPTIONS, "--replicaof", master.host, str(master.port))
+        if node.running:
+            assert node.command("REPLICAOF", master.host, str(master.port)).startswith("OK")  # or "OK Already ..."
+        else:
+            node.start()
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        ready_when(self.healthy, f"Redis Sentinel in {self.root} healthy (one master, its replica, 3 sentinels)")
+
+    def stop(self) -> None:
+        for node in self.sentinels + self.data:
+            node.stop()
+
+
+def named_master(sentinel: Redis) -> str | None:
+    reply = answers(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE)
+    return f"{reply[0]}:{reply[1]}" if reply else None
+
+
+def replica_link(node: Redis) -> str | None:
+    info = fields(answers(node, "INFO", "replication") or "")
+    return info.get("master_link_status") if info.get("role") == "slave" else None
+
+
+def start_sentinels(root: Path, request) -> Sentinels:
+    sentinels = Sentinels(root)
+    request.addfinalizer(sentinels.stop)
+    return sentinels.start()
 
 
 def read_reply(stream):
@@ -186,24 +472,30 @@ DATABASE_DRIVERS = {
 }
 
 
+# Open WebUI's Redis settings; a restart onto another Redis setup replaces all of them.
+REDIS_SETTINGS = ("REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINEL_HOSTS", "REDIS_SENTINEL_PORT")
+
+
 @dataclass
 class Topology:
     deployment: object  # conftest.Deployment
-    redis: Redis
+    redis: "Redis | Cluster | Sentinels"  # anything with openwebui_env()
     postgres: Postgres | None
 
 
-def start_topology(version: str, root: Path, request, start_deployment) -> Topology:
-    """Redis, PostgreSQL where the release can reach it, then Open WebUI with two workers on them.
+def start_topology(version: str, root: Path, request, start_deployment, store=None, **extra_env) -> Topology:
+    """Redis (or `store`: a Cluster, Sentinels), PostgreSQL where the release can reach it, then Open WebUI
+    with two workers on them.
 
     Persistent config is on, as in production: the base models cache setting the installer turns on
     must survive a restart (with it off, 0.10+ keeps saved settings per worker and per process life)."""
-    redis = start_redis(root / "redis", request)
+    redis = store or start_redis(root / "redis", request)
     env = {
-        "REDIS_URL": redis.url,
+        **redis.openwebui_env(),
         "UVICORN_WORKERS": str(WORKERS),
         "ENABLE_PERSISTENT_CONFIG": "true",
         "API_KEY_GUARD_TEST_CACHE_SECONDS": str(STATE_TTL_SECONDS),
+        **extra_env,
     }
     postgres = None
     if DATABASE_DRIVERS[version]:
@@ -213,6 +505,17 @@ def start_topology(version: str, root: Path, request, start_deployment) -> Topol
     wait_until_every_worker_answers(deployment.server)  # install then speaks to workers that all serve
     deployment.configure()
     return Topology(deployment, redis, postgres)
+
+
+def restart_on(topology: Topology, store) -> None:
+    """Restart Open WebUI on another Redis setup; its database (users, keys, valves, settings) stays."""
+    server = topology.deployment.server
+    for name in REDIS_SETTINGS:
+        server.extra_env.pop(name, None)
+    server.extra_env.update(store.openwebui_env())
+    server.restart()
+    wait_until_every_worker_answers(server)
+    topology.redis = store
 
 
 def wait_until_every_worker_answers(server) -> None:

@@ -270,7 +270,7 @@ def without_redis(version: tuple) -> dict:
         return {"per worker": [(0, [500])] * WORKERS, "counters": [None], "model calls": 0, "ERROR lines": 0}
     return {
         "per worker": [(5, [429])] * WORKERS,
-        "counters": ["degraded"],
+        "counters": ["degraded; cause=unreachable"],  # refused: install.py status names the cause
         "model calls": 5 * WORKERS,
         "ERROR lines": WORKERS,  # one per worker per minute, not one per request
     }
