@@ -182,8 +182,8 @@ REDIS_CAUSES = {
     ),
     "noperm": (
         "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
-        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +pexpire and the keys "
-        "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
+        "grant it +evalsha +eval and the commands its script runs on the keys ~<REDIS_KEY_PREFIX>:api_key_guard:* "
+        "(README, Redis permissions)",
     ),
     "auth": (
         "Redis refused the credentials (WRONGPASS/NOAUTH)",
@@ -216,6 +216,14 @@ REDIS_CAUSES = {
 RATE_MAX_USERS = 10_000
 
 
+# Memory per user and window is bounded either way (docs/usage.md, "Exact windows"): up to RATE_LOG_MAX a
+# window keeps the exact log (at most N times); above it, counts per 1/RATE_BUCKETS of the window (at most
+# RATE_BUCKETS + 2 buckets, their sum and the oldest's index), so `100000/day` holds ~60 small counters
+# instead of 100 000 entries (12 MB).
+RATE_LOG_MAX = 60
+RATE_BUCKETS = 60
+
+
 @dataclass(frozen=True)
 class Window:
     limit: int
@@ -223,6 +231,12 @@ class Window:
     seconds: int
     text: str  # "5/minute", as written in the audit log
     policy_item: str  # '"minute";q=5;w=60', one RateLimit-Policy item
+    buckets: int = 0  # 0: the exact log; else counts per `width` seconds
+
+    @property
+    def width_us(self) -> int:
+        """A bucket's width in µs (0 for the log); integral, so Redis and the workers agree on bucket bounds."""
+        return self.seconds * 1_000_000 // self.buckets if self.buckets else 0
 
 
 @dataclass(frozen=True)
@@ -231,7 +245,8 @@ class RateLimit:
 
     windows: tuple[Window, ...]
     policy: str  # RateLimit-Policy header value
-    redis_args: tuple[str, ...]  # (limit, window in µs) per window, the Lua script's ARGV
+    redis_args: str  # the script's ARGV[2]: limit, window in µs and bucket width in µs (0: log) per window
+    key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60" (buckets)
 
     @classmethod
     @functools.lru_cache(maxsize=64)
@@ -245,25 +260,34 @@ class RateLimit:
             if unit in windows:
                 raise ValueError(f"{RATE_LIMIT_FORM}, each unit at most once; got {unit!r} twice")
             limit, seconds = int(match.group(1)), RATE_UNITS[unit]
-            windows[unit] = Window(limit, unit, seconds, f"{limit}/{unit}", f'"{unit}";q={limit};w={seconds}')
+            buckets = 0 if limit <= RATE_LOG_MAX else RATE_BUCKETS
+            policy_item = f'"{unit}";q={limit};w={seconds}'
+            windows[unit] = Window(limit, unit, seconds, f"{limit}/{unit}", policy_item, buckets)
         ordered = tuple(sorted(windows.values(), key=lambda w: w.seconds))
         return cls(
             ordered,
             ", ".join(w.policy_item for w in ordered),
-            tuple(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000)),
+            " ".join(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)),
+            tuple(f":{w.seconds}:b{w.buckets}" if w.buckets else f":{w.seconds}" for w in ordered),
         )
 
 
 # ---------------------------------------------------------------------------
-# The algorithm: a sliding-window log. Each window keeps the times of the
-# requests it admitted; a request is admitted only if every window holds fewer
-# than its limit after dropping entries older than the window, and only then is
-# it recorded (denied requests are not: a client hammering while limited does
-# not extend its own ban). This is exact: no interval of a window's length ever
-# contains more than N admitted requests. A fixed window (counter per calendar
-# minute) admits 2N around a boundary (N at :59, N at :00); GCRA / token bucket
-# with burst N and rate N/w admits the burst and then the refill, up to ~2N in
-# one window. Memory is at most N entries per window and user.
+# The algorithm: a sliding window. Each window keeps what it admitted; a
+# request is admitted only if every window holds fewer than its limit after
+# dropping what is older than the window, and only then is it recorded
+# (denied requests are not: a client hammering while limited does not extend
+# its own ban). No interval of a window's length ever contains more than N
+# admitted requests. A fixed window (counter per calendar minute) admits 2N
+# around a boundary (N at :59, N at :00); GCRA / token bucket with burst N and
+# rate N/w admits the burst and then the refill, up to ~2N in one window.
+# - Up to RATE_LOG_MAX: a log of admission times, exact both ways (it never
+#   refuses what the limit allows either). Memory: at most N times.
+# - Above: counts per bucket of 1/RATE_BUCKETS of the window. A request counts
+#   until its whole bucket has left the window, i.e. up to one bucket width
+#   longer than its own time would: never more than N in any window, and a
+#   refusal comes at most one bucket width (1 s of a minute, 24 min of a day)
+#   early. Memory: at most RATE_BUCKETS + 2 buckets.
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verdict:
@@ -279,23 +303,56 @@ def weigh(limit: RateLimit, now: float, counts: list[int], marks: list[float | N
     """The verdict from each window's count before this request and the time of
     its entry that must leave first for the count to drop below the limit
     (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
-    violated, retry = None, 0.0
+    violated, retry, resets = None, 0.0, []  # one plain loop: this runs for every limited request
     for window, count, mark in zip(limit.windows, counts, marks, strict=True):
-        if count >= window.limit and (violated is None or mark + window.seconds - now > retry):
-            violated, retry = window, mark + window.seconds - now
+        reset = window.seconds if mark is None else mark + window.seconds - now
+        resets.append(reset)
+        if count >= window.limit and (violated is None or reset > retry):
+            violated, retry = window, reset
     allowed = violated is None
-    return Verdict(
-        allowed,
-        counters,
-        violated,
-        retry,
-        tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True)),
-        tuple(w.seconds if m is None else m + w.seconds - now for w, m in zip(limit.windows, marks, strict=True)),
-    )
+    remaining = tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True))
+    return Verdict(allowed, counters, violated, retry, remaining, tuple(resets))
+
+
+def log_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
+    """(count, mark) of a log: admission times. The mark is the time that must leave the window for the
+    count to drop below the limit (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
+    horizon = now - window.seconds
+    while entry and entry[0] <= horizon:
+        entry.popleft()
+    return len(entry), entry[max(len(entry) - window.limit, 0)] if entry else None
+
+
+def bucket_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
+    """(count, mark) of counts per bucket ([index, count] pairs, oldest first). A bucket counts while it
+    overlaps the window; it leaves when the window's start passes its end, so its mark is its end."""
+    width = window.width_us / 1e6
+    low = math.floor((now - window.seconds) / width)
+    while entry and entry[0][0] < low:
+        entry.popleft()
+    count = sum(n for _, n in entry)
+    need, seen = max(count - window.limit + 1, 1), 0
+    for index, n in entry:
+        seen += n
+        if seen >= need:
+            return count, (index + 1) * width
+    return count, None
+
+
+def record(window: Window, entry: collections.deque, now: float) -> None:
+    if not window.buckets:
+        entry.append(now)
+        return
+    index = math.floor(now / (window.width_us / 1e6))
+    if entry and entry[-1][0] == index:
+        entry[-1][1] += 1
+    else:
+        entry.append([index, 1])
 
 
 class MemoryCounters:
-    """Per-process logs: one deque of admitted times per user and window.
+    """Per-process counters: one deque per user and window, of admitted times (a log) or of
+    [bucket index, count] pairs, keyed by (window seconds, buckets) so the two never mix.
 
     Thread-safe: on Open WebUI 0.6-0.8 the check runs in the threadpool that
     serves sync dependencies, so two requests of one user can race here."""
@@ -303,7 +360,7 @@ class MemoryCounters:
     def __init__(self, max_users: int = RATE_MAX_USERS, clock: Callable[[], float] = time.monotonic):
         self.max_users = max_users
         self.clock = clock
-        self._users: collections.OrderedDict[str, dict[int, collections.deque]] = collections.OrderedDict()
+        self._users: collections.OrderedDict[str, dict[tuple, collections.deque]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def check(self, user_id: str, limit: RateLimit, counters: str = COUNTERS_PER_WORKER) -> Verdict:
@@ -318,21 +375,19 @@ class MemoryCounters:
                 self._users.move_to_end(user_id)
             entries = []
             for window in limit.windows:
-                entry = logs.get(window.seconds)
+                entry = logs.get((window.seconds, window.buckets))
                 if entry is None:
-                    entry = logs[window.seconds] = collections.deque()
+                    entry = logs[(window.seconds, window.buckets)] = collections.deque()
                 entries.append(entry)
             counts, marks = [], []
             for window, entry in zip(limit.windows, entries, strict=True):
-                horizon = now - window.seconds
-                while entry and entry[0] <= horizon:
-                    entry.popleft()
-                counts.append(len(entry))
-                marks.append(entry[max(len(entry) - window.limit, 0)] if entry else None)
+                count, mark = (bucket_window if window.buckets else log_window)(window, entry, now)
+                counts.append(count)
+                marks.append(mark)
             verdict = weigh(limit, now, counts, marks, counters)
             if verdict.allowed:
-                for entry in entries:
-                    entry.append(now)
+                for window, entry in zip(limit.windows, entries, strict=True):
+                    record(window, entry, now)
             return verdict
 
     def __len__(self) -> int:
@@ -348,27 +403,72 @@ RATE_LIMIT_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local reply = {1, now}
+local spec = {}
+for n in string.gmatch(ARGV[2], '%d+') do spec[#spec + 1] = tonumber(n) end
+local allowed, reply, buckets, fresh = 1, {}, {}, {}
 for i, key in ipairs(KEYS) do
-  local limit, span = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
-  local count = redis.call('ZCARD', key)
-  local mark = -1
-  if count > 0 then
-    local index = math.max(count - limit, 0)
-    mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+  local limit, span, width = spec[3 * i - 2], spec[3 * i - 1], spec[3 * i]
+  local count, mark = 0, -1
+  if width == 0 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
+    count = redis.call('ZCARD', key)
+    if count > 0 then
+      local index = math.max(count - limit, 0)
+      mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+    end
+  else
+    -- fields: bucket index -> count; n = the sum; lo = the oldest bucket with counts (absent when none)
+    local low, most = math.floor((now - span) / width), math.ceil(span / width) + 1
+    local meta = redis.call('HMGET', key, 'n', 'lo')
+    count = tonumber(meta[1]) or 0
+    local lo = tonumber(meta[2])
+    if lo and lo < low then  -- buckets left the window: each bucket once, so O(1) per request on average
+      for index = lo, math.min(low - 1, lo + most) do
+        local n = redis.call('HGET', key, index)
+        if n then count = count - tonumber(n); redis.call('HDEL', key, index) end
+      end
+      lo = nil
+      if count > 0 then
+        local index = low
+        while redis.call('HEXISTS', key, index) == 0 and index < low + most do index = index + 1 end
+        lo = index
+        redis.call('HSET', key, 'n', count, 'lo', lo)
+      else
+        redis.call('DEL', key)
+      end
+    end
+    if lo then
+      local need, index = count - limit + 1, lo
+      while need > 0 and index < lo + most do  -- past the oldest bucket only after a limit was lowered
+        need = need - tonumber(redis.call('HGET', key, index) or 0)
+        if need > 0 then index = index + 1 end
+      end
+      mark = (index + 1) * width
+    end
+    fresh[i] = lo == nil
+    buckets[i] = string.format('%.0f', math.floor(now / width))
   end
-  if count >= limit then reply[1] = 0 end
-  reply[2 * i + 1], reply[2 * i + 2] = count, mark
+  if count >= limit then allowed = 0 end
+  reply[#reply + 1] = string.format('%d %.0f', count, mark)
 end
-if reply[1] == 1 then
+if allowed == 1 then
   local score = string.format('%.0f', now)
   for i, key in ipairs(KEYS) do
-    redis.call('ZADD', key, score, ARGV[1])
-    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[2 * i + 1]) / 1000))
+    local span, width = spec[3 * i - 1], spec[3 * i]
+    if width == 0 then
+      redis.call('ZADD', key, score, ARGV[1])
+      redis.call('PEXPIRE', key, math.ceil(span / 1000))
+    else
+      redis.call('HINCRBY', key, 'n', 1)
+      if fresh[i] then redis.call('HSET', key, 'lo', buckets[i]) end
+      if redis.call('HINCRBY', key, buckets[i], 1) == 1 then  -- a new newest bucket: the key lives as long
+        redis.call('PEXPIRE', key, math.ceil((span + width) / 1000))
+      end
+    end
   end
 end
-return reply
+-- one bulk string, "allowed now count mark ..." (µs, mark -1 for none): cheaper for a client to read than an array
+return string.format('%d %.0f ', allowed, now) .. table.concat(reply, ' ')
 """
 RATE_LIMIT_SHA = hashlib.sha1(RATE_LIMIT_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
 # A member must be unique across workers and replicas: a random process nonce plus a counter.
@@ -414,11 +514,10 @@ def retried_at_once(client: Any, exc: BaseException) -> bool:
     return hasattr(client, "nodes_manager") and redis_cause(exc) == "unreachable"
 
 
-def verdict_from_reply(limit: RateLimit, reply: list) -> Verdict:
-    now = int(reply[1]) / 1e6
-    counts = [int(c) for c in reply[2::2]]
-    marks = [None if int(m) < 0 else int(m) / 1e6 for m in reply[3::2]]
-    return weigh(limit, now, counts, marks, COUNTERS_REDIS)
+def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
+    fields = [int(n) for n in reply.split()]  # allowed, now, then count and mark per window (µs; -1: none)
+    marks = [None if m < 0 else m / 1e6 for m in fields[3::2]]
+    return weigh(limit, fields[1] / 1e6, fields[2::2], marks, COUNTERS_REDIS)
 
 
 # Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
@@ -452,8 +551,11 @@ def redis_cause(exc: BaseException) -> str:
 
 
 class RedisCounters:
-    """Shared logs in Redis, one sorted set per user and window:
-    `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`. The braces are a
+    """Shared counters in Redis, one key per user and window: a log is a sorted set
+    `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`, counts per bucket a
+    hash `...:<window seconds>:b<buckets>` with the fields n (their sum) and lo
+    (the oldest with counts); another name, so a guard of before never reads
+    the other type under its own key. The braces are a
     Redis Cluster hash tag: all windows of a user live in one slot, so one
     script can touch them atomically. Works with a sync or an asyncio client;
     with an asyncio client check() returns an awaitable."""
@@ -465,8 +567,8 @@ class RedisCounters:
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
         client = self._client if self._client is not None else self._resolve()
-        keys = [f"{self.base}{{{user_id}}}:{w.seconds}" for w in limit.windows]
-        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", *limit.redis_args)
+        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
+        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", limit.redis_args)  # few arguments: cheaper to send
         try:
             reply = run_script(client, keys, args)
         except Exception as exc:

@@ -2,9 +2,12 @@
 
 import asyncio
 import logging
+import math
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -96,8 +99,18 @@ def test_parse_is_cached():
     assert RateLimit.parse("5/minute") is RateLimit.parse("5/minute")
 
 
-def test_redis_args_are_limit_and_microseconds():
-    assert RateLimit.parse("2/second,3/minute").redis_args == ("2", "1000000", "3", "60000000")
+@pytest.mark.parametrize(
+    ("text", "args"),
+    [
+        pytest.param("2/second,3/minute", "2 1000000 0 3 60000000 0", id="logs"),
+        pytest.param("60/minute", "60 60000000 0", id="log-up-to-60"),
+        pytest.param("61/minute", "61 60000000 1000000", id="buckets-above-60"),
+        pytest.param("100000/day", "100000 86400000000 1440000000", id="day-in-24-minute-buckets"),
+        pytest.param("1000/second", "1000 1000000 16666", id="second-in-integral-microseconds"),
+    ],
+)
+def test_redis_args_are_limit_window_and_bucket_width_in_microseconds(text, args):
+    assert RateLimit.parse(text).redis_args == args
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +166,17 @@ def test_sliding_window(text, times, expected):
     assert replay(text, times) == expected
 
 
+def admitted_times(text: str, step: float, span: float) -> list[float]:
+    """The times a limiter in process admitted, one check every `step` s for `span` s of a test clock."""
+    clock, limit = Clock(0.0), RateLimit.parse(text)
+    counters, times = MemoryCounters(clock=clock), []
+    for i in range(int(span / step)):
+        clock.now = i * step
+        if counters.check("u1", limit).allowed:
+            times.append(clock.now)
+    return times
+
+
 @pytest.mark.parametrize(
     ("text", "step", "span"),
     [
@@ -161,12 +185,7 @@ def test_sliding_window(text, times, expected):
     ],
 )
 def test_never_more_than_n_in_any_window(text, step, span):
-    clock, limit = Clock(0.0), RateLimit.parse(text)
-    counters, admitted = MemoryCounters(clock=clock), []
-    for i in range(int(span / step)):
-        clock.now = i * step
-        if counters.check("u1", limit).allowed:
-            admitted.append(clock.now)
+    limit, admitted = RateLimit.parse(text), admitted_times(text, step, span)
     worst = {w.text: max(sum(1 for t in admitted if a <= t < a + w.seconds) for a in admitted) for w in limit.windows}
     assert worst == {w.text: w.limit for w in limit.windows}
 
@@ -228,7 +247,51 @@ def test_entries_per_window_never_exceed_its_limit():
     for i in range(1000):
         clock.now = i * 0.01
         counters.check("u1", limit)
-    assert {s: len(d) for s, d in counters._users["u1"].items()} == {1: 0, 60: 5}
+    assert {s: len(d) for s, d in counters._users["u1"].items()} == {(1, 0): 0, (60, 0): 5}
+
+
+def most_in_any_window(times: list[float], seconds: float) -> int:
+    """The most admissions in any interval (t - seconds, t]; its maximum is at an admission time."""
+    return max((sum(t - seconds < u <= t for u in times) for t in times), default=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "step", "span", "seconds", "limit"),
+    [
+        pytest.param("120/minute", 0.13, 300, 60, 120, id="minute-buckets"),
+        pytest.param("61/second", 0.0037, 5, 1, 61, id="second-buckets"),
+        pytest.param("100/second,150/minute", 0.0041, 30, 60, 150, id="two-bucketed-windows"),
+    ],
+)
+def test_buckets_never_admit_more_than_n_in_any_window(text, step, span, seconds, limit):
+    assert most_in_any_window(admitted_times(text, step, span), seconds) <= limit
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        # 120 in the bucket [0, 1); the exact log would admit again at 60.5, buckets at 61 (one width later)
+        pytest.param(
+            [0.5] * 120 + [60.2, 60.6, 60.99, 61.0],
+            ["deny 120/minute 0.800", "deny 120/minute 0.400", "deny 120/minute 0.010", "ok"],
+            id="late-by-at-most-one-bucket",
+        ),
+    ],
+)
+def test_buckets_refuse_at_most_one_bucket_width_early(times, expected):
+    assert replay("120/minute", times)[120:] == expected
+
+
+def test_bucket_memory_is_bounded_whatever_the_rate():
+    clock, limit = Clock(0.0), RateLimit.parse("1000/minute,100000/day")
+    counters = MemoryCounters(clock=clock)
+    for i in range(200_000):
+        clock.now = i * 0.5  # a request every 0.5 s for 28 hours
+        counters.check("u1", limit)
+    assert {s: len(d) <= block.RATE_BUCKETS + 2 for s, d in counters._users["u1"].items()} == {
+        (60, 60): True,
+        (86400, 60): True,
+    }
 
 
 def test_threads_admit_exactly_the_limit():
@@ -416,8 +479,61 @@ def test_redis_reloads_a_flushed_script(url, checks, decode):
 
 
 def test_redis_member_is_unique_per_request(url):
-    sync_checks(url, "u1", "100/minute", 50)
+    sync_checks(url, "u1", "60/minute", 50)  # 60: the largest limit that keeps the log
     assert redis.Redis.from_url(url).zcard("t:api_key_guard:rl:{u1}:60") == 50
+
+
+@pytest.mark.parametrize(("checks", "decode"), CLIENTS)
+def test_redis_buckets_admit_exactly_n(url, checks, decode):
+    verdicts = checks(url, "u1", "100/minute,1000/day", 102, decode=decode)
+    assert [(v.allowed, v.remaining) for v in verdicts[98:]] == [
+        (True, (1, 901)),
+        (True, (0, 900)),
+        (False, (0, 900)),
+        (False, (0, 900)),
+    ]
+
+
+def test_redis_buckets_are_hashes_with_bounded_fields_and_ttl(url):
+    sync_checks(url, "u1", "1000/minute,100000/day", 20, prefix="open-webui")
+    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = sorted(client.keys("*"))
+    shapes = {k: (client.type(k), client.hlen(k) <= block.RATE_BUCKETS + 2, 0 < client.pttl(k)) for k in keys}
+    assert shapes == {
+        "open-webui:api_key_guard:rl:{u1}:60:b60": ("hash", True, True),
+        "open-webui:api_key_guard:rl:{u1}:86400:b60": ("hash", True, True),
+    }
+
+
+SLIDES = 2  # the window slid past full this often: admitted > SLIDES * N
+SLIDE_DEADLINE_SECONDS = 30.0  # a bound for a loaded machine; an unloaded one needs about SLIDES seconds
+
+
+def test_redis_buckets_slide_and_keep_their_sum(url):
+    """61/second: buckets of 16.7 ms leave the window while checks keep arriving, until more than twice
+    the limit was admitted (the buckets slid); never more than N in any second meanwhile."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    counters, limit = RedisCounters(lambda: client, "t"), RateLimit.parse("61/second")
+    started, admitted = time.monotonic(), 0
+    while admitted <= SLIDES * 61 and time.monotonic() - started < SLIDE_DEADLINE_SECONDS:
+        admitted += counters.check("u1", limit).allowed
+        time.sleep(0.002)  # pacing: checks spread over many buckets
+    elapsed = time.monotonic() - started
+    fields = client.hgetall("t:api_key_guard:rl:{u1}:1:b60")
+    buckets = {k: int(v) for k, v in fields.items() if k not in ("n", "lo")}
+    assert {
+        "slid": admitted > SLIDES * 61,
+        "at most N per second": admitted <= 61 * (math.ceil(elapsed) + 1),
+        "n is the sum": int(fields["n"]) == sum(buckets.values()),
+        "lo is the oldest": int(fields["lo"]) == min(map(int, buckets)),
+        "buckets kept": len(buckets) <= block.RATE_BUCKETS + 2,
+    } == dict.fromkeys(("slid", "at most N per second", "n is the sum", "lo is the oldest", "buckets kept"), True)
+
+
+def test_redis_buckets_and_log_windows_share_one_script(url):
+    """5/second keeps the log, 100/minute buckets; both in one atomic check."""
+    verdicts = sync_checks(url, "u1", "5/second,100/minute", 7)
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False, False]
 
 
 # ---------------------------------------------------------------------------
@@ -704,10 +820,10 @@ def test_cluster_counts_two_users_on_two_masters_exactly(cluster):
     assert list(verdicts.values()) == [[True, True, True, False]] * 2
 
 
-def degraded_by(client, user: str = "u1", asynchronous: bool = False) -> tuple[str, bool]:
+def degraded_by(client, user: str = "u1", asynchronous: bool = False, text: str = "1/minute") -> tuple[str, bool]:
     """(the counters header value, admitted) for one check through a limiter over `client`."""
     limiter = Limiter(RedisCounters(lambda: client, "open-webui"), MemoryCounters(clock=Clock()), clock=Clock())
-    verdict = limiter.check(user, RateLimit.parse("1/minute"))
+    verdict = limiter.check(user, RateLimit.parse(text))
     verdict = asyncio.run(settle(verdict)) if asynchronous else verdict
     return limiter.counters, verdict.allowed
 
@@ -723,7 +839,21 @@ def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting
     )
 
 
-ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+pexpire")  # README
+ACL_GUARD = (  # README, Redis permissions
+    *("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+pexpire"),
+    *("+hmget", "+hget", "+hdel", "+hexists", "+hset", "+hincrby", "+del"),
+)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_permissions_the_readme_lists_are_what_the_script_runs():
+    script = {f"+{c.lower()}" for c in re.findall(r"redis\.call\('([A-Z]+)'", block.RATE_LIMIT_LUA)}
+    paragraph = README.read_text().split("**Redis permissions.**")[1].split("\n\n")[0]
+    listed = set(re.findall(r"\+[a-z]+", paragraph))
+    assert {"script and EVAL/EVALSHA": script | {"+evalsha", "+eval"}, "README": listed} == {
+        "script and EVAL/EVALSHA": set(ACL_GUARD),
+        "README": set(ACL_GUARD),
+    }
 
 
 @pytest.mark.parametrize(
@@ -733,17 +863,23 @@ ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zran
         pytest.param(("~*", "+@all", "-@scripting"), "right", "degraded; cause=noperm", id="no-scripting"),
         pytest.param(("~open-webui:config:*", *ACL_GUARD), "right", "degraded; cause=noperm", id="not-its-keys"),
         pytest.param(
-            ("~open-webui:api_key_guard:*", *ACL_GUARD[:-1]), "right", "degraded; cause=noperm", id="no-pexpire"
+            ("~open-webui:api_key_guard:*", *(c for c in ACL_GUARD if c != "+time")),
+            "right",
+            "degraded; cause=noperm",
+            id="one-command-fewer",
         ),
         pytest.param(("~*", "+@all"), "wrong", "degraded; cause=auth", id="wrong-password"),
     ],
 )
+@pytest.mark.parametrize(
+    "text", [pytest.param("1/minute", id="log"), pytest.param("100/minute,1000/day", id="buckets")]
+)
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
-def test_acl_users(server, url, rules, password, counters, asynchronous):
+def test_acl_users(server, url, rules, password, counters, text, asynchronous):
     server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", *rules)
     module = aredis if asynchronous else redis
     client = module.Redis.from_url(f"redis://guard:{password}@127.0.0.1:{server.port}/0")
-    assert degraded_by(client, asynchronous=asynchronous) == (counters, True)
+    assert degraded_by(client, asynchronous=asynchronous, text=text) == (counters, True)
 
 
 def test_one_error_per_cause_and_the_fix_named(caplog):
