@@ -98,43 +98,141 @@ def inlet_figures(g) -> dict:
         loop.close()
 
 
+SCALE_LIMIT = "1000/minute,100000/day"  # the issue's example: buckets in both windows
+SCALE_USERS = 10_000
+ROTATING_USERS = 100
+
+
 def limiter_figures(g, redis_url: str) -> dict:
-    """Each check admits (limits far above the request count), the common case; users rotate over 100."""
-    limit = g.RateLimit.parse("1000000/minute,10000000/day")
-    users = [f"user-{i}" for i in range(100)]
+    """The limiter per admitted request (limits far above the request count, users rotating over 100):
+    per worker, and against a real local Redis with the guard's own clients as it builds them (URL
+    timeouts, bound_waits), each next to a bare PING round trip of the same client."""
+    limit = g.RateLimit.parse(SCALE_LIMIT)
     turn = iter(range(10**12))
 
     def user() -> str:
-        return users[next(turn) % 100]
+        return f"user-{next(turn) % ROTATING_USERS}"
 
     per_worker = g.Limiter(None)
     figures = {
-        "ratelimit_parse_cached": per_call_us(lambda: g.RateLimit.parse("1000000/minute,10000000/day"), 2000),
+        "ratelimit_parse_cached": per_call_us(lambda: g.RateLimit.parse(SCALE_LIMIT), 2000),
         "ratelimit_per_worker": per_call_us(lambda: per_worker.check(user(), limit), 2000),
     }
-    import redis  # a test dependency (requirements-dev.txt); the guard itself gets Open WebUI's client
+    sync_client, async_client, loop = guard_clients(g, redis_url)
+    try:
+        figures |= round_trip_figures(g, "", sync_client, async_client, loop, limit, user)
+        figures |= memory_figures(g, sync_client, limit)
+        figures |= populate(g, sync_client, limit, SCALE_USERS)
+        crowd = iter(range(10**12))
+        figures |= round_trip_figures(
+            g, "_10k_users", sync_client, async_client, loop, limit, lambda: f"crowd-{next(crowd) * 7919 % SCALE_USERS}"
+        )
+        loop.run_until_complete(async_client.aclose())
+    finally:
+        loop.close()
+    return figures
+
+
+def guard_clients(g, redis_url: str):
+    import redis  # a test dependency (requirements-dev.txt); the guard itself gets Open WebUI's helper
     import redis.asyncio as aredis
 
-    sync = g.Limiter(g.RedisCounters(lambda: redis.Redis.from_url(redis_url, decode_responses=True), "bench"))
-    figures["ratelimit_redis_sync"] = per_call_us(lambda: sync.check(user(), limit), 50)
+    url = g.with_timeouts(redis_url, g.REDIS_TIMEOUT_SECONDS)
+    sync_client, async_client = redis.Redis.from_url(url), aredis.Redis.from_url(url)
+    for client in (sync_client, async_client):
+        g.bound_waits(client, g.REDIS_TIMEOUT_SECONDS)
+    return sync_client, async_client, asyncio.new_event_loop()
 
-    loop = asyncio.new_event_loop()
-    client = aredis.from_url(redis_url, decode_responses=True)
-    asynchronous = g.Limiter(g.RedisCounters(lambda: client, "bench"))
 
-    async def many(n: int):
+def round_trip_figures(g, suffix: str, sync_client, async_client, loop, limit, user) -> dict:
+    """us per check and per bare PING of the same client, sync and asyncio, measured in alternating
+    batches (loopback latency here moves with the machine's load by 4x: figures taken apart mislead),
+    and the median of the per-batch ratios."""
+    sync = g.Limiter(g.RedisCounters(lambda: sync_client, "bench"))
+    asynchronous = g.Limiter(g.RedisCounters(lambda: async_client, "bench"))
+
+    async def checks(n: int):
         for _ in range(n):
             await asynchronous.check(user(), limit)
 
-    try:
-        loop.run_until_complete(many(100))  # warm the connection and the script cache
-        figures["ratelimit_redis_async"] = per_call_us(lambda: loop.run_until_complete(many(50)), 1)
-        figures["ratelimit_redis_async"] = {k: v / 50 for k, v in figures["ratelimit_redis_async"].items()}
-        loop.run_until_complete(client.aclose())
-    finally:
-        loop.close()
+    async def pings(n: int):
+        for _ in range(n):
+            await async_client.ping()
+
+    def sync_batch(fn):
+        return lambda n: [fn() for _ in range(n)]
+
+    arms = {
+        "sync": (sync_batch(lambda: sync.check(user(), limit)), sync_batch(sync_client.ping)),
+        "async": (lambda n: loop.run_until_complete(checks(n)), lambda n: loop.run_until_complete(pings(n))),
+    }
+    figures = {}
+    for mode, (check, ping) in arms.items():
+        check(100), ping(100)  # warm the connection and the script cache
+        paired = [(timed_us(check, 50), timed_us(ping, 50)) for _ in range(BATCHES)]
+        figures[f"ratelimit_redis_{mode}{suffix}"] = spread([c for c, _ in paired])
+        figures[f"redis_ping_{mode}{suffix}"] = spread([p for _, p in paired])
+        figures[f"ratelimit_ratio_{mode}{suffix}"] = statistics.median(c / p for c, p in paired)
     assert sync.counters == asynchronous.counters == "redis", "Redis failed during the benchmark"
     return figures
+
+
+def timed_us(batch, n: int) -> float:
+    start = time.perf_counter()
+    batch(n)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def spread(samples: list[float]) -> dict:
+    samples = sorted(samples)
+    return {"median_us": statistics.median(samples), "p95_us": samples[int(len(samples) * 0.95) - 1]}
+
+
+def server_now_us(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1_000_000 + micros
+
+
+def full_windows(g, writer, limit, user: str, now: int) -> list[str]:
+    """Write a user's counters as a day of steady traffic leaves them: every bucket of both windows holds
+    counts adding up to the limit (the most fields the script keeps). `writer` may be a pipeline."""
+    keys = []
+    for window in limit.windows:
+        key = f"{g.redis_key_base('bench')}{{{user}}}:{window.seconds}:b{window.buckets}"
+        low, high = (now - window.seconds * 1_000_000) // window.width_us, now // window.width_us
+        per_bucket = max(window.limit // (high - low + 1), 1)
+        fields = {str(index): per_bucket for index in range(low, high + 1)}
+        writer.hset(key, mapping=fields | {"n": per_bucket * len(fields), "lo": low})
+        writer.pexpire(key, window.seconds * 1000 + window.width_us // 1000)
+        keys.append(key)
+    return keys
+
+
+def memory_figures(g, client, limit) -> dict:
+    """Redis memory for one active user at full windows (MEMORY USAGE of its keys), and what the sliding
+    log of before held for the same limit (one sorted-set entry per admitted request in each window)."""
+    keys = full_windows(g, client, limit, "memory-user", server_now_us(client))
+    buckets = sum(client.memory_usage(key, samples=0) for key in keys)
+    log_bytes = 0
+    for window in limit.windows:
+        key = f"bench-log:{window.seconds}"
+        for start in range(0, window.limit, 10_000):  # members as the guard wrote them: nonce:serial
+            batch = range(start, min(start + 10_000, window.limit))
+            client.zadd(key, {f"{'ab' * 8}:{n}": 1_700_000_000_000_000 + n for n in batch})
+        log_bytes += client.memory_usage(key, samples=0)
+        client.delete(key)
+    return {"bytes_per_user_buckets": buckets, "bytes_per_user_log_before": log_bytes}
+
+
+def populate(g, client, limit, users: int) -> dict:
+    """`users` users' counters at full windows, pipelined; Redis's own memory growth per user."""
+    before, now = client.info("memory")["used_memory"], server_now_us(client)
+    for start in range(0, users, 500):
+        pipe = client.pipeline(transaction=False)
+        for n in range(start, min(start + 500, users)):
+            full_windows(g, pipe, limit, f"crowd-{n}", now)
+        pipe.execute()
+    return {"used_memory_per_user_10k": (client.info("memory")["used_memory"] - before) / users}
 
 
 def run() -> dict:
