@@ -176,10 +176,7 @@ class Bootstrap:
                 "POST", "/api/v1/auths/signup", json={"name": "Admin", "email": self.admin.email, "password": PASSWORD}
             )
             self.admin.id, self.admin.jwt = data["id"], data["token"]
-        if s.key_permission:
-            perms = s.ok("GET", "/api/v1/users/default/permissions", self.admin.jwt)
-            perms.setdefault("features", {})["api_keys"] = True
-            s.ok("POST", "/api/v1/users/default/permissions", self.admin.jwt, json=perms)
+        self.grant_key_permission()
         for account in (self.alice, self.gina):
             s.ok(
                 "POST",
@@ -196,6 +193,14 @@ class Bootstrap:
         self.group_id = group["id"]
         self.add_group_member(self.gina.id)
         return self
+
+    def grant_key_permission(self) -> None:
+        """0.6.37+: let ordinary users hold keys (a default permission, off by default)."""
+        s = self.server
+        if s.key_permission:
+            perms = s.ok("GET", "/api/v1/users/default/permissions", self.admin.jwt)
+            perms.setdefault("features", {})["api_keys"] = True
+            s.ok("POST", "/api/v1/users/default/permissions", self.admin.jwt, json=perms)
 
     def add_group_member(self, user_id: str) -> None:
         self._change_group("add", user_id)

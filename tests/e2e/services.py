@@ -483,9 +483,18 @@ class Topology:
     postgres: Postgres | None
 
 
-def start_topology(version: str, root: Path, request, start_deployment, store=None, **extra_env) -> Topology:
-    """Redis (or `store`: a Cluster, Sentinels), PostgreSQL where the release can reach it, then Open WebUI
-    with two workers on them.
+def start_topology(
+    version: str,
+    root: Path,
+    request,
+    start_deployment,
+    store=None,
+    postgres: bool = True,
+    valves: dict | None = None,
+    **extra_env,
+) -> Topology:
+    """Redis (or `store`: a Cluster, Sentinels), PostgreSQL where the release can reach it (unless not
+    `postgres`: SQLite), then Open WebUI with two workers on them, the guard installed with `valves`.
 
     Persistent config is on, as in production: the base models cache setting the installer turns on
     must survive a restart (with it off, 0.10+ keeps saved settings per worker and per process life)."""
@@ -497,14 +506,14 @@ def start_topology(version: str, root: Path, request, start_deployment, store=No
         "API_KEY_GUARD_TEST_CACHE_SECONDS": str(STATE_TTL_SECONDS),
         **extra_env,
     }
-    postgres = None
-    if DATABASE_DRIVERS[version]:
-        postgres = start_postgres(root / "postgres", request)
-        env["DATABASE_URL"] = postgres.url.replace("postgresql", DATABASE_DRIVERS[version], 1)
+    database = None
+    if postgres and DATABASE_DRIVERS[version]:
+        database = start_postgres(root / "postgres", request)
+        env["DATABASE_URL"] = database.url.replace("postgresql", DATABASE_DRIVERS[version], 1)
     deployment = start_deployment(version, root, request, install_guard=False, **env)
     wait_until_every_worker_answers(deployment.server)  # install then speaks to workers that all serve
-    deployment.configure()
-    return Topology(deployment, redis, postgres)
+    deployment.configure(**(valves or {}))
+    return Topology(deployment, redis, database)
 
 
 def restart_on(topology: Topology, store) -> None:
@@ -539,6 +548,12 @@ class Served:
     body: bytes
     worker: int | None  # pid of the worker process that held the connection
     answered: float  # time.monotonic() once the answer was read
+    sent: float = 0.0  # time.monotonic() when the request was sent (after the connection was accepted)
+
+    @property
+    def seconds(self) -> float:
+        """How long the server took to answer, from the request sent to the answer read."""
+        return self.answered - self.sent
 
     def json(self):
         return json.loads(self.body or b"null")
@@ -560,11 +575,12 @@ def on_fresh_connection(
             worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
         worker = worker or accepting_worker(server, client_port)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        sent = time.monotonic()
         connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         response = connection.getresponse()
         data = response.read()
         headers = {k.lower(): v for k, v in response.getheaders()}
-        return Served(response.status, headers, data, worker, time.monotonic())
+        return Served(response.status, headers, data, worker, time.monotonic(), sent)
     finally:
         connection.close()
 
@@ -577,7 +593,8 @@ def until_every_worker(
     seconds: float = EVERY_WORKER_SECONDS,
     pause: float = 0.0,
 ) -> list[Served]:
-    """Cycle through `requests` ((method, path, body)), each on a new connection, until `done(answers)`
+    """Cycle through `requests` ((method, path, body), or (method, path, body, token) to send one with
+    another token than `token`), each on a new connection, until `done(answers)`
     holds for the answers of each of the server's workers, or `seconds` have passed (the caller's
     assertion then shows what each worker answered).
 
@@ -593,8 +610,8 @@ def until_every_worker(
         finished = {worker for worker in workers if done(answers.get(worker, []))}
         if len(workers) >= server.workers and finished == workers:
             break
-        method, path, body = requests[len(served) % len(requests)]
-        served.append(on_fresh_connection(server, method, path, token, body, avoid=finished))
+        method, path, body, *other = requests[len(served) % len(requests)]
+        served.append(on_fresh_connection(server, method, path, other[0] if other else token, body, avoid=finished))
         time.sleep(pause)
     return served
 
