@@ -30,7 +30,6 @@ def per_call_us(fn, batch: int) -> dict:
 def decision_figures(g) -> dict:
     typical = g.policy_from_valves(g.Valves(api_key_groups="automation"))
     typical_facts = g.Facts(
-        is_api_key=True,
         user_id="u-1",
         email="a@example.com",
         role="user",
@@ -50,7 +49,6 @@ def decision_figures(g) -> dict:
         )
     )
     worst_facts = g.Facts(
-        is_api_key=True,
         user_id="u-2",
         email="z@example.com",
         role="user",

@@ -33,8 +33,10 @@ description: Decide who may use API keys, and where: admin-only by default; role
 
 import asyncio
 import atexit
+import calendar
 import collections
 import contextvars
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -63,7 +65,6 @@ log = logging.getLogger("api_key_guard")
 # ---------------------------------------------------------------------------
 # Each decision carries one of these codes; REASON_TEXT turns it into the sentence an admin reads in
 # the rejection and in the audit log.
-REASON_SESSION = "session"
 REASON_ALLOWED = "allowed"
 REASON_BLOCKED_USER = "blocked_user"
 REASON_NOT_ADMITTED = "not_admitted"
@@ -74,9 +75,12 @@ REASON_GUARD_ERROR = "guard_error"
 REASON_RATE_LIMITED = "rate_limited"
 REASON_MODEL_BEHIND = "model_behind_not_allowed"
 REASON_FAN_OUT = "fan_out"
+REASON_TOKEN_QUOTA = "token_quota"  # noqa: S105 - a reason code, no secret
+REASON_CONCURRENCY = "concurrency"
+REASON_KEY_AGE = "key_too_old"
+REASON_KEY_AGE_UNKNOWN = "key_age_unknown"
 
 REASON_TEXT = {
-    REASON_SESSION: "browser session, not judged by API Key Guard",
     REASON_ALLOWED: "allowed by the API key policy",
     REASON_BLOCKED_USER: "this user may never use API keys (api_key_blocked_users)",
     REASON_NOT_ADMITTED: (
@@ -95,6 +99,22 @@ REASON_TEXT = {
         "cannot be checked: {problem}"
     ),
     REASON_RATE_LIMITED: "API keys of role '{role}' are limited to {limit} per {unit} ({valve}); retry in {seconds} s",
+    REASON_TOKEN_QUOTA: (
+        "API keys of role '{role}' may use {limit} tokens per {unit} ({valve}) and {used} are used; "
+        "the quota starts again in {seconds} s"
+    ),
+    REASON_CONCURRENCY: (
+        "API keys of role '{role}' may have {limit} request(s) in flight at once ({valve}); "
+        "retry once one of them has finished"
+    ),
+    REASON_KEY_AGE: (
+        "this API key was created on {created} ({days} days ago) and keys of role '{role}' may be at most "
+        "{limit} days old ({valve}): generate a new key under Settings > Account"
+    ),
+    REASON_KEY_AGE_UNKNOWN: (
+        "keys of role '{role}' may be at most {limit} days old ({valve}), and this Open WebUI keeps no "
+        "creation time for this key"
+    ),
     REASON_GUARD_ERROR: (
         "API Key Guard could not evaluate this API key request and denied it; "
         "an administrator must check the server log"
@@ -370,7 +390,20 @@ if reply[1] == 1 then
 end
 return reply
 """
-RATE_LIMIT_SHA = hashlib.sha1(RATE_LIMIT_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and the SHA1 Redis names it by."""
+
+    text: str
+
+    @functools.cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+
+RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
 # A member must be unique across workers and replicas: a random process nonce plus a counter.
 _MEMBER_NONCE = os.urandom(8).hex()
 _member_serial = itertools.count()
@@ -385,25 +418,25 @@ def is_noscript(exc: BaseException) -> bool:
     return type(exc).__name__ == "NoScriptError"
 
 
-def run_script(client: Any, keys: list, args: tuple) -> Any:
+def run_script(client: Any, script: Script, keys: list, args: tuple) -> Any:
     """EVALSHA, or EVAL where the node has not loaded the script: scripts are not replicated, so a
     promoted replica (and a restarted or flushed node) answers NOSCRIPT. An asyncio client's
     awaitable goes through settle_script for the same."""
     try:
-        return client.evalsha(RATE_LIMIT_SHA, len(keys), *keys, *args)
+        return client.evalsha(script.sha, len(keys), *keys, *args)
     except Exception as exc:
         if not is_noscript(exc):
             raise
-        return client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        return client.eval(script.text, len(keys), *keys, *args)
 
 
-async def settle_script(client: Any, pending: Awaitable, keys: list, args: tuple) -> Any:
+async def settle_script(client: Any, script: Script, pending: Awaitable, keys: list, args: tuple) -> Any:
     try:
         return await pending
     except Exception as exc:
         if not is_noscript(exc):
             raise
-        return await client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        return await client.eval(script.text, len(keys), *keys, *args)
 
 
 def retried_at_once(client: Any, exc: BaseException) -> bool:
@@ -461,30 +494,61 @@ class RedisCounters:
     def __init__(self, connect: Callable[[], Any], prefix: str):
         self.connect = connect  # Open WebUI's client, resolved on first use and again after a failure to build it
         self.base = redis_key_base(prefix)
+        self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
         self._client = None
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        client = self._client if self._client is not None else self._resolve()
         keys = [f"{self.base}{{{user_id}}}:{w.seconds}" for w in limit.windows]
         args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", *limit.redis_args)
-        try:
-            reply = run_script(client, keys, args)
-        except Exception as exc:
-            if not retried_at_once(client, exc):
-                raise
-            reply = run_script(client, keys, args)
-        if inspect.isawaitable(reply):
-            return self._settle(client, reply, limit, keys, args)
-        return verdict_from_reply(limit, reply)
+        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
 
-    async def _settle(self, client: Any, pending: Awaitable, limit: RateLimit, keys: list, args: tuple) -> Verdict:
+    def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
+        return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
+        keys = self.quota_keys(user_id, quota.windows, now)
+        return self.run(QUOTA_READ_SCRIPT, keys, (), lambda reply: [int(n) for n in reply])
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        # kept a minute past the window's end: a charge arriving late still lands in its window
+        ends = [str(w.bounds(now)[1] + 60) for w in windows]
+        return self.run(CHARGE_SCRIPT, self.quota_keys(user_id, windows, now), (str(tokens), *ends), bool)
+
+    def lease_key(self, user_id: str) -> str:
+        return f"{self.root}cc:{{{user_id}}}"
+
+    def acquire(self, lease: "Lease", limit: int) -> Any:
+        args = (lease.member, str(limit), str(int(LEASE_SECONDS * 1000)))
+        return self.run(ACQUIRE_SCRIPT, [self.lease_key(lease.user_id)], args, int)
+
+    def renew(self, lease: "Lease") -> Any:
+        args = (lease.member, str(int(LEASE_SECONDS * 1000)))
+        return self.run(RENEW_SCRIPT, [self.lease_key(lease.user_id)], args, bool)
+
+    def release(self, lease: "Lease") -> Any:
+        return self.run(RELEASE_SCRIPT, [self.lease_key(lease.user_id)], (lease.member,), bool)
+
+    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
+        """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
+        client = self._client if self._client is not None else self._resolve()
         try:
-            reply = await settle_script(client, pending, keys, args)
+            reply = run_script(client, script, keys, args)
         except Exception as exc:
             if not retried_at_once(client, exc):
                 raise
-            reply = await settle_script(client, run_script(client, keys, args), keys, args)
-        return verdict_from_reply(limit, reply)
+            reply = run_script(client, script, keys, args)
+        if inspect.isawaitable(reply):
+            return self._settle(client, script, reply, keys, args, parse)
+        return parse(reply)
+
+    async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
+        try:
+            reply = await settle_script(client, script, pending, keys, args)
+        except Exception as exc:
+            if not retried_at_once(client, exc):
+                raise
+            reply = await settle_script(client, script, run_script(client, script, keys, args), keys, args)
+        return parse(reply)
 
     def _resolve(self) -> Any:
         client = self.connect()
@@ -514,6 +578,7 @@ class Limiter:
     ):
         self.redis = redis
         self.memory = memory or MemoryCounters()
+        self.tallies = MemoryTallies()
         self.clock = clock
         self.timeout = timeout
         self.retry_seconds = retry_seconds
@@ -529,30 +594,63 @@ class Limiter:
         return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        return self.shared(
+            lambda: self.redis.check(user_id, limit),
+            lambda counters: self.memory.check(user_id, limit, counters),
+        )
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
+        """Tokens used per window of `quota` (an awaitable of them with an asyncio client)."""
+        return self.shared(
+            lambda: self.redis.quota_used(user_id, quota, now),
+            lambda _: self.tallies.quota_used(user_id, quota, now),
+        )
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        return self.shared(
+            lambda: self.redis.charge(user_id, windows, tokens, now),
+            lambda _: self.tallies.charge(user_id, windows, tokens, now),
+        )
+
+    def acquire(self, lease: "Lease", limit: int) -> Any:
+        """Requests in flight with this one; more than `limit`: not taken."""
+        return self.shared(lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit))
+
+    def renew(self, lease: "Lease") -> Any:
+        return None if lease.local else self.shared(lambda: self.redis.renew(lease), lambda _: None)
+
+    def release(self, lease: "Lease") -> Any:
+        """A lease goes back where it was taken; one taken in Redis while Redis fails expires there."""
+        if lease.local:
+            return self.tallies.release(lease)
+        return self.shared(lambda: self.redis.release(lease), lambda _: None)
+
+    def shared(self, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
+        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or it fails."""
         if self.redis is None:
-            return self.memory.check(user_id, limit)
+            return local(COUNTERS_PER_WORKER)
         if self._retry_at is not None:
             now = self.clock()
             if now < self._retry_at:
-                return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+                return local(COUNTERS_DEGRADED)
             self._retry_at = now + self.retry_seconds
         try:
-            verdict = self.redis.check(user_id, limit)
+            result = remote()
         except Exception as exc:
-            return self._fall_back(exc, user_id, limit)
-        if inspect.isawaitable(verdict):
-            return self._bounded(verdict, user_id, limit)
-        return self._recovered(verdict)
+            return self._fall_back(exc, local)
+        if inspect.isawaitable(result):
+            return self._bounded(result, local)
+        return self._recovered(result)
 
-    async def _bounded(self, pending: Awaitable[Verdict], user_id: str, limit: RateLimit) -> Verdict:
+    async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
         try:
             async with asyncio.timeout(self.timeout):
-                verdict = await pending
+                result = await pending
         except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
-            return self._fall_back(exc, user_id, limit)
-        return self._recovered(verdict)
+            return self._fall_back(exc, local)
+        return self._recovered(result)
 
-    def _fall_back(self, exc: Exception, user_id: str, limit: RateLimit) -> Verdict:
+    def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:
         now, cause = self.clock(), redis_cause(exc)
         self._retry_at = now + self.retry_seconds
         # One ERROR per cause: again only when the cause changes or a minute has passed.
@@ -570,13 +668,13 @@ class Limiter:
                 fix,
             )
         self.cause = cause
-        return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+        return local(COUNTERS_DEGRADED)
 
-    def _recovered(self, verdict: Verdict) -> Verdict:
+    def _recovered(self, result: Any) -> Any:
         if self._retry_at is not None:
             self._retry_at, self._logged_at, self.cause = None, None, None
             log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
-        return verdict
+        return result
 
 
 # ---------------------------------------------------------------------------
@@ -724,6 +822,124 @@ def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------
+# Token quotas and requests in flight
+# ---------------------------------------------------------------------------
+# A quota is a budget of tokens per calendar window (QuotaWindow): read before a request is let in,
+# charged with what the answer cost once it is known, so requests already in flight when it runs out
+# finish (the overshoot is at most what they cost: one answer per request in flight). A concurrency
+# cap is a lease per request in flight, given back when its answer ends or its client goes away;
+# in Redis a lease also expires LEASE_SECONDS after it was last renewed, so a worker that dies
+# mid-request frees its places. Both live next to the request limits: in Redis when Open WebUI has
+# it, per process otherwise or while Redis fails (`degraded`, like the limits).
+LEASE_SECONDS = 60.0
+LEASE_RENEW_SECONDS = 20.0
+QUOTA_KEYS_KEPT = 4 * RATE_MAX_USERS
+
+
+@dataclass
+class Lease:
+    user_id: str
+    member: str  # unique across workers: process nonce + serial
+    local: bool = False  # taken in this process (no Redis, or Redis failing), given back here
+
+
+def quota_exceeded(quota: "TokenQuota", used: list[int], now: float) -> tuple["QuotaWindow", float] | None:
+    """The spent window that starts again last, with the seconds until it does; None while all have room."""
+    spent = [(w, w.bounds(now)[1] - now) for w, n in zip(quota.windows, used, strict=True) if n >= w.limit]
+    return max(spent, key=lambda item: item[1]) if spent else None
+
+
+def quota_fields(quota: "TokenQuota", used: list[int], now: float) -> dict[str, str]:
+    """RateLimit-Policy / RateLimit items for the token windows (`tokens-day`: q tokens per w seconds)."""
+    policy, state = [], []
+    for window, count in zip(quota.windows, used, strict=True):
+        start, end = window.bounds(now)
+        name = f'"tokens-{window.unit}"'
+        policy.append(f"{name};q={window.limit};w={end - start}")
+        state.append(f"{name};r={max(window.limit - count, 0)};t={whole_seconds(end - now)}")
+    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
+
+
+def concurrency_fields(limit: int, in_flight: int) -> dict[str, str]:
+    return {"RateLimit-Policy": f'"concurrent";q={limit}', "RateLimit": f'"concurrent";r={max(limit - in_flight, 0)}'}
+
+
+class MemoryTallies:
+    """Per-process token sums per user and calendar window, and each user's requests in flight."""
+
+    def __init__(self, max_keys: int = QUOTA_KEYS_KEPT):
+        self.max_keys = max_keys
+        self._tokens: collections.OrderedDict = collections.OrderedDict()  # (user, unit, start) -> tokens
+        self._leases: dict[str, set] = {}
+        self._lock = threading.Lock()
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> list[int]:
+        return [self._tokens.get((user_id, w.unit, w.bounds(now)[0]), 0) for w in quota.windows]
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> None:
+        with self._lock:
+            for window in windows:
+                key = (user_id, window.unit, window.bounds(now)[0])
+                self._tokens[key] = self._tokens.get(key, 0) + tokens
+                self._tokens.move_to_end(key)
+            while len(self._tokens) > self.max_keys:
+                self._tokens.popitem(last=False)
+
+    def acquire(self, lease: Lease, limit: int) -> int:
+        """Requests in flight with this one; more than `limit` means it was not taken."""
+        with self._lock:
+            held = self._leases.setdefault(lease.user_id, set())
+            if len(held) >= limit:
+                return len(held) + 1
+            held.add(lease.member)
+            lease.local = True
+            return len(held)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            held = self._leases.get(lease.user_id)
+            if held is not None:
+                held.discard(lease.member)
+                if not held:
+                    del self._leases[lease.user_id]
+
+
+# Lease scores are expiry times from the Redis server's clock (µs, as the request limits).
+ACQUIRE_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[2]) then return count + 1 end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[3]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return count + 1
+"""
+RENEW_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+QUOTA_READ_LUA = """
+local used = {}
+for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key) or '0') end
+return used
+"""
+CHARGE_LUA = """
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, ARGV[1])
+  redis.call('EXPIREAT', key, ARGV[i + 1])
+end
+return 1
+"""
+RELEASE_LUA = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+ACQUIRE_SCRIPT, RENEW_SCRIPT, RELEASE_SCRIPT = Script(ACQUIRE_LUA), Script(RENEW_LUA), Script(RELEASE_LUA)
+QUOTA_READ_SCRIPT, CHARGE_SCRIPT = Script(QUOTA_READ_LUA), Script(CHARGE_LUA)
+
+
+# ---------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------
 # The valves, parsed and validated once, precomputed for cheap lookups.
@@ -805,17 +1021,162 @@ def parse_names(text: str) -> frozenset:
     return frozenset(item.casefold() for item in split_list(text))
 
 
+# Token quotas count calendar windows in UTC (this minute, hour, day, month), not rolling ones: a
+# budget is read against the usage table, whose rows are UTC days, and "your quota starts again at
+# 00:00 UTC" is a sentence a key's owner can plan with. The price is the boundary: a whole day's
+# quota at 23:59 and another at 00:00. Request limits, whose job is pace, stay sliding.
+QUOTA_UNITS = ("minute", "hour", "day", "month")
+QUOTA_FORM = (
+    "expected comma-separated N/minute, N/hour, N/day or N/month tokens with N a positive integer "
+    "(e.g. '200000/day,3000000/month'), or empty for no quota"
+)
+
+
+@dataclass(frozen=True)
+class QuotaWindow:
+    limit: int
+    unit: str
+
+    def bounds(self, now: float) -> tuple[int, int]:
+        """(start, end) of the calendar window holding `now`, in epoch seconds, UTC."""
+        if self.unit == "month":
+            day = time.gmtime(now)
+            start = calendar.timegm((day.tm_year, day.tm_mon, 1, 0, 0, 0))
+            year, month = (day.tm_year + 1, 1) if day.tm_mon == 12 else (day.tm_year, day.tm_mon + 1)
+            return start, calendar.timegm((year, month, 1, 0, 0, 0))
+        span = {"minute": 60, "hour": 3600, "day": 86400}[self.unit]
+        start = int(now // span * span)
+        return start, start + span
+
+
+@dataclass(frozen=True)
+class TokenQuota:
+    """The windows of one token-quota setting, parsed once; no windows = no quota."""
+
+    windows: tuple[QuotaWindow, ...]
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def parse(cls, text: str) -> "TokenQuota":
+        windows: dict[str, QuotaWindow] = {}
+        for item in split_list(text):
+            match = _RATE_ITEM.fullmatch(item)
+            unit = match.group(2).lower() if match else ""
+            if not match or unit not in QUOTA_UNITS or int(match.group(1)) < 1:
+                raise ValueError(f"{QUOTA_FORM}; got {item!r}")
+            if unit in windows:
+                raise ValueError(f"{QUOTA_FORM}, each unit at most once; got {unit!r} twice")
+            windows[unit] = QuotaWindow(int(match.group(1)), unit)
+        return cls(tuple(sorted(windows.values(), key=lambda w: QUOTA_UNITS.index(w.unit))))
+
+
+def parse_count(text: Any, what: str) -> int:
+    """A whole number >= 0 written in a valve (0 = no limit)."""
+    value = int(text) if isinstance(text, int) and not isinstance(text, bool) else None
+    if value is None and isinstance(text, str) and text.strip().isdigit():
+        value = int(text.strip())
+    if value is None or value < 0:
+        raise ValueError(f"{what} must be a whole number, 0 for none; got {text!r}")
+    return value
+
+
+# A tier's fields: the suffix of the role valves (api_key_<field>_admin) and the keys of an
+# api_key_tiers entry, each with its parser.
+TIER_FIELDS = {
+    "allowed_endpoints": lambda text: PathList.parse(text),
+    "allowed_models": lambda text: ModelList.parse(text),
+    "rate_limit": lambda text: RateLimit.parse(text),
+    "token_quota": lambda text: TokenQuota.parse(text),
+    "max_key_age_days": lambda text: parse_count(text, "max_key_age_days"),
+    "max_concurrent": lambda text: parse_count(text, "max_concurrent"),
+}
+
+
 @dataclass(frozen=True)
 class Tier:
-    """What the keys of one kind of user may do: `admin` or `user`, the suffix of their valves."""
+    """What the keys of one user may do. `admin` and `user` are the role tiers (their valves end in
+    the name); api_key_tiers entries override them field by field. `sources` names, per field, the
+    setting it came from, so every refusal names the valve to change."""
 
     name: str
-    endpoints: PathList
-    models: ModelList
+    allowed_endpoints: PathList
+    allowed_models: ModelList
     rate_limit: RateLimit
+    token_quota: TokenQuota
+    max_key_age_days: int
+    max_concurrent: int
+    sources: tuple  # (field, setting) per field, in TIER_FIELDS order
+    texts: tuple  # (field, value as written) per field
 
     def valve(self, field: str) -> str:
-        return f"api_key_{field}_{self.name}"
+        return dict(self.sources)[field]
+
+    @property
+    def counting(self) -> str | None:
+        """The first field whose counters an admitted request of this tier touches, or None."""
+        if self.rate_limit.windows:
+            return "rate_limit"
+        if self.token_quota.windows:
+            return "token_quota"
+        return "max_concurrent" if self.max_concurrent else None
+
+
+def role_tier(name: str, texts: dict) -> Tier:
+    values = {field: TIER_FIELDS[field](texts[field]) for field in TIER_FIELDS}
+    sources = tuple((field, f"api_key_{field}_{name}") for field in TIER_FIELDS)
+    return Tier(name, **values, sources=sources, texts=tuple((f, str(texts[f])) for f in TIER_FIELDS))
+
+
+@dataclass(frozen=True)
+class TierEntry:
+    """One api_key_tiers entry: `group:<name or id>` or `user:<email or id>` and the fields it sets."""
+
+    label: str  # as written, for messages
+    kind: str  # "group" or "user"
+    name: str  # casefolded
+    values: tuple  # (field, parsed) for the fields it sets
+    texts: tuple  # (field, as written)
+
+
+def parse_tiers(text: str) -> tuple[TierEntry, ...]:
+    """api_key_tiers: a JSON object whose keys are `group:<name or id>` or `user:<email or id>` and whose
+    values set some of TIER_FIELDS. Listed order is priority among groups. Errors name entry and field."""
+    if not str(text).strip():
+        return ()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}; {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}")
+    entries, seen = [], set()
+    for label, fields in data.items():
+        kind, sep, name = str(label).partition(":")
+        if not sep or kind not in ("group", "user") or not name.strip():
+            raise ValueError(f"entry {label!r}: expected a key 'group:<name or id>' or 'user:<email or id>'")
+        key = (kind, name.strip().casefold())
+        if key in seen:
+            raise ValueError(f"entry {label!r}: listed twice")
+        seen.add(key)
+        if not isinstance(fields, dict) or not fields:
+            raise ValueError(f"entry {label!r}: expected an object setting some of {', '.join(TIER_FIELDS)}")
+        values, texts = [], []
+        for field, value in fields.items():
+            if field not in TIER_FIELDS:
+                raise ValueError(f"entry {label!r}: unknown field {field!r}; known: {', '.join(TIER_FIELDS)}")
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"entry {label!r}, field {field!r}: expected a string or a number")
+            try:
+                values.append((field, TIER_FIELDS[field](value)))
+            except ValueError as exc:
+                raise ValueError(f"entry {label!r}, field {field!r}: {exc}") from None
+            texts.append((field, str(value)))
+        entries.append(TierEntry(str(label), kind, key[1], tuple(values), tuple(texts)))
+    return tuple(entries)
+
+
+TIERS_EXAMPLE = '{"group:interns": {"allowed_endpoints": "/api/chat/completions", "token_quota": "20000/day"}}'
+MERGED_TIERS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -827,39 +1188,62 @@ class Policy:
     api_key_blocked_users: frozenset
     admin: Tier
     user: Tier
+    tiers: tuple = ()  # TierEntry, in listed order
+    _merged: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def tier_for(self, role: str) -> Tier:
-        """The one place a role becomes its lists. Only the exact role "admin" gets the admin
-        tier: a missing or odd role is never mistaken for a privileged one."""
-        return self.admin if role == "admin" else self.user
+    def tier_for(self, facts: "Facts") -> Tier:
+        """The one place a user becomes its tier: the role's (only the exact role "admin" gets the
+        admin tier: a missing or odd role is never a privileged one), then, field by field, the
+        first api_key_tiers entry that sets the field among: the user's own entry, then the
+        entries of the user's groups in the order they are listed."""
+        base = self.admin if facts.role == "admin" else self.user
+        if not self.tiers:
+            return base
+        person = {facts.user_id.casefold(), facts.email.casefold()}
+        groups = {g.casefold() for g in (*facts.group_ids, *facts.group_names)}
+        users = [e for e in self.tiers if e.kind == "user" and e.name in person]
+        members = [e for e in self.tiers if e.kind == "group" and e.name in groups]
+        matched = tuple(users[:1] + members)
+        if not matched:
+            return base
+        key = (base.name, tuple(id(e) for e in matched))
+        tier = self._merged.get(key)
+        if tier is None:
+            tier = overridden(base, matched)
+            if len(self._merged) < MERGED_TIERS_KEPT:
+                self._merged[key] = tier
+        return tier
+
+
+def overridden(base: Tier, entries: tuple) -> Tier:
+    """`base` with each field taken from the first of `entries` that sets it."""
+    values = {f: getattr(base, f) for f in TIER_FIELDS}
+    sources, texts = dict(base.sources), dict(base.texts)
+    for entry in reversed(entries):
+        values.update(entry.values)
+        texts.update(entry.texts)
+        sources.update((f, f"api_key_tiers {entry.label} {f}") for f, _ in entry.values)
+    name = "+".join([base.name, *(e.label for e in entries)])
+    return Tier(name, **values, sources=tuple(sources.items()), texts=tuple(texts.items()))
+
+
+ROLE_TIER_VALVES = tuple(f"api_key_{f}_{role}" for role in ("admin", "user") for f in TIER_FIELDS)
 
 
 @functools.lru_cache(maxsize=32)
-def compile_policy(
-    mode: str,
-    roles: str,
-    groups: str,
-    users: str,
-    blocked: str,
-    endpoints_admin: str,
-    endpoints_user: str,
-    models_admin: str,
-    models_user: str,
-    rate_admin: str,
-    rate_user: str,
-) -> Policy:
+def compile_policy(mode: str, roles: str, groups: str, users: str, blocked: str, tiers: str, *tier_valves) -> Policy:
     if mode not in ("enforce", "monitor"):
         raise ValueError(f"mode must be 'enforce' or 'monitor', got {mode!r}")
+    texts = dict(zip(ROLE_TIER_VALVES, tier_valves, strict=True))
     return Policy(
         enforce=mode == "enforce",
         api_key_roles=parse_roles(roles),
         api_key_groups=parse_names(groups),
         api_key_users=parse_names(users),
         api_key_blocked_users=parse_names(blocked),
-        admin=Tier(
-            "admin", PathList.parse(endpoints_admin), ModelList.parse(models_admin), RateLimit.parse(rate_admin)
-        ),
-        user=Tier("user", PathList.parse(endpoints_user), ModelList.parse(models_user), RateLimit.parse(rate_user)),
+        admin=role_tier("admin", {f: texts[f"api_key_{f}_admin"] for f in TIER_FIELDS}),
+        user=role_tier("user", {f: texts[f"api_key_{f}_user"] for f in TIER_FIELDS}),
+        tiers=parse_tiers(tiers),
     )
 
 
@@ -872,12 +1256,8 @@ def policy_from_valves(valves: Any) -> Policy:
         valves.api_key_groups,
         valves.api_key_users,
         valves.api_key_blocked_users,
-        valves.api_key_allowed_endpoints_admin,
-        valves.api_key_allowed_endpoints_user,
-        valves.api_key_allowed_models_admin,
-        valves.api_key_allowed_models_user,
-        valves.api_key_rate_limit_admin,
-        valves.api_key_rate_limit_user,
+        valves.api_key_tiers,
+        *(getattr(valves, name) for name in ROLE_TIER_VALVES),
     )
 
 
@@ -887,7 +1267,9 @@ def policy_from_valves(valves: Any) -> Policy:
 # A pure function of (request facts, policy).
 @dataclass(frozen=True)
 class Facts:
-    is_api_key: bool
+    """What the guard knows of one API-key request: who (as core authenticated the key), where (the
+    routed path), which models (as core will call them), and the key's age."""
+
     user_id: str = ""
     email: str = ""
     role: str = ""
@@ -900,6 +1282,8 @@ class Facts:
     # Models core calls instead of the named one: (model, how), e.g. the base model of a workspace model.
     resolved: tuple = ()
     model_calls: int = 1  # model calls the request asks core for (fan-out over message_ids)
+    key_created: int | None = None  # epoch seconds; None where core keeps no creation time (or not read)
+    now: float = 0.0  # when the request was judged, epoch seconds
 
 
 @dataclass(frozen=True)
@@ -909,39 +1293,56 @@ class Decision:
     message: str
 
 
-def _decision(allowed: bool, reason: str, **fields: str) -> Decision:
+def _decision(allowed: bool, reason: str, **fields: Any) -> Decision:
     return Decision(allowed, reason, REASON_TEXT[reason].format(**fields))
 
 
-SESSION = _decision(True, REASON_SESSION)
 ALLOWED = _decision(True, REASON_ALLOWED)
 BLOCKED_USER = _decision(False, REASON_BLOCKED_USER)
 GUARD_ERROR = _decision(False, REASON_GUARD_ERROR)
 
 
-def decide(facts: Facts, policy: Policy) -> Decision:
-    if not facts.is_api_key:
-        return SESSION
-    role = facts.role or ""
+def admitted_by(facts: Facts, policy: Policy) -> str | None:
+    """Which rule lets this user use keys at all (as explain prints it), or None."""
     user_id, email = facts.user_id.casefold(), facts.email.casefold()
+    if (facts.role or "").casefold() in policy.api_key_roles:
+        return f"role '{facts.role}' (api_key_roles)"
+    if policy.api_key_users and (user_id in policy.api_key_users or email in policy.api_key_users):
+        return "this user (api_key_users)"
+    for group in sorted((*facts.group_ids, *facts.group_names)):
+        if group.casefold() in policy.api_key_groups:
+            return f"group '{group}' (api_key_groups)"
+    return None
+
+
+def is_blocked(facts: Facts, policy: Policy) -> bool:
     blocked = policy.api_key_blocked_users
-    if blocked and (user_id in blocked or email in blocked):
+    return bool(blocked) and (facts.user_id.casefold() in blocked or facts.email.casefold() in blocked)
+
+
+def decide(facts: Facts, policy: Policy) -> Decision:
+    """The policy's answer for one API-key request; counters (limits, quotas, leases) come after."""
+    role = facts.role or ""
+    if is_blocked(facts, policy):
         return BLOCKED_USER
-    users, groups = policy.api_key_users, policy.api_key_groups
-    admitted = (
-        role.casefold() in policy.api_key_roles
-        or (users and (user_id in users or email in users))
-        or (groups and any(g.casefold() in groups for g in (*facts.group_ids, *facts.group_names)))
-    )
-    if not admitted:
+    if admitted_by(facts, policy) is None:
         return _decision(False, REASON_NOT_ADMITTED, role=role)
-    tier = policy.tier_for(role)
-    if not tier.endpoints.admits(facts.method, facts.path):
+    tier = policy.tier_for(facts)
+    if tier.max_key_age_days:
+        valve, limit = tier.valve("max_key_age_days"), tier.max_key_age_days
+        if facts.key_created is None:
+            return _decision(False, REASON_KEY_AGE_UNKNOWN, role=role, limit=limit, valve=valve)
+        days = (facts.now - facts.key_created) / 86400
+        if days > limit:
+            created = time.strftime("%Y-%m-%d", time.gmtime(facts.key_created))
+            fields = {"created": created, "days": int(days), "limit": limit, "valve": valve}
+            return _decision(False, REASON_KEY_AGE, role=role, **fields)
+    if not tier.allowed_endpoints.admits(facts.method, facts.path):
         return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=tier.valve("allowed_endpoints"))
-    models = tier.models
+    models = tier.allowed_models
     # One counted request must not buy several model calls, nor reach models nobody checked.
-    if facts.model_calls > 1 and (tier.rate_limit.windows or not models.admits_all):
-        valve = tier.valve("rate_limit" if tier.rate_limit.windows else "allowed_models")
+    if facts.model_calls > 1 and (tier.counting or not models.admits_all):
+        valve = tier.valve(tier.counting or "allowed_models")
         return _decision(False, REASON_FAN_OUT, role=role, count=facts.model_calls, valve=valve)
     if models.admits_all:
         return ALLOWED
@@ -1068,6 +1469,51 @@ async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
         cached = (frozenset(g.id for g in groups), frozenset(g.name for g in groups))
         _group_cache.put(user_id, cached)
     return cached
+
+
+KEY_TIMES_MISSING = (
+    "this Open WebUI keeps no creation time for API keys (the api_key table came in 0.6.41): "
+    "a maximum key age cannot be enforced here; leave it 0"
+)
+_key_times = TTLCache(GROUPS_TTL_SECONDS)
+
+
+def core_is_async() -> bool:
+    """0.9+ looks keys up in the event loop (async); 0.6-0.8 in a threadpool thread (sync)."""
+    return inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
+
+
+def core_keeps_key_times() -> bool:
+    """Whether core's key table has creation times (0.6.41+); True outside Open WebUI (cannot tell)."""
+    users = sys.modules.get("open_webui.models.users")
+    return users is None or hasattr(users, "ApiKey")
+
+
+async def key_created(token: str) -> int | None:
+    """When core created this key (epoch seconds), from its api_key table; None where it keeps none."""
+    if not core_keeps_key_times():
+        return None
+    digest = hashlib.sha256(token.encode()).hexdigest()  # the cache never holds a key
+    cached = _key_times.get(digest)
+    if cached is None:
+        cached = (await off_loop(lambda: stored_key_time("key", token)),)
+        _key_times.put(digest, cached)
+    return cached[0]
+
+
+def stored_key_time(column: str, value: str) -> int | None:
+    query = f"SELECT created_at FROM api_key WHERE {column} = :value"  # noqa: S608 - column is ours
+    with openwebui_engine().connect() as conn:
+        found = conn.execute(sql_text(query), {"value": value}).scalar()
+    return int(found) if found is not None else None
+
+
+async def off_loop(work: Callable[[], Any]) -> Any:
+    """Blocking work (a sync database or Redis call) kept off the event loop: in a thread on async
+    Open WebUI; right here on sync Open WebUI, whose lookups already run in a threadpool thread."""
+    if core_is_async():
+        return await asyncio.to_thread(work)
+    return work()
 
 
 def describe(exc: Exception) -> str:
@@ -1197,6 +1643,67 @@ class Valves(BaseModel):
             "Most requests each non-admin's key may make, written as for admin keys. Empty = unlimited (default)."
         ),
     )
+    api_key_token_quota_admin: str = Field(
+        default=env_default("api_key_token_quota_admin", ""),
+        title="Token quota for admin keys",
+        description=(
+            "Most tokens (input + output, as the model reports them, estimated where it reports none) each "
+            "admin's keys may use: N/minute, N/hour, N/day or N/month, calendar windows in UTC, comma-separated "
+            "(200000/day,3000000/month). Once used up: HTTP 429 until the window starts again. Empty = none "
+            "(default)."
+        ),
+    )
+    api_key_token_quota_user: str = Field(
+        default=env_default("api_key_token_quota_user", ""),
+        title="Token quota for other keys",
+        description="Most tokens each non-admin's keys may use, written as for admin keys. Empty = none (default).",
+    )
+    api_key_max_key_age_days_admin: int = Field(
+        default=env_default("api_key_max_key_age_days_admin", 0),
+        ge=0,
+        le=36500,
+        title="Maximum key age for admins (days)",
+        description=(
+            "Admin keys older than this many days are refused until their owner generates a new one. Needs "
+            "Open WebUI 0.6.41 or later (older releases keep no key creation time). 0 = no limit (default)."
+        ),
+    )
+    api_key_max_key_age_days_user: int = Field(
+        default=env_default("api_key_max_key_age_days_user", 0),
+        ge=0,
+        le=36500,
+        title="Maximum key age for others (days)",
+        description="As for admins, for the keys of non-admins. 0 = no limit (default).",
+    )
+    api_key_max_concurrent_admin: int = Field(
+        default=env_default("api_key_max_concurrent_admin", 0),
+        ge=0,
+        le=100000,
+        title="Requests in flight per admin",
+        description=(
+            "Most API-key requests of one admin served at once (a stream counts until it ends or its client "
+            "goes away); one more gets HTTP 429. 0 = no limit (default)."
+        ),
+    )
+    api_key_max_concurrent_user: int = Field(
+        default=env_default("api_key_max_concurrent_user", 0),
+        ge=0,
+        le=100000,
+        title="Requests in flight per other user",
+        description="As for admins, for non-admins. 0 = no limit (default).",
+    )
+    api_key_tiers: str = Field(
+        default=env_default("api_key_tiers", ""),
+        title="Tiers for groups and users",
+        description=(
+            'JSON: {"group:<name or id>": {...}, "user:<email or id>": {...}}, each setting some of '
+            "allowed_endpoints, allowed_models, rate_limit, token_quota, max_key_age_days, max_concurrent "
+            "(written as the valves above) for the keys of that group's members or that user, over their "
+            "role's. Per field the user's own entry wins, then the first listed group the user is in. A tier "
+            "does not admit anyone: api_key_roles, _groups and _users still decide who may use keys. "
+            "Empty = none (default)."
+        ),
+    )
     route_guard: bool = Field(
         default=env_default("route_guard", True),
         title="Route guard",
@@ -1251,6 +1758,27 @@ class Valves(BaseModel):
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         RateLimit.parse(value)
+        return value
+
+    @field_validator("api_key_token_quota_admin", "api_key_token_quota_user")
+    @classmethod
+    def _token_quota(cls, value: str) -> str:
+        TokenQuota.parse(value)
+        return value
+
+    @field_validator("api_key_max_key_age_days_admin", "api_key_max_key_age_days_user")
+    @classmethod
+    def _key_age(cls, value: int) -> int:
+        if value and not core_keeps_key_times():
+            raise ValueError(KEY_TIMES_MISSING)
+        return value
+
+    @field_validator("api_key_tiers")
+    @classmethod
+    def _tiers(cls, value: str) -> str:
+        entries = parse_tiers(value)
+        if any(dict(e.values).get("max_key_age_days") for e in entries) and not core_keeps_key_times():
+            raise ValueError(KEY_TIMES_MISSING)
         return value
 
     @field_validator("block_message")
@@ -1309,17 +1837,15 @@ class ModelRequest:
 NO_MODEL = ModelRequest()
 
 
-async def facts_for(user: dict, method: str, path: str, asked: ModelRequest, resolve: bool) -> Facts:
+async def facts_for(
+    policy: Policy, user: dict, token: str | None, method: str, path: str, asked: ModelRequest
+) -> Facts:
+    """Everything decide() needs, read from core's own records: groups, the models core will call for
+    this body (fresh, only where the tier has a model list), the key's creation time (only where the
+    tier has a maximum age)."""
     user_id = str(user["id"])
     group_ids, group_names = await user_groups(user_id)
-    resolved: list = []
-    if resolve and not asked.problem:
-        named = [m for m in (asked.model, *asked.targets) if m]
-        resolved = [(t, "named in message_ids") for t in asked.targets if t != asked.model]
-        for model in dict.fromkeys(named):
-            resolved += await models_behind(model)
-    return Facts(
-        is_api_key=True,
+    facts = Facts(
         user_id=user_id,
         email=str(user.get("email") or ""),
         role=str(user.get("role") or ""),
@@ -1329,9 +1855,28 @@ async def facts_for(user: dict, method: str, path: str, asked: ModelRequest, res
         path=path,
         model=asked.model,
         model_problem=asked.problem,
-        resolved=tuple(resolved),
         model_calls=asked.calls,
+        now=time.time(),
     )
+    tier = policy.tier_for(facts)
+    resolved: list = []
+    if not tier.allowed_models.admits_all and not asked.problem:
+        named = [m for m in (asked.model, *asked.targets) if m]
+        resolved = [(t, "named in message_ids") for t in asked.targets if t != asked.model]
+        for model in dict.fromkeys(named):
+            resolved += await models_behind(model)
+    created = await key_created(token) if tier.max_key_age_days and token else None
+    return dataclasses.replace(facts, resolved=tuple(resolved), key_created=created)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One copy's answer for one API-key request."""
+
+    refusal: Refusal | None = None  # None lets it through
+    headers: tuple = ()  # RateLimit fields, (name, value) pairs
+    tier: Tier | None = None  # the tier it was judged under (None when the guard could not tell)
+    lease: "Lease | None" = None  # its place among the user's requests in flight, to give back at the end
 
 
 async def evaluate(
@@ -1344,48 +1889,107 @@ async def evaluate(
     where: str,
     quiet: bool = False,
     count: bool = False,
-) -> tuple[Refusal | None, tuple]:
-    """Judge one API-key request: (None to let it through, or the Refusal; response headers).
-
-    `quiet` logs only a refusal; `count` applies the rate limits to an admitted request."""
-    facts, policy, error = Facts(is_api_key=True, method=method, path=path or ""), None, None
+    lease: bool = False,
+) -> Outcome:
+    """Judge one API-key request. `quiet` logs only a refusal; `count` applies the request limits and
+    token quotas to an admitted request, `lease` its concurrency limit too (the caller gives it back)."""
+    facts, policy, tier, error = Facts(method=method, path=path or ""), None, None, None
     try:
         policy = policy_from_valves(valves)
         if path is None:
             raise ValueError("no request passed to the guard")
         if not isinstance(user, dict):
             raise ValueError("no user passed to the guard")
-        tier = policy.tier_for(str(user.get("role") or ""))
-        facts = await facts_for(user, method, path, asked, resolve=not tier.models.admits_all)
+        facts = await facts_for(policy, user, token, method, path, asked)
         decision = decide(facts, policy)
+        tier = policy.tier_for(facts)
     except Exception as exc:  # fail closed: an undecidable key request is denied
         decision, error = GUARD_ERROR, describe(exc)
     enforce = policy.enforce if policy is not None else True
-    if not (count and decision.allowed and policy is not None):
-        return _reject(decision, facts, token, where, enforce, valves, error, quiet), ()
-    limited, headers = await rate_limited(policy, facts, token, where, valves)
-    if limited is None:  # admitted by the limits too: now it is an allow
-        _reject(decision, facts, token, where, enforce, valves, error, quiet)
-    return limited, headers
+    if not (count and decision.allowed and tier is not None and tier.counting):
+        return Outcome(conclude(decision, facts, token, where, enforce, valves, error, quiet), (), tier)
+    outcome = await counted(tier, facts, token, where, valves, enforce, lease)
+    if outcome.refusal is None:  # admitted by the counters too: now it is an allow
+        conclude(decision, facts, token, where, enforce, valves, error, quiet)
+    return outcome
 
 
-async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: str, valves: Any) -> tuple:
-    """(Refusal or None, RateLimit headers) for a request the policy admitted."""
-    tier = policy.tier_for(facts.role)
-    limit = tier.rate_limit
-    if not limit.windows:
-        return None, ()
+async def counted(tier: Tier, facts: Facts, token: str | None, where: str, valves: Any, enforce: bool, lease: bool):
+    """The counters of an admitted request, cheapest refusal first: token quota (read only: tokens are
+    charged once the answer is known), concurrency (a lease taken), request limit (the request
+    recorded; a refusal here gives the lease back). Counters that fail admit: they never lock out."""
+    user_id, role, now = facts.user_id, facts.role or "-", facts.now
+    held, fields, refusal = None, {}, None
+
+    def refuse(reason: str, headers: dict, **text: Any) -> Refusal | None:
+        return conclude(
+            _decision(False, reason, role=role, **text),
+            facts,
+            token,
+            where,
+            enforce,
+            valves,
+            None,
+            False,
+            429,
+            tuple(headers.items()),
+        )
+
     try:
-        verdict = await settle(limiter().check(facts.user_id, limit))
-    except Exception as exc:  # a limiter that fails must not lock every key out: admit, and say so
-        log.error("api_key_guard rate limit not applied: %s", describe(exc))
-        return None, ()
-    headers = tuple(rate_limit_headers(limit, verdict).items())
-    if verdict.allowed:
-        return None, headers
-    fields = rate_limited_fields(verdict, facts.role or "-", tier.valve("rate_limit"))
-    decision = _decision(False, REASON_RATE_LIMITED, **fields)
-    return _reject(decision, facts, token, where, policy.enforce, valves, None, False, 429, headers), headers
+        quota = tier.token_quota
+        if quota.windows:
+            used = await settle(limiter().quota_used(user_id, quota, now))
+            merge_fields(fields, quota_fields(quota, used, now))
+            over = quota_exceeded(quota, used, now)
+            if over is not None:
+                window, seconds = over
+                refusal = refuse(
+                    REASON_TOKEN_QUOTA,
+                    {**fields, "Retry-After": str(whole_seconds(seconds))},
+                    limit=window.limit,
+                    unit=window.unit,
+                    used=used[quota.windows.index(window)],
+                    valve=tier.valve("token_quota"),
+                    seconds=whole_seconds(seconds),
+                )
+                if refusal is not None:
+                    return Outcome(refusal, tuple(fields.items()), tier)
+        if tier.max_concurrent and lease:
+            held = Lease(user_id, f"{_MEMBER_NONCE}:{next(_member_serial)}")
+            in_flight = await settle(limiter().acquire(held, tier.max_concurrent))
+            merge_fields(fields, concurrency_fields(tier.max_concurrent, in_flight))
+            if in_flight > tier.max_concurrent:
+                held = None  # not taken
+                refusal = refuse(
+                    REASON_CONCURRENCY,
+                    {**fields, "Retry-After": "1"},
+                    limit=tier.max_concurrent,
+                    valve=tier.valve("max_concurrent"),
+                )
+                if refusal is not None:
+                    return Outcome(refusal, tuple(fields.items()), tier)
+        limit = tier.rate_limit
+        if limit.windows:
+            verdict = await settle(limiter().check(user_id, limit))
+            merge_fields(fields, rate_limit_headers(limit, verdict))
+            if not verdict.allowed:
+                text = rate_limited_fields(verdict, role, tier.valve("rate_limit"))
+                decision = _decision(False, REASON_RATE_LIMITED, **text)
+                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429,
+                                   tuple(fields.items()))  # fmt: skip
+                if refusal is not None and held is not None:
+                    await settle(limiter().release(held))
+                    held = None
+    except Exception as exc:  # a counter that fails must not lock every key out: admit, and say so
+        log.error("api_key_guard limits not applied: %s", describe(exc))
+        return Outcome(None, (), tier, held)
+    return Outcome(refusal, tuple(fields.items()), tier, held)
+
+
+def merge_fields(fields: dict, more: dict) -> None:
+    """RateLimit-Policy and RateLimit are lists: the items of several counters join in one field."""
+    for name, value in more.items():
+        fields[name] = f"{fields[name]}, {value}" if name in fields and name != "Retry-After" else value
 
 
 # ---------------------------------------------------------------------------
@@ -1439,7 +2043,7 @@ class AuditThrottle:
             return suppressed
 
 
-def _reject(
+def conclude(
     decision: Decision,
     facts: Facts,
     token: str | None,
@@ -1467,7 +2071,7 @@ def _reject(
         suppressed = throttle.admit((facts.user_id, decision.reason, error, stop))
         level = None if suppressed is None else level
     if level is not None:
-        word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
+        word = "limit" if status == 429 else "deny"
         verdict = "allow" if decision.allowed else (word if stop else f"would-{word}")
         log.log(
             level,
@@ -1700,11 +2304,11 @@ class Filter:
             judged = getattr(scope.get(STATE_KEY), "judged", False)
         # Defence in depth behind the route guard: when it already judged this request, a second
         # audit line would double-count it, so only a refusal is logged here.
-        refusal, _ = await evaluate(
+        outcome = await evaluate(
             self.valves, __user__, token, method, path, model_of(body), "inlet", quiet=judged, count=not judged
         )
-        if refusal is not None:
-            raise Exception(refusal.detail)
+        if outcome.refusal is not None:
+            raise Exception(outcome.refusal.detail)
         return body
 
 
@@ -2213,6 +2817,10 @@ class RequestState:
     started: float = 0.0
     audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
     judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
+    leases: list = dataclasses.field(default_factory=list)  # places among its user's requests in flight
+    charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
+    loop: Any = None  # the event loop serving it: lease renewals run there
+    renewer: Any = None  # the task renewing its leases in Redis
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -2428,8 +3036,8 @@ def needs_body(valves: Valves) -> bool:
         policy = policy_from_valves(valves)
     except Exception:
         return False  # the lookup fails closed with the same error and logs it
-    tiers = (policy.admin, policy.user)
-    return valves.usage_accounting or any(not t.models.admits_all or t.rate_limit.windows for t in tiers)
+    tiers = (policy.admin, policy.user, *(overridden(policy.user, (e,)) for e in policy.tiers))
+    return valves.usage_accounting or any(not t.allowed_models.admits_all or t.counting for t in tiers)
 
 
 class RouteGuard:
@@ -2504,7 +3112,7 @@ class RouteGuard:
         return await self.serve_here(scope, receive, send, inner)
 
     async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
-        state = scope[STATE_KEY] = RequestState(started=time.monotonic())
+        state = scope[STATE_KEY] = RequestState(started=time.monotonic(), loop=asyncio.get_running_loop())
         path, method = scope["path"], scope["method"]
         if may_carry_a_key(scope):
             if path.startswith(BODY_PREFIXES):
@@ -2524,8 +3132,8 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
-            if state.usage is not None:
-                record_usage(state)
+            if state.leases or state.usage is not None:
+                await finish(state)
 
     def usage_report(self, path: str, method: str) -> str | None:
         """'usage', 'metrics' or 'drop' for the guard's own read-outs, served under a copy's function path."""
@@ -2679,15 +3287,23 @@ class RouteGuard:
         method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
         if state is not None and state.judged_as is not None:
             method, path = state.judged_as
-        refusal, limits, listing = None, (), []
+        refusal, limits, listing, leases, quotas = None, (), [], [], {}
         for copy in copies:
-            refusal, headers = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
-            limits = limits or headers
+            outcome = await evaluate(
+                copy.valves, person, api_key, method, path, asked, "route", count=True, lease=state is not None
+            )
+            refusal, limits = outcome.refusal, limits or outcome.headers
+            leases += [outcome.lease] if outcome.lease is not None else []
             if refusal is not None:
                 break  # the strictest answer wins; later copies neither judge nor count it
-            if kind == LISTING:
-                models = policy_from_valves(copy.valves).tier_for(person["role"]).models
-                listing += [] if models.admits_all else [models]
+            tier = outcome.tier
+            if kind == LISTING and not tier.allowed_models.admits_all:
+                listing.append(tier.allowed_models)
+            quotas.update((w.unit, w) for w in tier.token_quota.windows)
+        if refusal is not None:  # places taken for copies that admitted it go back at once
+            for lease in leases:
+                await settle(limiter().release(lease))
+            leases = []
         if state is not None:
             enforcing = any(c.valves.mode == "enforce" for c in copies)
             failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
@@ -2699,6 +3315,11 @@ class RouteGuard:
             state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
             state.listing = tuple(listing) if refusal is None else ()
             state.judged, state.refusal = True, refusal
+            if quotas:
+                state.charge = (str(user.id), tuple(quotas.values()))
+            if leases:
+                state.leases = leases
+                state.loop.call_soon_threadsafe(keep_leases, state)
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
         return refusal
@@ -2745,10 +3366,59 @@ async def answering_model(model_id: str) -> str:
     return cached
 
 
-def record_usage(state: RequestState) -> None:
-    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+def keep_leases(state: RequestState) -> None:
+    """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
+    if state.renewer is None and any(not lease.local for lease in state.leases):
+        state.renewer = asyncio.ensure_future(renew_leases(state))
+
+
+async def renew_leases(state: RequestState) -> None:
+    while True:
+        await asyncio.sleep(LEASE_RENEW_SECONDS)
+        for lease in state.leases:
+            try:
+                await off_loop_counters(lambda lease=lease: limiter().renew(lease))
+            except Exception as exc:  # the lease then expires on its own: never an outage
+                log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
+
+
+async def off_loop_counters(work: Callable[[], Any]) -> Any:
+    """A counter operation from the event loop: memory ones right here, Redis ones awaited with an
+    asyncio client (0.9+), in a thread with the sync client of 0.6-0.8."""
+    if limiter().redis is None or core_is_async():
+        return await settle(work())
+    return await asyncio.to_thread(work)
+
+
+async def finish(state: RequestState) -> None:
+    """Once the answer is sent or its client went away: leases back, tokens charged, usage recorded.
+    Nothing here may fail a request: each step logs its own error."""
+    if state.renewer is not None:
+        state.renewer.cancel()
+    for lease in state.leases:
+        try:
+            await off_loop_counters(lambda lease=lease: limiter().release(lease))
+        except Exception as exc:
+            log.error("api_key_guard could not give back a concurrency lease: %s", log_field(describe(exc)))
+    usage = None
     try:
         usage = state.meter.result() if state.meter is not None else None
+    except Exception as exc:
+        log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
+    if usage is not None and state.charge is not None and usage.total_tokens > 0:
+        user_id, windows = state.charge
+        try:
+            now = time.time()
+            await off_loop_counters(lambda: limiter().charge(user_id, windows, usage.total_tokens, now))
+        except Exception as exc:
+            log.error("api_key_guard could not charge tokens to a quota: %s", log_field(describe(exc)))
+    if state.usage is not None:
+        record_usage(state, usage)
+
+
+def record_usage(state: RequestState, usage: Usage | None) -> None:
+    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+    try:
         usage_book().add((today(), *state.usage), usage)
     except Exception as exc:  # recording must never break or refuse a request
         log.error("api_key_guard could not record usage: %s", log_field(describe(exc)))
