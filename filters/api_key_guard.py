@@ -3142,9 +3142,8 @@ class RouteGuard:
         function_id, _, tail = path[len(FUNCTIONS_PATH) + 3 :].partition("/")
         if function_id not in self.hooks.function_ids:
             return None
-        return {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}.get(
-            (method, tail)
-        )
+        reports = {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}
+        return {**reports, ("GET", "explain"): "explain"}.get((method, tail))
 
     async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
         """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
@@ -3169,8 +3168,14 @@ class RouteGuard:
             if message.get("more_body", False):
                 return None
             try:
-                content_type, body = await asyncio.to_thread(usage_answer, report, query)
+                if report == "explain":
+                    content_type, body = "application/json", json.dumps(await self.explained(scope, query)).encode()
+                else:
+                    content_type, body = await asyncio.to_thread(usage_answer, report, query)
                 status = 200
+            except LookupError as exc:  # no such user: the admin's typo, said as such
+                content_type, status = "application/json", 404
+                body = json.dumps({"detail": f"API Key Guard: {exc.args[0] if exc.args else exc}"}).encode()
             except Exception as exc:
                 log.error("api_key_guard could not read usage: %s", log_field(describe(exc)))
                 content_type, body, status = (
@@ -3184,6 +3189,16 @@ class RouteGuard:
             return None
 
         await inner(scope, receive, send_report)
+
+    async def explained(self, scope: dict, query: dict) -> dict:
+        """explain for the copy whose function path was asked: its stored valves, core's user data."""
+        function_id = scope["path"][len(FUNCTIONS_PATH) + 3 :].partition("/")[0]
+        state = self._states.get(function_id) or FunctionState(function_id)
+        _, valves, _ = await state.current()
+        ask = {name: (query.get(name) or [""])[0] for name in ("user", "method", "path", "model")}
+        if core_is_async():
+            return await explain(valves, **ask)
+        return await asyncio.to_thread(drive, explain(valves, **ask))  # sync core: its lookups block
 
     async def read_body(self, state: RequestState, receive: Callable) -> Callable:
         """Read (not parse) the body of a key request that may name a model, when some active copy
@@ -3353,6 +3368,49 @@ def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
     except (ValueError, RecursionError):
         body = None
     return reader(body)
+
+
+async def explain(valves: Valves, user: str, method: str = "", path: str = "", model: str = "") -> dict:
+    """What `user`'s keys may do under these valves, field by field and where each field came from; with
+    a path or a model, the answer decide() gives such a request (the counters are shown, not touched)."""
+    policy = policy_from_valves(valves)
+    users = openwebui_model("users", "Users")
+    record = await settle(users.get_user_by_email(user) if "@" in user else users.get_user_by_id(user))
+    if record is None:
+        raise LookupError(f"no user {user!r} on this server")
+    person = {"id": record.id, "email": record.email, "role": record.role}
+    path = path or ("/api/chat/completions" if model else "")
+    method = (method or ("POST" if path else "GET")).upper()
+    facts = await facts_for(policy, person, None, method, path or "/", ModelRequest(model=model or None))
+    created = await off_loop(lambda: stored_key_time("user_id", facts.user_id)) if core_keeps_key_times() else None
+    facts = dataclasses.replace(facts, key_created=created)
+    tier = policy.tier_for(facts)
+    used = {}
+    if tier.token_quota.windows:
+        counts = await settle(limiter().quota_used(facts.user_id, tier.token_quota, facts.now))
+        used = {w.unit: n for w, n in zip(tier.token_quota.windows, counts, strict=True)}
+    decision = decide(facts, policy) if path else None
+    return {
+        "user": {"id": facts.user_id, "email": facts.email, "role": facts.role},
+        "groups": sorted(facts.group_names),
+        "blocked": is_blocked(facts, policy),
+        "admitted_by": admitted_by(facts, policy),
+        "mode": valves.mode,
+        "tier": {
+            "name": tier.name,
+            "fields": {f: {"value": dict(tier.texts)[f], "from": tier.valve(f)} for f in TIER_FIELDS},
+        },
+        "key": {
+            "created_at": created,
+            "age_days": round((facts.now - created) / 86400, 1) if created is not None else None,
+        },
+        "tokens_used": used,
+        "counters": limiter().counters,
+        "request": {"method": method, "path": path, "model": model or None} if path else None,
+        "decision": None
+        if decision is None
+        else {"allowed": decision.allowed, "reason": decision.reason, "message": decision.message},
+    }
 
 
 async def answering_model(model_id: str) -> str:
