@@ -1558,122 +1558,93 @@ class Valves(BaseModel):
         default=env_default("mode", "enforce"),
         title="Mode",
         description=(
-            "enforce (default): refuse the API-key requests the policy forbids. monitor: let them through and "
-            "only log what would be refused, to try a policy safely."
+            "enforce (default): refuse what the policy forbids. monitor: serve it and log what would be refused."
         ),
     )
     priority: int = Field(
         default=env_default("priority", -100),
         title="Priority",
-        description=(
-            "Filter order, lowest first (default -100). Keep it below every other filter so API keys are judged "
-            "before anything else runs."
-        ),
+        description=("Filter order, lowest first (default -100): keep it below every other filter."),
     )
     api_key_roles: str = Field(
         default=env_default("api_key_roles", "admin"),
         title="API key roles",
-        description=(
-            "Roles whose members may use API keys at all: admin, user, pending, comma-separated. Default admin: "
-            "only admins' keys work."
-        ),
+        description=("Roles whose members may use API keys at all: admin, user, pending. Default admin."),
     )
     api_key_groups: str = Field(
         default=env_default("api_key_groups", ""),
         title="API key groups",
-        description=(
-            "Group names or ids, comma-separated, whose members may use API keys whatever their role. Default: none."
-        ),
+        description=("Groups (names or ids) whose members may use API keys whatever their role."),
     )
     api_key_users: str = Field(
         default=env_default("api_key_users", ""),
         title="API key users",
-        description="Emails or user ids, comma-separated, who may use API keys whatever their role. Default: none.",
+        description="Emails or user ids who may use API keys whatever their role.",
     )
     api_key_blocked_users: str = Field(
         default=env_default("api_key_blocked_users", ""),
         title="Blocked from API keys",
-        description=(
-            "Emails or user ids, comma-separated, who may never use API keys, admins included; wins over every "
-            "other rule. Default: none."
-        ),
+        description=("Emails or user ids who may never use API keys, admins included; wins over every other rule."),
     )
     api_key_allowed_endpoints_admin: str = Field(
         default=env_default("api_key_allowed_endpoints_admin", "*"),
         title="Endpoints for admin keys",
-        description=(
-            "Paths admin keys may call, comma-separated; each admits itself and everything under it (/api/models "
-            "admits /api/models/x); 'GET /path' admits only reading it. * = every path, empty = none. Default *."
-        ),
+        description=("Paths admin keys may call; each admits what is under it; 'GET /path' only reading it; * = all."),
     )
     api_key_allowed_endpoints_user: str = Field(
         default=env_default("api_key_allowed_endpoints_user", DEFAULT_USER_ENDPOINTS),
         title="Endpoints for other keys",
-        description=(
-            "Paths that keys of non-admins may call, once the rules above admit them; written as for admin keys. "
-            "Default: chat completions and reading the model list (/api/chat/completions, "
-            "/api/v1/chat/completions, GET /api/models, GET /api/v1/models)."
-        ),
+        description=("Paths other keys may call, written as for admins. Default: chat and reading the model list."),
     )
     api_key_allowed_models_admin: str = Field(
         default=env_default("api_key_allowed_models_admin", "*"),
         title="Models for admin keys",
         description=(
-            "Model ids admin keys may use, comma-separated; globs like gpt-4* work. Checked on every route that "
-            "reaches a model; model lists fetched with these keys show only these. * = all (default)."
+            "Model ids (or globs: gpt-4*) admin keys may use, on every model route; listings show only these."
         ),
     )
     api_key_allowed_models_user: str = Field(
         default=env_default("api_key_allowed_models_user", "*"),
         title="Models for other keys",
-        description=("Model ids that keys of non-admins may use, written as for admin keys. * = all (default)."),
+        description="Model ids other keys may use, written as for admins.",
     )
     api_key_rate_limit_admin: str = Field(
         default=env_default("api_key_rate_limit_admin", ""),
         title="Rate limit for admin keys",
         description=(
-            "Most requests each admin's key may make: N/second, N/minute, N/hour or N/day, comma-separated "
-            "(60/minute,1000/day). Over it: HTTP 429. Empty = unlimited (default)."
+            "Requests per admin: N/second, N/minute, N/hour, N/day (60/minute,1000/day); over it 429. Empty = none."
         ),
     )
     api_key_rate_limit_user: str = Field(
         default=env_default("api_key_rate_limit_user", ""),
         title="Rate limit for other keys",
-        description=(
-            "Most requests each non-admin's key may make, written as for admin keys. Empty = unlimited (default)."
-        ),
+        description=("Requests per other user, written as for admins."),
     )
     api_key_token_quota_admin: str = Field(
         default=env_default("api_key_token_quota_admin", ""),
         title="Token quota for admin keys",
         description=(
-            "Most tokens (input + output, as the model reports them, estimated where it reports none) each "
-            "admin's keys may use: N/minute, N/hour, N/day or N/month, calendar windows in UTC, comma-separated "
-            "(200000/day,3000000/month). Once used up: HTTP 429 until the window starts again. Empty = none "
-            "(default)."
+            "Tokens per admin per UTC calendar minute, hour, day or month (200000/day,3000000/month); spent: 429."
         ),
     )
     api_key_token_quota_user: str = Field(
         default=env_default("api_key_token_quota_user", ""),
         title="Token quota for other keys",
-        description="Most tokens each non-admin's keys may use, written as for admin keys. Empty = none (default).",
+        description="Tokens per other user, written as for admins.",
     )
     api_key_max_key_age_days_admin: int = Field(
         default=env_default("api_key_max_key_age_days_admin", 0),
         ge=0,
         le=36500,
         title="Maximum key age for admins (days)",
-        description=(
-            "Admin keys older than this many days are refused until their owner generates a new one. Needs "
-            "Open WebUI 0.6.41 or later (older releases keep no key creation time). 0 = no limit (default)."
-        ),
+        description=("Admin keys older than this are refused until regenerated (Open WebUI 0.6.41+). 0 = no limit."),
     )
     api_key_max_key_age_days_user: int = Field(
         default=env_default("api_key_max_key_age_days_user", 0),
         ge=0,
         le=36500,
         title="Maximum key age for others (days)",
-        description="As for admins, for the keys of non-admins. 0 = no limit (default).",
+        description="The same for other users' keys.",
     )
     api_key_max_concurrent_admin: int = Field(
         default=env_default("api_key_max_concurrent_admin", 0),
@@ -1681,8 +1652,7 @@ class Valves(BaseModel):
         le=100000,
         title="Requests in flight per admin",
         description=(
-            "Most API-key requests of one admin served at once (a stream counts until it ends or its client "
-            "goes away); one more gets HTTP 429. 0 = no limit (default)."
+            "Key requests of one admin served at once (a stream until it ends); one more gets 429. 0 = no limit."
         ),
     )
     api_key_max_concurrent_user: int = Field(
@@ -1690,43 +1660,34 @@ class Valves(BaseModel):
         ge=0,
         le=100000,
         title="Requests in flight per other user",
-        description="As for admins, for non-admins. 0 = no limit (default).",
+        description="The same for other users.",
     )
     api_key_tiers: str = Field(
         default=env_default("api_key_tiers", ""),
         title="Tiers for groups and users",
         description=(
-            'JSON: {"group:<name or id>": {...}, "user:<email or id>": {...}}, each setting some of '
-            "allowed_endpoints, allowed_models, rate_limit, token_quota, max_key_age_days, max_concurrent "
-            "(written as the valves above) for the keys of that group's members or that user, over their "
-            "role's. Per field the user's own entry wins, then the first listed group the user is in. A tier "
-            "does not admit anyone: api_key_roles, _groups and _users still decide who may use keys. "
-            "Empty = none (default)."
+            'JSON {"group:<name>": {...}, "user:<email>": {...}} overriding the role\'s allowed_endpoints, '
+            "allowed_models, rate_limit, token_quota, max_key_age_days, max_concurrent. Per field: the user's "
+            "entry, else the first listed group. Admits nobody."
         ),
     )
     route_guard: bool = Field(
         default=env_default("route_guard", True),
         title="Route guard",
         description=(
-            "Judge API keys on every route (OpenAI, Ollama, tasks, embeddings, the REST API), not only in chat. "
-            "Off: keys reach models directly on /openai and /ollama routes. Default on; switch it off only to "
-            "debug."
+            "Judge keys on every route, not only chat. Off only to debug: keys then reach /openai and /ollama."
         ),
     )
     block_message: str = Field(
         default=env_default("block_message", DEFAULT_BLOCK_MESSAGE),
         title="Refusal message",
-        description=(
-            "Text an API client gets when refused; {reason} becomes the rule that refused it. Default: API Key "
-            "Guard: {reason}"
-        ),
+        description=("What a refused client reads; {reason} is the rule that refused it."),
     )
     usage_accounting: bool = Field(
         default=env_default("usage_accounting", True),
         title="Usage accounting",
         description=(
-            "Record requests and tokens of API-key traffic on every model route, per user, model and day, in a "
-            "table of Open WebUI's database (install.py usage, and a Prometheus endpoint). Default on."
+            "Count key requests and tokens per user, model and day in Open WebUI's database (install.py usage)."
         ),
     )
     usage_retention_days: int = Field(
@@ -1734,12 +1695,12 @@ class Valves(BaseModel):
         ge=1,
         le=3650,
         title="Usage kept (days)",
-        description="Days of usage kept; older days are deleted once an hour. Default 90.",
+        description="Days of usage kept.",
     )
     audit_log: Literal["deny", "all", "off"] = Field(
         default=env_default("audit_log", "deny"),
         title="Audit log",
-        description="Which decisions go to the server log: deny (refusals only, default), all, or off.",
+        description="Decisions logged: deny (refusals), all, or off.",
     )
 
     @field_validator("api_key_roles")
