@@ -1189,6 +1189,7 @@ class Policy:
     admin: Tier
     user: Tier
     tiers: tuple = ()  # TierEntry, in listed order
+    reads_bodies: bool = False  # some tier has a model list or counters: key requests' bodies are read
     _merged: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def tier_for(self, facts: "Facts") -> Tier:
@@ -1235,15 +1236,20 @@ def compile_policy(mode: str, roles: str, groups: str, users: str, blocked: str,
     if mode not in ("enforce", "monitor"):
         raise ValueError(f"mode must be 'enforce' or 'monitor', got {mode!r}")
     texts = dict(zip(ROLE_TIER_VALVES, tier_valves, strict=True))
+    admin = role_tier("admin", {f: texts[f"api_key_{f}_admin"] for f in TIER_FIELDS})
+    user = role_tier("user", {f: texts[f"api_key_{f}_user"] for f in TIER_FIELDS})
+    entries = parse_tiers(tiers)
+    every = (admin, user, *(overridden(user, (e,)) for e in entries))
     return Policy(
         enforce=mode == "enforce",
         api_key_roles=parse_roles(roles),
         api_key_groups=parse_names(groups),
         api_key_users=parse_names(users),
         api_key_blocked_users=parse_names(blocked),
-        admin=role_tier("admin", {f: texts[f"api_key_{f}_admin"] for f in TIER_FIELDS}),
-        user=role_tier("user", {f: texts[f"api_key_{f}_user"] for f in TIER_FIELDS}),
-        tiers=parse_tiers(tiers),
+        admin=admin,
+        user=user,
+        tiers=entries,
+        reads_bodies=any(not t.allowed_models.admits_all or t.counting for t in every),
     )
 
 
@@ -2782,6 +2788,7 @@ class RequestState:
     charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
     loop: Any = None  # the event loop serving it: lease renewals run there
     renewer: Any = None  # the task renewing its leases in Redis
+    finished: bool = False  # its answer ended: nothing is renewed any more
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -2997,8 +3004,7 @@ def needs_body(valves: Valves) -> bool:
         policy = policy_from_valves(valves)
     except Exception:
         return False  # the lookup fails closed with the same error and logs it
-    tiers = (policy.admin, policy.user, *(overridden(policy.user, (e,)) for e in policy.tiers))
-    return valves.usage_accounting or any(not t.allowed_models.admits_all or t.counting for t in tiers)
+    return valves.usage_accounting or policy.reads_bodies
 
 
 class RouteGuard:
@@ -3387,7 +3393,7 @@ async def answering_model(model_id: str) -> str:
 
 def keep_leases(state: RequestState) -> None:
     """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
-    if state.renewer is None and any(not lease.local for lease in state.leases):
+    if state.renewer is None and not state.finished and any(not lease.local for lease in state.leases):
         state.renewer = asyncio.ensure_future(renew_leases(state))
 
 
@@ -3412,6 +3418,7 @@ async def off_loop_counters(work: Callable[[], Any]) -> Any:
 async def finish(state: RequestState) -> None:
     """Once the answer is sent or its client went away: leases back, tokens charged, usage recorded.
     Nothing here may fail a request: each step logs its own error."""
+    state.finished = True
     if state.renewer is not None:
         state.renewer.cancel()
     for lease in state.leases:
