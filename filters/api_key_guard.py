@@ -1740,6 +1740,12 @@ class Valves(BaseModel):
             raise ValueError(KEY_TIMES_MISSING)
         return value
 
+    @field_validator("api_key_tiers", mode="before")
+    @classmethod
+    def _tiers_as_json(cls, value: Any) -> Any:
+        """A valves file (install.py --valves) may write the tiers as a JSON object; they are stored as text."""
+        return json.dumps(value) if isinstance(value, dict) else value
+
     @field_validator("api_key_tiers")
     @classmethod
     def _tiers(cls, value: str) -> str:
