@@ -202,7 +202,8 @@ REDIS_CAUSES = {
     ),
     "noperm": (
         "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
-        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +pexpire and the keys "
+        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +zrem +get +incrby +expireat "
+        "+pexpire and the keys "
         "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
     ),
     "auth": (

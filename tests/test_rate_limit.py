@@ -723,7 +723,25 @@ def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting
     )
 
 
-ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+pexpire")  # README
+# README and the noperm fix; pexpire last (the no-pexpire row leaves it out)
+ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+zrem", "+get",
+             "+incrby", "+expireat", "+pexpire")  # fmt: skip
+
+
+def test_the_noperm_fix_names_every_documented_permission():
+    assert " ".join(ACL_GUARD) in " ".join(block.REDIS_CAUSES["noperm"][1].split())
+
+
+def test_documented_permissions_cover_quotas_and_leases(server, url):
+    server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", "~open-webui:api_key_guard:*", *ACL_GUARD)
+    client = redis.Redis.from_url(f"redis://guard:right@127.0.0.1:{server.port}/0")
+    limiter = Limiter(RedisCounters(lambda: client, "open-webui"))
+    quota, lease = block.TokenQuota.parse("30/day"), block.Lease("u1", "m1")
+    limiter.charge("u1", quota.windows, 18, time.time())
+    taken = limiter.acquire(lease, 1)
+    limiter.renew(lease)
+    limiter.release(lease)
+    assert (limiter.quota_used("u1", quota, time.time()), taken, limiter.counters) == ([18], 1, "redis")
 
 
 @pytest.mark.parametrize(
