@@ -1316,9 +1316,10 @@ def admitted_by(facts: Facts, policy: Policy) -> str | None:
         return f"role '{facts.role}' (api_key_roles)"
     if policy.api_key_users and (user_id in policy.api_key_users or email in policy.api_key_users):
         return "this user (api_key_users)"
-    for group in sorted((*facts.group_ids, *facts.group_names)):
-        if group.casefold() in policy.api_key_groups:
-            return f"group '{group}' (api_key_groups)"
+    if policy.api_key_groups:
+        admitting = [g for g in (*facts.group_names, *facts.group_ids) if g.casefold() in policy.api_key_groups]
+        if admitting:
+            return f"group '{min(admitting)}' (api_key_groups)"
     return None
 
 
@@ -1817,30 +1818,30 @@ async def facts_for(
     """Everything decide() needs, read from core's own records: groups, the models core will call for
     this body (fresh, only where the tier has a model list), the key's creation time (only where the
     tier has a maximum age)."""
-    user_id = str(user["id"])
+    user_id, email, role = str(user["id"]), str(user.get("email") or ""), str(user.get("role") or "")
     group_ids, group_names = await user_groups(user_id)
-    facts = Facts(
-        user_id=user_id,
-        email=str(user.get("email") or ""),
-        role=str(user.get("role") or ""),
-        group_ids=group_ids,
-        group_names=group_names,
-        method=method,
-        path=path,
-        model=asked.model,
-        model_problem=asked.problem,
-        model_calls=asked.calls,
-        now=time.time(),
-    )
-    tier = policy.tier_for(facts)
+    tier = policy.tier_for(Facts(user_id=user_id, email=email, role=role, group_ids=group_ids, group_names=group_names))
     resolved: list = []
     if not tier.allowed_models.admits_all and not asked.problem:
         named = [m for m in (asked.model, *asked.targets) if m]
         resolved = [(t, "named in message_ids") for t in asked.targets if t != asked.model]
         for model in dict.fromkeys(named):
             resolved += await models_behind(model)
-    created = await key_created(token) if tier.max_key_age_days and token else None
-    return dataclasses.replace(facts, resolved=tuple(resolved), key_created=created)
+    return Facts(
+        user_id=user_id,
+        email=email,
+        role=role,
+        group_ids=group_ids,
+        group_names=group_names,
+        method=method,
+        path=path,
+        model=asked.model,
+        model_problem=asked.problem,
+        resolved=tuple(resolved),
+        model_calls=asked.calls,
+        key_created=await key_created(token) if tier.max_key_age_days and token else None,
+        now=time.time(),
+    )
 
 
 @dataclass(frozen=True)
