@@ -3152,12 +3152,10 @@ class RouteGuard:
                 content_type, status = "application/json", 404
                 body = json.dumps({"detail": f"API Key Guard: {exc.args[0] if exc.args else exc}"}).encode()
             except Exception as exc:
-                log.error("api_key_guard could not read usage: %s", log_field(describe(exc)))
-                content_type, body, status = (
-                    "application/json",
-                    b'{"detail": "API Key Guard could not read usage"}',
-                    500,
-                )
+                what = "explain" if report == "explain" else "read usage"
+                log.error("api_key_guard could not %s: %s", what, log_field(describe(exc)))
+                content_type, status = "application/json", 500
+                body = json.dumps({"detail": f"API Key Guard could not {what}"}).encode()
             headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})

@@ -2023,9 +2023,9 @@ ERROR_CASES = [
     pytest.param(
         ["explain", *ARGS, "--user", "alice@example.com"],
         None,
-        [answer(500, url=f"{EXPLAIN}?{ALICE}", json={"detail": "API Key Guard could not read usage"})],
+        [answer(500, url=f"{EXPLAIN}?{ALICE}", json={"detail": "API Key Guard could not explain"})],
         f"error: the server answered GET {FN_PATH}/explain?{ALICE} with 500 Internal Server Error. Server said: "
-        "API Key Guard could not read usage",
+        "API Key Guard could not explain",
         3,
         id="explain-guard-failed",
     ),
