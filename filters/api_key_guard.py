@@ -40,6 +40,7 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
+import hmac
 import http.cookies
 import inspect
 import itertools
@@ -79,6 +80,7 @@ REASON_TOKEN_QUOTA = "token_quota"  # noqa: S105 - a reason code, no secret
 REASON_CONCURRENCY = "concurrency"
 REASON_KEY_AGE = "key_too_old"
 REASON_KEY_AGE_UNKNOWN = "key_age_unknown"
+REASON_BACKGROUND = "background_not_counted"
 
 REASON_TEXT = {
     REASON_ALLOWED: "allowed by the API key policy",
@@ -106,6 +108,10 @@ REASON_TEXT = {
     REASON_CONCURRENCY: (
         "API keys of role '{role}' may have {limit} request(s) in flight at once ({valve}); "
         "retry once one of them has finished"
+    ),
+    REASON_BACKGROUND: (
+        "API keys of role '{role}' have their tokens or requests in flight counted ({valve}), and this request "
+        "makes a model answer after it ends ({how}), where the guard can count neither"
     ),
     REASON_KEY_AGE: (
         "this API key was created on {created} ({days} days ago) and keys of role '{role}' may be at most "
@@ -1011,7 +1017,7 @@ class ModelList:
 
 
 def parse_roles(text: str) -> frozenset:
-    roles = frozenset(item.casefold() for item in split_list(text))
+    roles = frozenset(item.lower() for item in split_list(text))
     unknown = sorted(roles - set(ROLES))
     if unknown:
         raise ValueError(f"expected roles from {', '.join(ROLES)}, got {unknown[0]!r}")
@@ -1019,7 +1025,7 @@ def parse_roles(text: str) -> frozenset:
 
 
 def parse_names(text: str) -> frozenset:
-    return frozenset(item.casefold() for item in split_list(text))
+    return frozenset(item.lower() for item in split_list(text))
 
 
 # Token quotas count calendar windows in UTC (this minute, hour, day, month), not rolling ones: a
@@ -1145,24 +1151,26 @@ def parse_tiers(text: str) -> tuple[TierEntry, ...]:
     if not str(text).strip():
         return ()
     try:
-        data = json.loads(text)
+        pairs = json.loads(text, object_pairs_hook=JSONObject)  # a key listed twice must be seen, not dropped
     except ValueError as exc:
         raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}; {exc}") from None
-    if not isinstance(data, dict):
+    if not isinstance(pairs, JSONObject):
         raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}")
     entries, seen = [], set()
-    for label, fields in data.items():
+    for label, fields in pairs:
         kind, sep, name = str(label).partition(":")
         if not sep or kind not in ("group", "user") or not name.strip():
             raise ValueError(f"entry {label!r}: expected a key 'group:<name or id>' or 'user:<email or id>'")
-        key = (kind, name.strip().casefold())
+        key = (kind, name.strip().lower())
         if key in seen:
             raise ValueError(f"entry {label!r}: listed twice")
         seen.add(key)
-        if not isinstance(fields, dict) or not fields:
+        if not isinstance(fields, JSONObject) or not fields:
             raise ValueError(f"entry {label!r}: expected an object setting some of {', '.join(TIER_FIELDS)}")
+        if len({f for f, _ in fields}) < len(fields):
+            raise ValueError(f"entry {label!r}: a field is set twice")
         values, texts = [], []
-        for field, value in fields.items():
+        for field, value in fields:
             if field not in TIER_FIELDS:
                 raise ValueError(f"entry {label!r}: unknown field {field!r}; known: {', '.join(TIER_FIELDS)}")
             if not isinstance(value, (str, int)) or isinstance(value, bool):
@@ -1174,6 +1182,10 @@ def parse_tiers(text: str) -> tuple[TierEntry, ...]:
             texts.append((field, str(value)))
         entries.append(TierEntry(str(label), kind, key[1], tuple(values), tuple(texts)))
     return tuple(entries)
+
+
+class JSONObject(list):
+    """A JSON object as the (key, value) pairs it was written with, duplicates included."""
 
 
 TIERS_EXAMPLE = '{"group:interns": {"allowed_endpoints": "/api/chat/completions", "token_quota": "20000/day"}}'
@@ -1201,8 +1213,8 @@ class Policy:
         base = self.admin if facts.role == "admin" else self.user
         if not self.tiers:
             return base
-        person = {facts.user_id.casefold(), facts.email.casefold()}
-        groups = {g.casefold() for g in (*facts.group_ids, *facts.group_names)}
+        person = {facts.user_id.lower(), facts.email.lower()}
+        groups = {g.lower() for g in (*facts.group_ids, *facts.group_names)}
         users = [e for e in self.tiers if e.kind == "user" and e.name in person]
         members = [e for e in self.tiers if e.kind == "group" and e.name in groups]
         matched = tuple(users[:1] + members)
@@ -1289,6 +1301,7 @@ class Facts:
     # Models core calls instead of the named one: (model, how), e.g. the base model of a workspace model.
     resolved: tuple = ()
     model_calls: int = 1  # model calls the request asks core for (fan-out over message_ids)
+    background: str = ""  # how a model answers after the request ends, if it does
     key_created: int | None = None  # epoch seconds; None where core keeps no creation time (or not read)
     now: float = 0.0  # when the request was judged, epoch seconds
 
@@ -1311,13 +1324,13 @@ GUARD_ERROR = _decision(False, REASON_GUARD_ERROR)
 
 def admitted_by(facts: Facts, policy: Policy) -> str | None:
     """Which rule lets this user use keys at all (as explain prints it), or None."""
-    user_id, email = facts.user_id.casefold(), facts.email.casefold()
-    if (facts.role or "").casefold() in policy.api_key_roles:
+    user_id, email = facts.user_id.lower(), facts.email.lower()
+    if (facts.role or "").lower() in policy.api_key_roles:
         return f"role '{facts.role}' (api_key_roles)"
     if policy.api_key_users and (user_id in policy.api_key_users or email in policy.api_key_users):
         return "this user (api_key_users)"
     if policy.api_key_groups:
-        admitting = [g for g in (*facts.group_names, *facts.group_ids) if g.casefold() in policy.api_key_groups]
+        admitting = [g for g in (*facts.group_names, *facts.group_ids) if g.lower() in policy.api_key_groups]
         if admitting:
             return f"group '{min(admitting)}' (api_key_groups)"
     return None
@@ -1325,7 +1338,7 @@ def admitted_by(facts: Facts, policy: Policy) -> str | None:
 
 def is_blocked(facts: Facts, policy: Policy) -> bool:
     blocked = policy.api_key_blocked_users
-    return bool(blocked) and (facts.user_id.casefold() in blocked or facts.email.casefold() in blocked)
+    return bool(blocked) and (facts.user_id.lower() in blocked or facts.email.lower() in blocked)
 
 
 def decide(facts: Facts, policy: Policy) -> Decision:
@@ -1347,6 +1360,10 @@ def decide(facts: Facts, policy: Policy) -> Decision:
             return _decision(False, REASON_KEY_AGE, role=role, **fields)
     if not tier.allowed_endpoints.admits(facts.method, facts.path):
         return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=tier.valve("allowed_endpoints"))
+    # Counted work must happen inside the request: a model answering afterwards is neither charged nor held.
+    if facts.background and (tier.token_quota.windows or tier.max_concurrent):
+        valve = tier.valve("token_quota" if tier.token_quota.windows else "max_concurrent")
+        return _decision(False, REASON_BACKGROUND, role=role, how=facts.background, valve=valve)
     models = tier.allowed_models
     # One counted request must not buy several model calls, nor reach models nobody checked.
     if facts.model_calls > 1 and (tier.counting or not models.admits_all):
@@ -1497,23 +1514,33 @@ def core_keeps_key_times() -> bool:
     return users is None or hasattr(users, "ApiKey")
 
 
-async def key_created(token: str) -> int | None:
-    """When core created this key (epoch seconds), from its api_key table; None where it keeps none."""
+async def key_created(user_id: str, token: str | None) -> int | None:
+    """When core created this user's key (epoch seconds), from its api_key table; None where it keeps
+    none, or when the stored key is not `token`. Read by user id: the key itself never goes into a
+    query, whose error text (SQLAlchemy prints the parameters) would carry it into a log line."""
     if not core_keeps_key_times():
         return None
-    digest = hashlib.sha256(token.encode()).hexdigest()  # the cache never holds a key
+    digest = hashlib.sha256(f"{user_id}\0{token}".encode()).hexdigest()  # the cache never holds a key
     cached = _key_times.get(digest)
     if cached is None:
-        cached = (await off_loop(lambda: stored_key_time("key", token)),)
+        cached = (await off_loop(lambda: stored_key_time(user_id, token)),)
         _key_times.put(digest, cached)
     return cached[0]
 
 
-def stored_key_time(column: str, value: str) -> int | None:
-    query = f"SELECT created_at FROM api_key WHERE {column} = :value"  # noqa: S608 - column is ours
-    with openwebui_engine().connect() as conn:
-        found = conn.execute(sql_text(query), {"value": value}).scalar()
-    return int(found) if found is not None else None
+def stored_key_time(user_id: str, token: str | None) -> int | None:
+    """created_at of the user's key (of the one equal to `token`, when given)."""
+    try:
+        with openwebui_engine().connect() as conn:
+            rows = conn.execute(
+                sql_text("SELECT key, created_at FROM api_key WHERE user_id = :user_id"), {"user_id": user_id}
+            ).all()
+    except Exception as exc:
+        raise LookupError(f"core's api_key table could not be read ({type(exc).__name__})") from None
+    for key, created in rows:
+        if token is None or hmac.compare_digest(str(key).encode(), token.encode()):
+            return int(created) if created is not None else None
+    return None
 
 
 async def off_loop(work: Callable[[], Any]) -> Any:
@@ -1528,7 +1555,12 @@ def describe(exc: Exception) -> str:
     """One log-friendly line; validation errors as `valve: problem`."""
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'valves'}: {e['msg']}" for e in exc.errors())
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    text = _SQL_PARAMETERS.sub("[parameters: hidden]", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), text)}"
+
+
+# SQLAlchemy's error text ends in the statement's parameters; a parameter may be a credential.
+_SQL_PARAMETERS = re.compile(r"\[parameters: .*?\](?= \(|$)|\[parameters: .*")
 
 
 def block_text(template: str, decision: Decision) -> str:
@@ -1807,6 +1839,7 @@ class ModelRequest:
     problem: str = ""  # why the models of a model-bearing body could not be read
     targets: tuple = ()  # further models it names: the targets of a fan-out (message_ids)
     calls: int = 1  # model calls it asks core for
+    background: str = ""  # how a model answers after this request ends (core's background tasks), if it does
 
 
 NO_MODEL = ModelRequest()
@@ -1839,7 +1872,8 @@ async def facts_for(
         model_problem=asked.problem,
         resolved=tuple(resolved),
         model_calls=asked.calls,
-        key_created=await key_created(token) if tier.max_key_age_days and token else None,
+        background=asked.background,
+        key_created=await key_created(user_id, token) if tier.max_key_age_days and token else None,
         now=time.time(),
     )
 
@@ -1851,7 +1885,7 @@ class Outcome:
     refusal: Refusal | None = None  # None lets it through
     headers: tuple = ()  # RateLimit fields, (name, value) pairs
     tier: Tier | None = None  # the tier it was judged under (None when the guard could not tell)
-    lease: "Lease | None" = None  # its place among the user's requests in flight, to give back at the end
+    facts: Facts | None = None
 
 
 async def evaluate(
@@ -1864,10 +1898,9 @@ async def evaluate(
     where: str,
     quiet: bool = False,
     count: bool = False,
-    lease: bool = False,
 ) -> Outcome:
     """Judge one API-key request. `quiet` logs only a refusal; `count` applies the request limits and
-    token quotas to an admitted request, `lease` its concurrency limit too (the caller gives it back)."""
+    token quotas to an admitted request (its concurrency cap is the route guard's: take_lease)."""
     facts, policy, tier, error = Facts(method=method, path=path or ""), None, None, None
     try:
         policy = policy_from_valves(valves)
@@ -1882,89 +1915,76 @@ async def evaluate(
         decision, error = GUARD_ERROR, describe(exc)
     enforce = policy.enforce if policy is not None else True
     if not (count and decision.allowed and tier is not None and tier.counting):
-        return Outcome(conclude(decision, facts, token, where, enforce, valves, error, quiet), (), tier)
-    outcome = await counted(tier, facts, token, where, valves, enforce, lease)
+        return Outcome(conclude(decision, facts, token, where, enforce, valves, error, quiet), (), tier, facts)
+    outcome = await counted(tier, facts, token, where, valves, enforce)
     if outcome.refusal is None:  # admitted by the counters too: now it is an allow
         conclude(decision, facts, token, where, enforce, valves, error, quiet)
     return outcome
 
 
-async def counted(tier: Tier, facts: Facts, token: str | None, where: str, valves: Any, enforce: bool, lease: bool):
-    """The counters of an admitted request, cheapest refusal first: token quota (read only: tokens are
-    charged once the answer is known), concurrency (a lease taken), request limit (the request
-    recorded; a refusal here gives the lease back). Counters that fail admit: they never lock out."""
+async def counted(tier: Tier, facts: Facts, token: str | None, where: str, valves: Any, enforce: bool) -> Outcome:
+    """The counters of an admitted request: the token quota (read only: tokens are charged once the
+    answer is known), then the request limit (the request recorded). Counters that fail admit: they
+    never lock anyone out."""
     user_id, role, now = facts.user_id, facts.role or "-", facts.now
-    held, fields, refusal = None, {}, None
-
-    def refuse(reason: str, headers: dict, **text: Any) -> Refusal | None:
-        return conclude(
-            _decision(False, reason, role=role, **text),
-            facts,
-            token,
-            where,
-            enforce,
-            valves,
-            None,
-            False,
-            429,
-            tuple(headers.items()),
-        )
-
+    fields: dict = {}
     try:
         quota = tier.token_quota
         if quota.windows:
             used = await settle(limiter().quota_used(user_id, quota, now))
-            merge_fields(fields, quota_fields(quota, used, now))
+            fields = merged_fields(fields, quota_fields(quota, used, now))
             over = quota_exceeded(quota, used, now)
             if over is not None:
                 window, seconds = over
-                refusal = refuse(
-                    REASON_TOKEN_QUOTA,
-                    {**fields, "Retry-After": str(whole_seconds(seconds))},
-                    limit=window.limit,
-                    unit=window.unit,
-                    used=used[quota.windows.index(window)],
-                    valve=tier.valve("token_quota"),
-                    seconds=whole_seconds(seconds),
-                )
+                text = {"limit": window.limit, "unit": window.unit, "used": used[quota.windows.index(window)]}
+                decision = _decision(False, REASON_TOKEN_QUOTA, role=role, valve=tier.valve("token_quota"),
+                                     seconds=whole_seconds(seconds), **text)  # fmt: skip
+                headers = tuple({**fields, "Retry-After": str(whole_seconds(seconds))}.items())
+                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429, headers)
                 if refusal is not None:
-                    return Outcome(refusal, tuple(fields.items()), tier)
-        if tier.max_concurrent and lease:
-            held = Lease(user_id, f"{_MEMBER_NONCE}:{next(_member_serial)}")
-            in_flight = await settle(limiter().acquire(held, tier.max_concurrent))
-            merge_fields(fields, concurrency_fields(tier.max_concurrent, in_flight))
-            if in_flight > tier.max_concurrent:
-                held = None  # not taken
-                refusal = refuse(
-                    REASON_CONCURRENCY,
-                    {**fields, "Retry-After": "1"},
-                    limit=tier.max_concurrent,
-                    valve=tier.valve("max_concurrent"),
-                )
-                if refusal is not None:
-                    return Outcome(refusal, tuple(fields.items()), tier)
+                    return Outcome(refusal, headers, tier, facts)
         limit = tier.rate_limit
         if limit.windows:
             verdict = await settle(limiter().check(user_id, limit))
-            merge_fields(fields, rate_limit_headers(limit, verdict))
+            fields = merged_fields(fields, rate_limit_headers(limit, verdict))
             if not verdict.allowed:
                 text = rate_limited_fields(verdict, role, tier.valve("rate_limit"))
                 decision = _decision(False, REASON_RATE_LIMITED, **text)
-                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429,
-                                   tuple(fields.items()))  # fmt: skip
-                if refusal is not None and held is not None:
-                    await settle(limiter().release(held))
-                    held = None
+                headers = tuple(fields.items())
+                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429, headers)
+                return Outcome(refusal, headers, tier, facts)
     except Exception as exc:  # a counter that fails must not lock every key out: admit, and say so
         log.error("api_key_guard limits not applied: %s", describe(exc))
-        return Outcome(None, (), tier, held)
-    return Outcome(refusal, tuple(fields.items()), tier, held)
+        return Outcome(None, (), tier, facts)
+    return Outcome(None, tuple(fields.items()), tier, facts)
 
 
-def merge_fields(fields: dict, more: dict) -> None:
+async def take_lease(cap: int, judged: Outcome, valves: Any, token: str | None) -> tuple:
+    """(Refusal or None, the Lease taken or None, RateLimit fields) for a request its copies admitted,
+    under the smallest concurrency cap among them. A failing counter admits without a lease."""
+    facts = judged.facts
+    lease = Lease(facts.user_id, f"{_MEMBER_NONCE}:{next(_member_serial)}")
+    try:
+        in_flight = await settle(limiter().acquire(lease, cap))
+    except Exception as exc:
+        log.error("api_key_guard concurrency limit not applied: %s", describe(exc))
+        return None, None, ()
+    fields = concurrency_fields(cap, in_flight)
+    if in_flight <= cap:
+        return None, lease, tuple(fields.items())
+    decision = _decision(False, REASON_CONCURRENCY, role=facts.role or "-", limit=cap,
+                         valve=judged.tier.valve("max_concurrent"))  # fmt: skip
+    headers = tuple({**fields, "Retry-After": "1"}.items())
+    policy = policy_from_valves(valves)
+    return conclude(decision, facts, token, "route", policy.enforce, valves, None, False, 429, headers), None, headers
+
+
+def merged_fields(fields: dict, more: dict) -> dict:
     """RateLimit-Policy and RateLimit are lists: the items of several counters join in one field."""
+    joined = dict(fields)
     for name, value in more.items():
-        fields[name] = f"{fields[name]}, {value}" if name in fields and name != "Retry-After" else value
+        joined[name] = f"{joined[name]}, {value}" if name in joined and name != "Retry-After" else value
+    return joined
 
 
 # ---------------------------------------------------------------------------
@@ -2076,6 +2096,7 @@ def conclude(
 MAX_MODEL_ID_CHARS = 256
 MAX_FAN_OUT_TARGETS = 64
 MODEL_MENTION = "<@M:"
+MENTION_ANSWER = "a model mentioned in a channel answers after the post"
 MAX_MENTIONS = 1000
 
 
@@ -2121,7 +2142,7 @@ def mentioned_model(body: Any) -> ModelRequest:
         return ModelRequest(problem=problem, calls=calls)
     if len(mentioned) > 1:
         return ModelRequest(problem="the message mentions several models", calls=calls)
-    return ModelRequest(model=mentioned[0]) if mentioned else NO_MODEL
+    return ModelRequest(model=mentioned[0], background=MENTION_ANSWER) if mentioned else NO_MODEL
 
 
 def fan_out_targets(message_ids: Any) -> tuple[list[str], str, int]:
@@ -2154,7 +2175,8 @@ def proxied_model(body: Any) -> ModelRequest:
 def stored_model(body: Any) -> ModelRequest:
     """A route whose model comes from stored data: nothing in the request says which."""
     return ModelRequest(
-        problem="this route calls the model stored with the chat or automation, which cannot be checked"
+        problem="this route calls the model stored with the chat or automation, which cannot be checked",
+        background="a stored chat or automation calls its model",
     )
 
 
@@ -2164,7 +2186,7 @@ def automation_model(body: Any) -> ModelRequest:
     model = data.get("model_id") if isinstance(data, dict) else None
     if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID_CHARS:
         return ModelRequest(problem="the automation names no model, or one too long to check")
-    return ModelRequest(model=model)
+    return ModelRequest(model=model, background="an automation calls its model when it runs")
 
 
 def image_edit_model(body: Any) -> ModelRequest:
@@ -2184,9 +2206,15 @@ def model_of(body: Any) -> ModelRequest:
     if len(model) > MAX_MODEL_ID_CHARS:
         return ModelRequest(problem=f"the model id is longer than {MAX_MODEL_ID_CHARS} characters")
     targets, problem, calls = fan_out_targets(body.get("message_ids"))
+    # With both, core answers at once with a task id and calls the model in a task of its own.
+    background = "session_id and chat_id: core answers later in a task" if background_chat(body) else ""
     if problem:
-        return ModelRequest(model=model, problem=problem, calls=calls)
-    return ModelRequest(model=model, targets=tuple(targets), calls=calls)
+        return ModelRequest(model=model, problem=problem, calls=calls, background=background)
+    return ModelRequest(model=model, targets=tuple(targets), calls=calls, background=background)
+
+
+def background_chat(body: dict) -> bool:
+    return bool(body.get("session_id")) and bool(body.get("chat_id"))
 
 
 # ---------------------------------------------------------------------------
@@ -3275,23 +3303,24 @@ class RouteGuard:
         method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
         if state is not None and state.judged_as is not None:
             method, path = state.judged_as
-        refusal, limits, listing, leases, quotas = None, (), [], [], {}
+        refusal, limits, listing, quotas, capped = None, (), [], {}, []
         for copy in copies:
-            outcome = await evaluate(
-                copy.valves, person, api_key, method, path, asked, "route", count=True, lease=state is not None
-            )
+            outcome = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
             refusal, limits = outcome.refusal, limits or outcome.headers
-            leases += [outcome.lease] if outcome.lease is not None else []
             if refusal is not None:
                 break  # the strictest answer wins; later copies neither judge nor count it
             tier = outcome.tier
             if kind == LISTING and not tier.allowed_models.admits_all:
                 listing.append(tier.allowed_models)
             quotas.update((w.unit, w) for w in tier.token_quota.windows)
-        if refusal is not None:  # places taken for copies that admitted it go back at once
-            for lease in leases:
-                await settle(limiter().release(lease))
-            leases = []
+            if tier.max_concurrent:
+                capped.append((tier.max_concurrent, copy.function_id, copy, outcome))
+        lease = None
+        if refusal is None and capped and state is not None:
+            # One place per request whatever the number of copies, under the smallest cap among them.
+            cap, _, copy, outcome = min(capped)
+            refusal, lease, headers = await take_lease(cap, outcome, copy.valves, api_key)
+            limits = tuple(merged_fields(dict(limits), dict(headers)).items())
         if state is not None:
             enforcing = any(c.valves.mode == "enforce" for c in copies)
             failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
@@ -3305,17 +3334,19 @@ class RouteGuard:
             state.judged, state.refusal = True, refusal
             if quotas:
                 state.charge = (str(user.id), tuple(quotas.values()))
-            if leases:
-                state.leases = leases
+            if lease is not None:
+                state.leases = [lease]
                 state.loop.call_soon_threadsafe(keep_leases, state)
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
+            if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
+                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
         return refusal
 
     async def start_usage(
         self, state: RequestState, copies: list, user: Any, path: str, asked: ModelRequest, kind: Any, refusal: Any
     ) -> None:
-        """What the answer of this request will be recorded under; a meter for an admitted model request."""
+        """What the answer of this request will be recorded under."""
         try:
             model = await answering_model(asked.model) if asked.model else "-"
         except Exception:  # the decision already stands; the record falls back to the named model
@@ -3326,8 +3357,6 @@ class RouteGuard:
         state.usage = (str(user.id), model, route_class(path), decision)
         state.audit_all = any(c.valves.audit_log == "all" for c in copies)
         usage_book().retention_days = copies[0].valves.usage_retention_days
-        if refusal is None and kind in MODEL_READERS:
-            state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
 
 
 def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
@@ -3355,7 +3384,7 @@ async def explain(valves: Valves, user: str, method: str = "", path: str = "", m
     path = path or ("/api/chat/completions" if model else "")
     method = (method or ("POST" if path else "GET")).upper()
     facts = await facts_for(policy, person, None, method, path or "/", ModelRequest(model=model or None))
-    created = await off_loop(lambda: stored_key_time("user_id", facts.user_id)) if core_keeps_key_times() else None
+    created = await off_loop(lambda: stored_key_time(facts.user_id, None)) if core_keeps_key_times() else None
     facts = dataclasses.replace(facts, key_created=created)
     tier = policy.tier_for(facts)
     used = {}

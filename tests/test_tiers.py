@@ -142,6 +142,9 @@ def test_no_entry_is_the_role_tier_itself():
         pytest.param(
             '{"group:A": {"rate_limit": "1/day"}, "group:a": {"rate_limit": "2/day"}}', "listed twice", id="twice"
         ),
+        pytest.param('{"user:x": {"rate_limit": "1/day"}, "user:x": {}}', "listed twice", id="exactly-twice"),
+        pytest.param('{"user:x": {"rate_limit": "1/day", "rate_limit": ""}}', "a field is set twice", id="field-twice"),
+        pytest.param('{"group:a": {"rate_limit": {"x": 1}}}', "expected a string or a number", id="nested"),
     ],
 )
 def test_invalid_tiers_are_refused(text, message):
@@ -300,11 +303,20 @@ def judged(open_webui, monkeypatch):
     own = g.Limiter(None)
     monkeypatch.setattr(g, "limiter", lambda: own)
 
-    def judge(valves: dict, lease: bool = True):
+    def judge(valves: dict):
         v = g.Valves(api_key_roles="user", **valves)
         person = {"id": "u-alice", "email": "alice@example.com", "role": "user"}
         return asyncio.run(g.evaluate(v, person, "sk-" + "a" * 32, "POST", "/api/chat/completions", g.NO_MODEL,
-                                      "route", count=True, lease=lease))  # fmt: skip
+                                      "route", count=True))  # fmt: skip
+
+    def lease(valves: dict):
+        """(refusal, lease) of the route guard's one lease for a request these valves admitted."""
+        outcome = judge(valves)
+        v = g.Valves(api_key_roles="user", **valves)
+        refusal, taken, _ = asyncio.run(g.take_lease(outcome.tier.max_concurrent, outcome, v, None))
+        return refusal, taken
+
+    judge.lease = lease
 
     judge.limiter = own
     return judge
@@ -326,42 +338,32 @@ def test_quota_refusal_names_the_quota_and_carries_the_fields(judged):
 
 def test_concurrency_takes_a_lease_and_refuses_the_next(judged):
     valves = {"api_key_tiers": '{"group:interns": {"max_concurrent": 1}}'}
-    first, second = judged(valves), judged(valves)
-    judged.limiter.release(first.lease)
-    third = judged(valves)
-    assert (first.lease is not None, second.refusal.reason, dict(second.refusal.headers)["Retry-After"]) == (
+    (_, first), (second, none) = judged.lease(valves), judged.lease(valves)
+    judged.limiter.release(first)
+    third, _ = judged.lease(valves)
+    headers = dict(second.headers)
+    assert (first is not None, none, second.reason, headers["Retry-After"], third) == (
         True,
+        None,
         g.REASON_CONCURRENCY,
         "1",
+        None,
     )
-    assert (third.refusal, "group:interns max_concurrent" in second.refusal.detail) == (None, True)
-
-
-def test_a_rate_limit_refusal_gives_the_lease_back(judged):
-    valves = {"api_key_max_concurrent_user": 1, "api_key_rate_limit_user": "1/minute"}
-    first = judged(valves)
-    judged.limiter.release(first.lease)
-    second = judged(valves)  # rate-limited: its lease must not stay taken
-    assert (second.refusal.reason, second.lease, judged.limiter.tallies._leases) == (g.REASON_RATE_LIMITED, None, {})
+    assert (headers["RateLimit-Policy"], "group:interns max_concurrent" in second.detail) == ('"concurrent";q=1', True)
 
 
 def test_headers_of_several_counters_join_in_one_field(judged):
-    outcome = judged({"api_key_max_concurrent_user": 2, "api_key_rate_limit_user": "5/minute",
-                      "api_key_token_quota_user": "30/day"})  # fmt: skip
+    outcome = judged({"api_key_rate_limit_user": "5/minute", "api_key_token_quota_user": "30/day"})
     headers = dict(outcome.headers)
-    assert headers["RateLimit-Policy"] == '"tokens-day";q=30;w=86400, "concurrent";q=2, "minute";q=5;w=60'
+    assert headers["RateLimit-Policy"] == '"tokens-day";q=30;w=86400, "minute";q=5;w=60'
 
 
 def test_monitor_mode_serves_what_it_would_limit(judged, caplog):
     caplog.set_level("WARNING", "api_key_guard")
     valves = {"mode": "monitor", "api_key_max_concurrent_user": 1}
-    first, second = judged(valves), judged(valves)
-    assert (first.refusal, second.refusal, second.lease) == (None, None, None)
+    (first, held), (second, none) = judged.lease(valves), judged.lease(valves)
+    assert (first, held is not None, second, none) == (None, True, None, None)
     assert [r.getMessage().split(" ")[1] for r in caplog.records] == ["would-limit"]
-
-
-def test_no_lease_without_a_request_to_give_it_back(judged):
-    assert judged({"api_key_max_concurrent_user": 1}, lease=False).lease is None
 
 
 # ---------------------------------------------------------------------------
@@ -461,3 +463,71 @@ def test_cluster_quota_and_leases_for_users_on_two_masters(cluster):
     finally:
         client.close()
     assert list(result.values()) == [([18, 18], [1, 2])] * 2
+
+
+# ---------------------------------------------------------------------------
+# Found by the attacker review of issue 20
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("background", "valves", "reason"),
+    [
+        pytest.param("chat task", {"api_key_token_quota_user": "30/day"}, g.REASON_BACKGROUND, id="quota"),
+        pytest.param("chat task", {"api_key_max_concurrent_user": 1}, g.REASON_BACKGROUND, id="concurrency"),
+        pytest.param("chat task", {"api_key_rate_limit_user": "5/minute"}, g.REASON_ALLOWED, id="requests-only"),
+        pytest.param("", {"api_key_token_quota_user": "30/day"}, g.REASON_ALLOWED, id="answered-in-the-request"),
+    ],
+)
+def test_a_model_answering_after_the_request_is_refused_where_tokens_or_places_are_counted(background, valves, reason):
+    assert g.decide(facts(background=background), policy(**valves)).reason == reason
+
+
+@pytest.mark.parametrize(
+    ("body", "background"),
+    [
+        pytest.param({"model": "m", "session_id": "s", "chat_id": "c"}, True, id="async-chat"),
+        pytest.param({"model": "m", "session_id": "s"}, False, id="session-only"),
+        pytest.param({"model": "m", "chat_id": "c", "session_id": ""}, False, id="empty-session"),
+    ],
+)
+def test_async_chat_is_a_background_request(body, background):
+    assert bool(g.model_of(body).background) is background
+
+
+def test_mentions_and_automations_answer_in_the_background():
+    mention, automation = g.mentioned_model({"content": "<@M:m> hi"}), g.automation_model({"data": {"model_id": "m"}})
+    assert (bool(mention.background), bool(automation.background), g.mentioned_model({"content": "hi"}).background) == (
+        True,
+        True,
+        "",
+    )
+
+
+def test_a_database_error_reading_the_key_time_names_no_key(monkeypatch):
+    class Broken:
+        def connect(self):
+            raise RuntimeError(
+                "(sqlite3.OperationalError) no such table [SQL: SELECT ...] [parameters: ('sk-" + "a" * 32 + "',)]"
+            )
+
+    monkeypatch.setattr(g, "openwebui_engine", Broken)
+    with pytest.raises(LookupError) as error:
+        g.stored_key_time("u1", "sk-" + "a" * 32)
+    assert "sk-" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("bad [SQL: SELECT 1] [parameters: ('sk-0123456789abcdef0123',)]", id="sqlalchemy-parameters"),
+        pytest.param("token sk-0123456789abcdef0123 refused", id="a-key-in-any-text"),
+    ],
+)
+def test_describe_never_carries_a_key(text):
+    assert "0123456789abcdef" not in g.describe(RuntimeError(text))
+
+
+def test_a_casefold_twin_email_is_another_user():
+    """Core tells emails apart by lower(): U+017F (long s) lowers to itself, so it is not an 's'."""
+    twin = {**ALICE, "email": "ci-bot\u017f@example.com"}
+    tier = policy({"user:ci-bots@example.com": {"rate_limit": "1/day"}}).tier_for(facts(twin))
+    assert tier.valve("rate_limit") == "api_key_rate_limit_user"
