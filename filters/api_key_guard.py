@@ -3132,7 +3132,7 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
-            if state.leases or state.usage is not None:
+            if state.leases or state.usage is not None or state.charge is not None:
                 await finish(state)
 
     def usage_report(self, path: str, method: str) -> str | None:
@@ -3337,6 +3337,9 @@ class RouteGuard:
                 state.loop.call_soon_threadsafe(keep_leases, state)
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
+            elif state.charge is not None and refusal is None and kind in MODEL_READERS:
+                # a token quota is charged from the answer's meter, usage accounting on or off
+                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
         return refusal
 
     async def start_usage(
