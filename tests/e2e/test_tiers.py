@@ -283,7 +283,7 @@ def charged(tiered: Tiered, key: str) -> int:
 
 def spend(tiered: Tiered, who: str, workers_to_avoid=()) -> tuple[Served, int]:
     """One admitted chat answer on a worker not avoided, and the tokens charged once its answer ended."""
-    key, before = quota_key(tiered, who, time.time()), None
+    key = quota_key(tiered, who, time.time())
     before = charged(tiered, key)
     served = key_call(tiered, who, "POST", DIRECT, chat(), avoid=workers_to_avoid)
     if served.status == 200:  # charged when the answer has ended: after the client read it, so wait
