@@ -3135,7 +3135,7 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
-            if state.leases or state.usage is not None:
+            if state.leases or state.usage is not None or state.charge is not None:
                 await finish(state)
 
     def usage_report(self, path: str, method: str) -> str | None:
