@@ -1974,7 +1974,8 @@ async def take_lease(cap: int, judged: Outcome, valves: Any, token: str | None) 
         return None, lease, tuple(fields.items())
     decision = _decision(False, REASON_CONCURRENCY, role=facts.role or "-", limit=cap,
                          valve=judged.tier.valve("max_concurrent"))  # fmt: skip
-    headers = tuple({**fields, "Retry-After": "1"}.items())
+    # the refusal tells the whole state: the other counters' fields, this one's, when to retry
+    headers = tuple(merged_fields(dict(judged.headers), {**fields, "Retry-After": "1"}).items())
     policy = policy_from_valves(valves)
     return conclude(decision, facts, token, "route", policy.enforce, valves, None, False, 429, headers), None, headers
 
