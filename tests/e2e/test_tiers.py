@@ -405,6 +405,24 @@ def test_a_quota_is_charged_with_usage_accounting_off(tiered):
     ]
 
 
+BACKGROUND = {"session_id": "s-1", "chat_id": "local:c-1", "id": "m-1"}  # core answers with a task id
+
+
+def test_an_asynchronous_chat_is_refused_where_tokens_are_counted_and_reaches_no_model(tiered):
+    """With session_id and chat_id core answers at once and runs the model in a task of its own, where
+    no token could be charged: under a quota (the role's 1000/day) such a request is refused."""
+    backend = tiered.deployment.backend
+    calls = model_calls(backend)
+    served = key_call(tiered, "nonmember", "POST", PIPELINE, chat(**BACKGROUND))
+    assert (served.status, detail(served), model_calls(backend) - calls) == (
+        403,
+        PREFIX + "API keys of role 'user' have their tokens or requests in flight counted (api_key_token_quota_user), "
+        "and this request makes a model answer after it ends (session_id and chat_id: core answers later in a "
+        "task), where the guard can count neither",
+        0,
+    )
+
+
 # --- 4. a maximum key age ----------------------------------------------------------------------------
 def test_a_key_older_than_the_maximum_age_is_refused_and_a_younger_one_served(tiered):
     if tiered.version < KEY_TIMES_SINCE:
