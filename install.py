@@ -14,6 +14,8 @@
     uv run install.py uninstall --url URL --api-key KEY [--drop-usage] [--id ID] [--file GUARD.py] [--ca-bundle PATH]
     uv run install.py usage --url URL --api-key KEY [--since 7d|DATE] [--until DATE] [--by user|model|day]
                             [--json|--csv]
+    uv run install.py explain --url URL --api-key KEY --user EMAIL_OR_ID [--path P] [--method M] [--model M]
+                              [--json] [--id ID] [--file GUARD.py] [--ca-bundle PATH]
 
 (`pipx run install.py ...`, or `python3 install.py ...` with requests and pydantic installed, work the same.)
 OPENWEBUI_URL and OPENWEBUI_API_KEY stand in for --url and --api-key. The credential is an
@@ -26,11 +28,12 @@ file is --file, else api_key_guard.py next to this script, else filters/api_key_
 Exit codes:
     0  done; for status: installed, active, global, current, valves valid, route guard armed (or not
        checkable), the stored policy in force (or not checkable), armed at startup (or opted out), no other
-       active copy of the guard on the server (or not checkable)
+       active copy of the guard on the server (or not checkable); for explain: the read-out printed, whatever
+       the decision in it
     1  status found a problem, or install finished but the guard is not armed, the policy it wrote is not
        in force within 10 s, or it could not arm the guard at startup
     2  usage or input error (arguments, URL, plain http:// to another machine, valves file, valve values, missing
-       dependencies); nothing was written
+       dependencies, an explain --user the server has no user for); nothing was written
     3  server, authentication, TLS or network error, or still rate limited (429) after the retries
 When several problems are found together, each gets its own `error:` line and the exit code is the gravest's.
 """
@@ -55,7 +58,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from time import sleep
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 # On a bare laptop: one line saying what to run, exit 2, instead of a traceback at the first import below.
 DEPENDENCIES = ("requests", "pydantic")
@@ -100,6 +103,7 @@ BASE_MODELS_CACHE = "ENABLE_BASE_MODELS_CACHE"
 GUARD_HEADER = "X-API-Key-Guard"
 POLICY_HEADER = "X-API-Key-Guard-Policy"
 COUNTERS_HEADER = "X-API-Key-Guard-Counters"
+GUARD_DETAIL = "API Key Guard: "  # how the guard's own error answers begin
 TIMEOUT_SECONDS = 30
 # A server (or the guard's own api_key_rate_limit_admin) answering 429: ask again after the wait it names in
 # Retry-After, else after 1, 2, 4, 8 s; at most RATE_LIMIT_RETRIES times per request and RATE_LIMIT_WAIT_SECONDS
@@ -519,10 +523,12 @@ class Client:
             f"the server answered {where} with 429 Too Many Requests {story}; try again later.{guard}{said}"
         )
 
-    def failure(self, where: str, path: str, response: requests.Response, detail: str) -> ServerError:
+    def failure(self, where: str, path: str, response: requests.Response, detail: str) -> InstallError:
         """The error for a 4xx/5xx answer: what it means and what to do, the server's own words last."""
         status = response.status_code
         said = f" Server said: {detail}" if detail else ""
+        if status == 404 and detail.startswith(GUARD_DETAIL):  # the guard's own read-out: what was asked is not there
+            return UsageError(detail.removeprefix(GUARD_DETAIL))
         if status == 403 and GUARD_HEADER in response.headers:
             return ServerError(
                 f"API Key Guard itself denied {where} (403); use an admin session token (JWT), or allow the path "
@@ -1290,6 +1296,140 @@ def usage(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# explain: what one user's keys may do, as the guard on the server works it out from the stored valves and the
+# server's own user and group data, and with --path or --model the answer it would give such a request
+# ---------------------------------------------------------------------------
+LIMIT_FIELDS = ("rate_limit", "token_quota")  # empty: no limit
+KEY_TIMES_SINCE = (0, 6, 41)  # core's api_key table, which keeps when a key was created
+TIER_VALUE_WIDTH = 32  # values up to this long line up their sources
+
+
+def path_argument(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError("expected a path starting with /, e.g. /api/chat/completions")
+    return text
+
+
+def method_argument(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]+", text):
+        raise argparse.ArgumentTypeError("expected an HTTP method, e.g. GET or POST")
+    return text.upper()
+
+
+def read_explain(client: Client, args: argparse.Namespace) -> dict:
+    asked = {"user": args.user, "path": args.path, "method": args.method, "model": args.model}
+    query = urlencode({name: value for name, value in asked.items() if value})
+    try:
+        return client.call("GET", function_path(args.id, f"/explain?{query}"), shape=dict[str, Any]).data
+    except UsageError as exc:  # the guard's 404: no such user
+        raise UsageError(f"{exc} (--user takes a user's email or id)") from exc
+    except NotAnApiRoute as exc:  # core's 404 (or its web page): no armed guard serves this id
+        found = read_function(client, args.id)
+        if found is None:
+            raise ServerError(f"function {args.id} is not installed; install.py installs it") from exc
+        version = frontmatter(found.data.content or "").get("version", "unknown")
+        raise ServerError(
+            f"the guard {args.id} on the server (version {version}) does not answer explain: it is older than "
+            "explain, not active, or not loaded since a restart; `install.py status` says which, `install.py` "
+            "fixes it"
+        ) from exc
+
+
+def server_version(client: Client) -> tuple[int, ...] | None:
+    """Open WebUI's release from its public /api/version; None when it does not say."""
+    try:
+        text = str(client.call("GET", "/api/version", shape=dict[str, Any]).data.get("version", ""))
+    except InstallError:
+        return None
+    numbers = re.match(r"[0-9]+(\.[0-9]+)*", text)
+    return tuple(map(int, numbers[0].split("."))) if numbers else None
+
+
+def admission_line(data: dict) -> str:
+    if data.get("blocked"):
+        return "may use API keys: no: blocked by api_key_blocked_users"
+    if by := data.get("admitted_by"):
+        return f"may use API keys: yes, by {by}"
+    return "may use API keys: no: not admitted by api_key_roles, api_key_groups or api_key_users"
+
+
+def shown_value(field: str, value: Any) -> str:
+    text = str(value if value is not None else "").strip()
+    if not text:
+        return "(none: no limit)" if field in LIMIT_FIELDS else "(none)"
+    return "0 (no limit)" if text == "0" else text
+
+
+def tier_lines(tier: dict) -> list[str]:
+    fields = tier.get("fields") or {}
+    rows = [(field, shown_value(field, one.get("value")), one.get("from") or "?") for field, one in fields.items()]
+    name_width = max((len(name) for name, _, _ in rows), default=0)
+    # A long list (the user tier's four default endpoints) pushes its own source out, not every line's.
+    value_width = max((len(value) for _, value, _ in rows if len(value) <= TIER_VALUE_WIDTH), default=0)
+    lines = [f"tier {tier.get('name') or '?'}"]
+    lines += [f"  {name.ljust(name_width)}  {value.ljust(value_width)}  from {source}" for name, value, source in rows]
+    return lines
+
+
+def key_line(key: dict, version: tuple[int, ...] | None) -> str:
+    created, age = key.get("created_at"), key.get("age_days")
+    if created is not None:
+        day = datetime.fromtimestamp(created, UTC).date().isoformat()
+        return f"key created {day} ({age:g} days ago)" if age is not None else f"key created {day}"
+    if version is not None and version < KEY_TIMES_SINCE:
+        release = ".".join(map(str, version))
+        return f"key: this Open WebUI ({release}) keeps no key creation time (0.6.41 and later do)"
+    if version is not None:
+        return "no key"
+    return "no key, or this Open WebUI keeps no key creation time (before 0.6.41)"
+
+
+def tokens_line(used: dict) -> str:
+    if not used:
+        return "tokens used: not counted (no token quota)"
+    return "tokens used: " + ", ".join(f"{unit} {count}" for unit, count in used.items())
+
+
+def decision_line(request: dict, decision: dict, mode: str | None) -> str:
+    asked = f"{request.get('method')} {request.get('path')}"
+    if request.get("model"):
+        asked += f" model {request['model']}"
+    if decision.get("allowed"):
+        return f"{asked}: allowed"
+    refused = f"refused ({decision.get('reason')}): {decision.get('message')}"
+    if mode == "monitor":
+        return f"{asked}: would be {refused}; mode monitor logs it as would-deny and lets it through"
+    return f"{asked}: {refused}"
+
+
+def explain_lines(data: dict, credential: str, version: tuple[int, ...] | None) -> list[str]:
+    person = data.get("user") or {}
+    groups = ", ".join(data.get("groups") or []) or "none"
+    lines = [
+        f"user {person.get('email') or person.get('id')} (role {person.get('role') or 'none'}), groups: {groups}",
+        admission_line(data),
+        *tier_lines(data.get("tier") or {}),
+        key_line(data.get("key") or {}, version),
+        tokens_line(data.get("tokens_used") or {}),
+        f"counters: {counters_line(credential, data.get('counters'))}",
+    ]
+    if data.get("request") and data.get("decision"):
+        lines.append(decision_line(data["request"], data["decision"], data.get("mode")))
+    return lines
+
+
+def explain(client: Client, guard: LocalGuard, args: argparse.Namespace) -> int:
+    data = read_explain(client, args)
+    if args.json:
+        say(json.dumps(data, sort_keys=True, indent=2))
+        return 0
+    # Without a creation time the read-out cannot tell "no key" from "this release keeps none": its version can.
+    version = server_version(client) if (data.get("key") or {}).get("created_at") is None else None
+    say("\n".join(explain_lines(data, client.credential, version)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 COMMANDS: dict[str, Callable[[Client, LocalGuard, argparse.Namespace], int]] = {
@@ -1297,6 +1437,7 @@ COMMANDS: dict[str, Callable[[Client, LocalGuard, argparse.Namespace], int]] = {
     "status": status,
     "uninstall": uninstall,
     "usage": usage,
+    "explain": explain,
 }
 
 
@@ -1365,6 +1506,18 @@ def build_parser() -> argparse.ArgumentParser:
     output = usage_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON rows")
     output.add_argument("--csv", action="store_true", help="print CSV rows")
+    explain_parser = commands.add_parser(
+        "explain", parents=[common], help="what one user's API keys may do, and the guard's answer for a request"
+    )
+    explain_parser.add_argument("--user", metavar="EMAIL_OR_ID", help="the user, by email or user id (required)")
+    explain_parser.add_argument(
+        "--path", type=path_argument, help="judge a request to this path (with --model alone: /api/chat/completions)"
+    )
+    explain_parser.add_argument(
+        "--method", type=method_argument, help="the request's method (default POST with a path or model)"
+    )
+    explain_parser.add_argument("--model", help="the model the request names")
+    explain_parser.add_argument("--json", action="store_true", help="print the guard's read-out as JSON")
     return parser
 
 
@@ -1448,6 +1601,10 @@ def preflight(args: argparse.Namespace) -> tuple[Address, LocalGuard]:
         problems.append(UsageError("--url is required (or set OPENWEBUI_URL)"))
     if not args.api_key:
         problems.append(UsageError("--api-key is required (or set OPENWEBUI_API_KEY)"))
+    if args.command == "explain" and not args.user:
+        problems.append(UsageError("--user is required: the email or id of the user to explain"))
+    if args.command == "explain" and args.method and not (args.path or args.model):
+        problems.append(UsageError("--method needs --path or --model: the request to judge"))
     if args.ca_bundle and not Path(args.ca_bundle).is_file():
         problems.append(UsageError(f"--ca-bundle {args.ca_bundle}: no such file"))
     if args.url:

@@ -80,6 +80,7 @@ def table(r: dict) -> list[str]:
             **goal("decision_typical_median_us", typical),
         ),
         row("policy decision, worst-case valves (us/call)", *m["decision_worst_case"].values()),
+        row("policy decision, ten group tiers (us/call)", *m["decision_ten_tiers"].values()),
         row("rate limiter, counters per worker (us/request)", *m["ratelimit_per_worker"].values()),
         *limiter_rows(m),
         row(
@@ -88,6 +89,7 @@ def table(r: dict) -> list[str]:
             m["inlet_warm"]["p95_us"],
             **goal("inlet_warm_median_us", inlet),
         ),
+        row("inlet, ten group tiers, a token quota read (us/call)", *m["inlet_ten_tiers"].values()),
     ]
     for arm in ("route_guard_on", "route_guard_off"):
         rows.append(

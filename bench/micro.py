@@ -2,6 +2,7 @@
 cost per admitted request, per process and against a real local Redis (sync and asyncio clients)."""
 
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,6 @@ def per_call_us(fn, batch: int) -> dict:
 def decision_figures(g) -> dict:
     typical = g.policy_from_valves(g.Valves(api_key_groups="automation"))
     typical_facts = g.Facts(
-        is_api_key=True,
         user_id="u-1",
         email="a@example.com",
         role="user",
@@ -50,7 +50,6 @@ def decision_figures(g) -> dict:
         )
     )
     worst_facts = g.Facts(
-        is_api_key=True,
         user_id="u-2",
         email="z@example.com",
         role="user",
@@ -59,11 +58,35 @@ def decision_figures(g) -> dict:
         path="/api/chat/completions/x",
         model="test-model",
     )
+    tiered, tiered_facts = ten_tiers(g)
     assert g.decide(typical_facts, typical).allowed and g.decide(worst_facts, worst).allowed
+    assert g.decide(tiered_facts, tiered).allowed and g.policy_from_valves is not None
     return {
         "decision_typical": per_call_us(lambda: g.decide(typical_facts, typical), 2000),
         "decision_worst_case": per_call_us(lambda: g.decide(worst_facts, worst), 500),
+        "decision_ten_tiers": per_call_us(lambda: g.decide(tiered_facts, tiered), 2000),
     }
+
+
+TEN_TIERS = {
+    f"group:team-{i}": {"allowed_models": f"model-{i}-*,test-model", "token_quota": f"{1000 * (i + 1)}/day",
+                        "rate_limit": f"{10 + i}/minute", "max_concurrent": 2}
+    for i in range(10)
+}  # fmt: skip
+
+
+def ten_tiers(g):
+    """Ten group tiers; the user is in three groups, the first of them listed last (the longest search)."""
+    valves = g.Valves(api_key_groups="team-9", api_key_tiers=json.dumps(TEN_TIERS))
+    facts = g.Facts(
+        user_id="u-3",
+        email="t@example.com",
+        role="user",
+        group_names=frozenset({"team-9", "team-8", "staff"}),
+        path="/api/chat/completions",
+        model="test-model",
+    )
+    return g.policy_from_valves(valves), facts
 
 
 def inlet_figures(g) -> dict:
@@ -74,6 +97,9 @@ def inlet_figures(g) -> dict:
     groups = [SimpleNamespace(id="g-1", name="automation")]
     sys.modules["open_webui.models.groups"] = SimpleNamespace(
         Groups=SimpleNamespace(get_groups_by_member_id=lambda uid: groups)
+    )
+    sys.modules["open_webui.models.models"] = SimpleNamespace(  # no workspace models: every id is a provider's
+        Models=SimpleNamespace(get_model_by_id=lambda model_id: None)
     )
     flt = g.Filter()
     flt.valves = g.Valves(api_key_groups="automation")
@@ -93,7 +119,13 @@ def inlet_figures(g) -> dict:
 
     try:
         loop.run_until_complete(many(100))  # warm the group cache
-        return {"inlet_warm": per_call_us(lambda: loop.run_until_complete(many(1)), 200)}
+        figures = {"inlet_warm": per_call_us(lambda: loop.run_until_complete(many(1)), 200)}
+        # The same with ten group tiers (the user's group has one, with a quota: its counters are read)
+        tiers = {**TEN_TIERS, "group:automation": {"allowed_models": "test-model", "token_quota": "100000000/day"}}
+        flt.valves = g.Valves(api_key_groups="automation", api_key_tiers=json.dumps(tiers))
+        loop.run_until_complete(many(100))
+        figures["inlet_ten_tiers"] = per_call_us(lambda: loop.run_until_complete(many(1)), 200)
+        return figures
     finally:
         loop.close()
 

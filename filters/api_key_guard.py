@@ -33,11 +33,14 @@ description: Decide who may use API keys, and where: admin-only by default; role
 
 import asyncio
 import atexit
+import calendar
 import collections
 import contextvars
+import dataclasses
 import fnmatch
 import functools
 import hashlib
+import hmac
 import http.cookies
 import inspect
 import itertools
@@ -63,7 +66,6 @@ log = logging.getLogger("api_key_guard")
 # ---------------------------------------------------------------------------
 # Each decision carries one of these codes; REASON_TEXT turns it into the sentence an admin reads in
 # the rejection and in the audit log.
-REASON_SESSION = "session"
 REASON_ALLOWED = "allowed"
 REASON_BLOCKED_USER = "blocked_user"
 REASON_NOT_ADMITTED = "not_admitted"
@@ -74,9 +76,13 @@ REASON_GUARD_ERROR = "guard_error"
 REASON_RATE_LIMITED = "rate_limited"
 REASON_MODEL_BEHIND = "model_behind_not_allowed"
 REASON_FAN_OUT = "fan_out"
+REASON_TOKEN_QUOTA = "token_quota"  # noqa: S105 - a reason code, no secret
+REASON_CONCURRENCY = "concurrency"
+REASON_KEY_AGE = "key_too_old"
+REASON_KEY_AGE_UNKNOWN = "key_age_unknown"
+REASON_BACKGROUND = "background_not_counted"
 
 REASON_TEXT = {
-    REASON_SESSION: "browser session, not judged by API Key Guard",
     REASON_ALLOWED: "allowed by the API key policy",
     REASON_BLOCKED_USER: "this user may never use API keys (api_key_blocked_users)",
     REASON_NOT_ADMITTED: (
@@ -95,6 +101,26 @@ REASON_TEXT = {
         "cannot be checked: {problem}"
     ),
     REASON_RATE_LIMITED: "API keys of role '{role}' are limited to {limit} per {unit} ({valve}); retry in {seconds} s",
+    REASON_TOKEN_QUOTA: (
+        "API keys of role '{role}' may use {limit} tokens per {unit} ({valve}) and {used} are used; "
+        "the quota starts again in {seconds} s"
+    ),
+    REASON_CONCURRENCY: (
+        "API keys of role '{role}' may have {limit} request(s) in flight at once ({valve}); "
+        "retry once one of them has finished"
+    ),
+    REASON_BACKGROUND: (
+        "API keys of role '{role}' have their tokens or requests in flight counted ({valve}), and this request "
+        "makes a model answer after it ends ({how}), where the guard can count neither"
+    ),
+    REASON_KEY_AGE: (
+        "this API key was created on {created} ({days} days ago) and keys of role '{role}' may be at most "
+        "{limit} days old ({valve}): generate a new key under Settings > Account"
+    ),
+    REASON_KEY_AGE_UNKNOWN: (
+        "keys of role '{role}' may be at most {limit} days old ({valve}), and this Open WebUI keeps no "
+        "creation time for this key"
+    ),
     REASON_GUARD_ERROR: (
         "API Key Guard could not evaluate this API key request and denied it; "
         "an administrator must check the server log"
@@ -182,8 +208,9 @@ REDIS_CAUSES = {
     ),
     "noperm": (
         "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
-        "grant it +evalsha +eval and the commands its script runs on the keys ~<REDIS_KEY_PREFIX>:api_key_guard:* "
-        "(README, Redis permissions)",
+        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +zrem +get +incrby +expireat "
+        "+hmget +hget +hdel +hexists +hset +hincrby +del +pexpire and the keys "
+        "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
     ),
     "auth": (
         "Redis refused the credentials (WRONGPASS/NOAUTH)",
@@ -470,7 +497,20 @@ end
 -- one bulk string, "allowed now count mark ..." (µs, mark -1 for none): cheaper for a client to read than an array
 return string.format('%d %.0f ', allowed, now) .. table.concat(reply, ' ')
 """
-RATE_LIMIT_SHA = hashlib.sha1(RATE_LIMIT_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and the SHA1 Redis names it by."""
+
+    text: str
+
+    @functools.cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+
+RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
 # A member must be unique across workers and replicas: a random process nonce plus a counter.
 _MEMBER_NONCE = os.urandom(8).hex()
 _member_serial = itertools.count()
@@ -485,25 +525,25 @@ def is_noscript(exc: BaseException) -> bool:
     return type(exc).__name__ == "NoScriptError"
 
 
-def run_script(client: Any, keys: list, args: tuple) -> Any:
+def run_script(client: Any, script: Script, keys: list, args: tuple) -> Any:
     """EVALSHA, or EVAL where the node has not loaded the script: scripts are not replicated, so a
     promoted replica (and a restarted or flushed node) answers NOSCRIPT. An asyncio client's
     awaitable goes through settle_script for the same."""
     try:
-        return client.evalsha(RATE_LIMIT_SHA, len(keys), *keys, *args)
+        return client.evalsha(script.sha, len(keys), *keys, *args)
     except Exception as exc:
         if not is_noscript(exc):
             raise
-        return client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        return client.eval(script.text, len(keys), *keys, *args)
 
 
-async def settle_script(client: Any, pending: Awaitable, keys: list, args: tuple) -> Any:
+async def settle_script(client: Any, script: Script, pending: Awaitable, keys: list, args: tuple) -> Any:
     try:
         return await pending
     except Exception as exc:
         if not is_noscript(exc):
             raise
-        return await client.eval(RATE_LIMIT_LUA, len(keys), *keys, *args)
+        return await client.eval(script.text, len(keys), *keys, *args)
 
 
 def retried_at_once(client: Any, exc: BaseException) -> bool:
@@ -563,30 +603,61 @@ class RedisCounters:
     def __init__(self, connect: Callable[[], Any], prefix: str):
         self.connect = connect  # Open WebUI's client, resolved on first use and again after a failure to build it
         self.base = redis_key_base(prefix)
+        self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
         self._client = None
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        client = self._client if self._client is not None else self._resolve()
         keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
         args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", limit.redis_args)  # few arguments: cheaper to send
-        try:
-            reply = run_script(client, keys, args)
-        except Exception as exc:
-            if not retried_at_once(client, exc):
-                raise
-            reply = run_script(client, keys, args)
-        if inspect.isawaitable(reply):
-            return self._settle(client, reply, limit, keys, args)
-        return verdict_from_reply(limit, reply)
+        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
 
-    async def _settle(self, client: Any, pending: Awaitable, limit: RateLimit, keys: list, args: tuple) -> Verdict:
+    def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
+        return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
+        keys = self.quota_keys(user_id, quota.windows, now)
+        return self.run(QUOTA_READ_SCRIPT, keys, (), lambda reply: [int(n) for n in reply])
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        # kept a minute past the window's end: a charge arriving late still lands in its window
+        ends = [str(w.bounds(now)[1] + 60) for w in windows]
+        return self.run(CHARGE_SCRIPT, self.quota_keys(user_id, windows, now), (str(tokens), *ends), bool)
+
+    def lease_key(self, user_id: str) -> str:
+        return f"{self.root}cc:{{{user_id}}}"
+
+    def acquire(self, lease: "Lease", limit: int) -> Any:
+        args = (lease.member, str(limit), str(int(LEASE_SECONDS * 1000)))
+        return self.run(ACQUIRE_SCRIPT, [self.lease_key(lease.user_id)], args, int)
+
+    def renew(self, lease: "Lease") -> Any:
+        args = (lease.member, str(int(LEASE_SECONDS * 1000)))
+        return self.run(RENEW_SCRIPT, [self.lease_key(lease.user_id)], args, bool)
+
+    def release(self, lease: "Lease") -> Any:
+        return self.run(RELEASE_SCRIPT, [self.lease_key(lease.user_id)], (lease.member,), bool)
+
+    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
+        """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
+        client = self._client if self._client is not None else self._resolve()
         try:
-            reply = await settle_script(client, pending, keys, args)
+            reply = run_script(client, script, keys, args)
         except Exception as exc:
             if not retried_at_once(client, exc):
                 raise
-            reply = await settle_script(client, run_script(client, keys, args), keys, args)
-        return verdict_from_reply(limit, reply)
+            reply = run_script(client, script, keys, args)
+        if inspect.isawaitable(reply):
+            return self._settle(client, script, reply, keys, args, parse)
+        return parse(reply)
+
+    async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
+        try:
+            reply = await settle_script(client, script, pending, keys, args)
+        except Exception as exc:
+            if not retried_at_once(client, exc):
+                raise
+            reply = await settle_script(client, script, run_script(client, script, keys, args), keys, args)
+        return parse(reply)
 
     def _resolve(self) -> Any:
         client = self.connect()
@@ -616,6 +687,7 @@ class Limiter:
     ):
         self.redis = redis
         self.memory = memory or MemoryCounters()
+        self.tallies = MemoryTallies()
         self.clock = clock
         self.timeout = timeout
         self.retry_seconds = retry_seconds
@@ -631,30 +703,63 @@ class Limiter:
         return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        return self.shared(
+            lambda: self.redis.check(user_id, limit),
+            lambda counters: self.memory.check(user_id, limit, counters),
+        )
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
+        """Tokens used per window of `quota` (an awaitable of them with an asyncio client)."""
+        return self.shared(
+            lambda: self.redis.quota_used(user_id, quota, now),
+            lambda _: self.tallies.quota_used(user_id, quota, now),
+        )
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        return self.shared(
+            lambda: self.redis.charge(user_id, windows, tokens, now),
+            lambda _: self.tallies.charge(user_id, windows, tokens, now),
+        )
+
+    def acquire(self, lease: "Lease", limit: int) -> Any:
+        """Requests in flight with this one; more than `limit`: not taken."""
+        return self.shared(lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit))
+
+    def renew(self, lease: "Lease") -> Any:
+        return None if lease.local else self.shared(lambda: self.redis.renew(lease), lambda _: None)
+
+    def release(self, lease: "Lease") -> Any:
+        """A lease goes back where it was taken; one taken in Redis while Redis fails expires there."""
+        if lease.local:
+            return self.tallies.release(lease)
+        return self.shared(lambda: self.redis.release(lease), lambda _: None)
+
+    def shared(self, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
+        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or it fails."""
         if self.redis is None:
-            return self.memory.check(user_id, limit)
+            return local(COUNTERS_PER_WORKER)
         if self._retry_at is not None:
             now = self.clock()
             if now < self._retry_at:
-                return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+                return local(COUNTERS_DEGRADED)
             self._retry_at = now + self.retry_seconds
         try:
-            verdict = self.redis.check(user_id, limit)
+            result = remote()
         except Exception as exc:
-            return self._fall_back(exc, user_id, limit)
-        if inspect.isawaitable(verdict):
-            return self._bounded(verdict, user_id, limit)
-        return self._recovered(verdict)
+            return self._fall_back(exc, local)
+        if inspect.isawaitable(result):
+            return self._bounded(result, local)
+        return self._recovered(result)
 
-    async def _bounded(self, pending: Awaitable[Verdict], user_id: str, limit: RateLimit) -> Verdict:
+    async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
         try:
             async with asyncio.timeout(self.timeout):
-                verdict = await pending
+                result = await pending
         except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
-            return self._fall_back(exc, user_id, limit)
-        return self._recovered(verdict)
+            return self._fall_back(exc, local)
+        return self._recovered(result)
 
-    def _fall_back(self, exc: Exception, user_id: str, limit: RateLimit) -> Verdict:
+    def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:
         now, cause = self.clock(), redis_cause(exc)
         self._retry_at = now + self.retry_seconds
         # One ERROR per cause: again only when the cause changes or a minute has passed.
@@ -672,13 +777,13 @@ class Limiter:
                 fix,
             )
         self.cause = cause
-        return self.memory.check(user_id, limit, COUNTERS_DEGRADED)
+        return local(COUNTERS_DEGRADED)
 
-    def _recovered(self, verdict: Verdict) -> Verdict:
+    def _recovered(self, result: Any) -> Any:
         if self._retry_at is not None:
             self._retry_at, self._logged_at, self.cause = None, None, None
             log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
-        return verdict
+        return result
 
 
 # ---------------------------------------------------------------------------
@@ -826,6 +931,124 @@ def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------
+# Token quotas and requests in flight
+# ---------------------------------------------------------------------------
+# A quota is a budget of tokens per calendar window (QuotaWindow): read before a request is let in,
+# charged with what the answer cost once it is known, so requests already in flight when it runs out
+# finish (the overshoot is at most what they cost: one answer per request in flight). A concurrency
+# cap is a lease per request in flight, given back when its answer ends or its client goes away;
+# in Redis a lease also expires LEASE_SECONDS after it was last renewed, so a worker that dies
+# mid-request frees its places. Both live next to the request limits: in Redis when Open WebUI has
+# it, per process otherwise or while Redis fails (`degraded`, like the limits).
+LEASE_SECONDS = 60.0
+LEASE_RENEW_SECONDS = 20.0
+QUOTA_KEYS_KEPT = 4 * RATE_MAX_USERS
+
+
+@dataclass
+class Lease:
+    user_id: str
+    member: str  # unique across workers: process nonce + serial
+    local: bool = False  # taken in this process (no Redis, or Redis failing), given back here
+
+
+def quota_exceeded(quota: "TokenQuota", used: list[int], now: float) -> tuple["QuotaWindow", float] | None:
+    """The spent window that starts again last, with the seconds until it does; None while all have room."""
+    spent = [(w, w.bounds(now)[1] - now) for w, n in zip(quota.windows, used, strict=True) if n >= w.limit]
+    return max(spent, key=lambda item: item[1]) if spent else None
+
+
+def quota_fields(quota: "TokenQuota", used: list[int], now: float) -> dict[str, str]:
+    """RateLimit-Policy / RateLimit items for the token windows (`tokens-day`: q tokens per w seconds)."""
+    policy, state = [], []
+    for window, count in zip(quota.windows, used, strict=True):
+        start, end = window.bounds(now)
+        name = f'"tokens-{window.unit}"'
+        policy.append(f"{name};q={window.limit};w={end - start}")
+        state.append(f"{name};r={max(window.limit - count, 0)};t={whole_seconds(end - now)}")
+    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
+
+
+def concurrency_fields(limit: int, in_flight: int) -> dict[str, str]:
+    return {"RateLimit-Policy": f'"concurrent";q={limit}', "RateLimit": f'"concurrent";r={max(limit - in_flight, 0)}'}
+
+
+class MemoryTallies:
+    """Per-process token sums per user and calendar window, and each user's requests in flight."""
+
+    def __init__(self, max_keys: int = QUOTA_KEYS_KEPT):
+        self.max_keys = max_keys
+        self._tokens: collections.OrderedDict = collections.OrderedDict()  # (user, unit, start) -> tokens
+        self._leases: dict[str, set] = {}
+        self._lock = threading.Lock()
+
+    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> list[int]:
+        return [self._tokens.get((user_id, w.unit, w.bounds(now)[0]), 0) for w in quota.windows]
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> None:
+        with self._lock:
+            for window in windows:
+                key = (user_id, window.unit, window.bounds(now)[0])
+                self._tokens[key] = self._tokens.get(key, 0) + tokens
+                self._tokens.move_to_end(key)
+            while len(self._tokens) > self.max_keys:
+                self._tokens.popitem(last=False)
+
+    def acquire(self, lease: Lease, limit: int) -> int:
+        """Requests in flight with this one; more than `limit` means it was not taken."""
+        with self._lock:
+            held = self._leases.setdefault(lease.user_id, set())
+            if len(held) >= limit:
+                return len(held) + 1
+            held.add(lease.member)
+            lease.local = True
+            return len(held)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            held = self._leases.get(lease.user_id)
+            if held is not None:
+                held.discard(lease.member)
+                if not held:
+                    del self._leases[lease.user_id]
+
+
+# Lease scores are expiry times from the Redis server's clock (µs, as the request limits).
+ACQUIRE_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[2]) then return count + 1 end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[3]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return count + 1
+"""
+RENEW_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+QUOTA_READ_LUA = """
+local used = {}
+for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key) or '0') end
+return used
+"""
+CHARGE_LUA = """
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, ARGV[1])
+  redis.call('EXPIREAT', key, ARGV[i + 1])
+end
+return 1
+"""
+RELEASE_LUA = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+ACQUIRE_SCRIPT, RENEW_SCRIPT, RELEASE_SCRIPT = Script(ACQUIRE_LUA), Script(RENEW_LUA), Script(RELEASE_LUA)
+QUOTA_READ_SCRIPT, CHARGE_SCRIPT = Script(QUOTA_READ_LUA), Script(CHARGE_LUA)
+
+
+# ---------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------
 # The valves, parsed and validated once, precomputed for cheap lookups.
@@ -896,7 +1119,7 @@ class ModelList:
 
 
 def parse_roles(text: str) -> frozenset:
-    roles = frozenset(item.casefold() for item in split_list(text))
+    roles = frozenset(item.lower() for item in split_list(text))
     unknown = sorted(roles - set(ROLES))
     if unknown:
         raise ValueError(f"expected roles from {', '.join(ROLES)}, got {unknown[0]!r}")
@@ -904,20 +1127,171 @@ def parse_roles(text: str) -> frozenset:
 
 
 def parse_names(text: str) -> frozenset:
-    return frozenset(item.casefold() for item in split_list(text))
+    return frozenset(item.lower() for item in split_list(text))
+
+
+# Token quotas count calendar windows in UTC (this minute, hour, day, month), not rolling ones: a
+# budget is read against the usage table, whose rows are UTC days, and "your quota starts again at
+# 00:00 UTC" is a sentence a key's owner can plan with. The price is the boundary: a whole day's
+# quota at 23:59 and another at 00:00. Request limits, whose job is pace, stay sliding.
+QUOTA_UNITS = ("minute", "hour", "day", "month")
+QUOTA_FORM = (
+    "expected comma-separated N/minute, N/hour, N/day or N/month tokens with N a positive integer "
+    "(e.g. '200000/day,3000000/month'), or empty for no quota"
+)
+
+
+@dataclass(frozen=True)
+class QuotaWindow:
+    limit: int
+    unit: str
+
+    def bounds(self, now: float) -> tuple[int, int]:
+        """(start, end) of the calendar window holding `now`, in epoch seconds, UTC."""
+        if self.unit == "month":
+            day = time.gmtime(now)
+            start = calendar.timegm((day.tm_year, day.tm_mon, 1, 0, 0, 0))
+            year, month = (day.tm_year + 1, 1) if day.tm_mon == 12 else (day.tm_year, day.tm_mon + 1)
+            return start, calendar.timegm((year, month, 1, 0, 0, 0))
+        span = {"minute": 60, "hour": 3600, "day": 86400}[self.unit]
+        start = int(now // span * span)
+        return start, start + span
+
+
+@dataclass(frozen=True)
+class TokenQuota:
+    """The windows of one token-quota setting, parsed once; no windows = no quota."""
+
+    windows: tuple[QuotaWindow, ...]
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def parse(cls, text: str) -> "TokenQuota":
+        windows: dict[str, QuotaWindow] = {}
+        for item in split_list(text):
+            match = _RATE_ITEM.fullmatch(item)
+            unit = match.group(2).lower() if match else ""
+            if not match or unit not in QUOTA_UNITS or int(match.group(1)) < 1:
+                raise ValueError(f"{QUOTA_FORM}; got {item!r}")
+            if unit in windows:
+                raise ValueError(f"{QUOTA_FORM}, each unit at most once; got {unit!r} twice")
+            windows[unit] = QuotaWindow(int(match.group(1)), unit)
+        return cls(tuple(sorted(windows.values(), key=lambda w: QUOTA_UNITS.index(w.unit))))
+
+
+def parse_count(text: Any, what: str) -> int:
+    """A whole number >= 0 written in a valve (0 = no limit)."""
+    value = int(text) if isinstance(text, int) and not isinstance(text, bool) else None
+    if value is None and isinstance(text, str) and text.strip().isdigit():
+        value = int(text.strip())
+    if value is None or value < 0:
+        raise ValueError(f"{what} must be a whole number, 0 for none; got {text!r}")
+    return value
+
+
+# A tier's fields: the suffix of the role valves (api_key_<field>_admin) and the keys of an
+# api_key_tiers entry, each with its parser.
+TIER_FIELDS = {
+    "allowed_endpoints": lambda text: PathList.parse(text),
+    "allowed_models": lambda text: ModelList.parse(text),
+    "rate_limit": lambda text: RateLimit.parse(text),
+    "token_quota": lambda text: TokenQuota.parse(text),
+    "max_key_age_days": lambda text: parse_count(text, "max_key_age_days"),
+    "max_concurrent": lambda text: parse_count(text, "max_concurrent"),
+}
 
 
 @dataclass(frozen=True)
 class Tier:
-    """What the keys of one kind of user may do: `admin` or `user`, the suffix of their valves."""
+    """What the keys of one user may do. `admin` and `user` are the role tiers (their valves end in
+    the name); api_key_tiers entries override them field by field. `sources` names, per field, the
+    setting it came from, so every refusal names the valve to change."""
 
     name: str
-    endpoints: PathList
-    models: ModelList
+    allowed_endpoints: PathList
+    allowed_models: ModelList
     rate_limit: RateLimit
+    token_quota: TokenQuota
+    max_key_age_days: int
+    max_concurrent: int
+    sources: tuple  # (field, setting) per field, in TIER_FIELDS order
+    texts: tuple  # (field, value as written) per field
 
     def valve(self, field: str) -> str:
-        return f"api_key_{field}_{self.name}"
+        return dict(self.sources)[field]
+
+    @property
+    def counting(self) -> str | None:
+        """The first field whose counters an admitted request of this tier touches, or None."""
+        if self.rate_limit.windows:
+            return "rate_limit"
+        if self.token_quota.windows:
+            return "token_quota"
+        return "max_concurrent" if self.max_concurrent else None
+
+
+def role_tier(name: str, texts: dict) -> Tier:
+    values = {field: TIER_FIELDS[field](texts[field]) for field in TIER_FIELDS}
+    sources = tuple((field, f"api_key_{field}_{name}") for field in TIER_FIELDS)
+    return Tier(name, **values, sources=sources, texts=tuple((f, str(texts[f])) for f in TIER_FIELDS))
+
+
+@dataclass(frozen=True)
+class TierEntry:
+    """One api_key_tiers entry: `group:<name or id>` or `user:<email or id>` and the fields it sets."""
+
+    label: str  # as written, for messages
+    kind: str  # "group" or "user"
+    name: str  # casefolded
+    values: tuple  # (field, parsed) for the fields it sets
+    texts: tuple  # (field, as written)
+
+
+def parse_tiers(text: str) -> tuple[TierEntry, ...]:
+    """api_key_tiers: a JSON object whose keys are `group:<name or id>` or `user:<email or id>` and whose
+    values set some of TIER_FIELDS. Listed order is priority among groups. Errors name entry and field."""
+    if not str(text).strip():
+        return ()
+    try:
+        pairs = json.loads(text, object_pairs_hook=JSONObject)  # a key listed twice must be seen, not dropped
+    except ValueError as exc:
+        raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}; {exc}") from None
+    if not isinstance(pairs, JSONObject):
+        raise ValueError(f"expected a JSON object like {TIERS_EXAMPLE}")
+    entries, seen = [], set()
+    for label, fields in pairs:
+        kind, sep, name = str(label).partition(":")
+        if not sep or kind not in ("group", "user") or not name.strip():
+            raise ValueError(f"entry {label!r}: expected a key 'group:<name or id>' or 'user:<email or id>'")
+        key = (kind, name.strip().lower())
+        if key in seen:
+            raise ValueError(f"entry {label!r}: listed twice")
+        seen.add(key)
+        if not isinstance(fields, JSONObject) or not fields:
+            raise ValueError(f"entry {label!r}: expected an object setting some of {', '.join(TIER_FIELDS)}")
+        if len({f for f, _ in fields}) < len(fields):
+            raise ValueError(f"entry {label!r}: a field is set twice")
+        values, texts = [], []
+        for field, value in fields:
+            if field not in TIER_FIELDS:
+                raise ValueError(f"entry {label!r}: unknown field {field!r}; known: {', '.join(TIER_FIELDS)}")
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"entry {label!r}, field {field!r}: expected a string or a number")
+            try:
+                values.append((field, TIER_FIELDS[field](value)))
+            except ValueError as exc:
+                raise ValueError(f"entry {label!r}, field {field!r}: {exc}") from None
+            texts.append((field, str(value)))
+        entries.append(TierEntry(str(label), kind, key[1], tuple(values), tuple(texts)))
+    return tuple(entries)
+
+
+class JSONObject(list):
+    """A JSON object as the (key, value) pairs it was written with, duplicates included."""
+
+
+TIERS_EXAMPLE = '{"group:interns": {"allowed_endpoints": "/api/chat/completions", "token_quota": "20000/day"}}'
+MERGED_TIERS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -929,39 +1303,68 @@ class Policy:
     api_key_blocked_users: frozenset
     admin: Tier
     user: Tier
+    tiers: tuple = ()  # TierEntry, in listed order
+    reads_bodies: bool = False  # some tier has a model list or counters: key requests' bodies are read
+    _merged: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def tier_for(self, role: str) -> Tier:
-        """The one place a role becomes its lists. Only the exact role "admin" gets the admin
-        tier: a missing or odd role is never mistaken for a privileged one."""
-        return self.admin if role == "admin" else self.user
+    def tier_for(self, facts: "Facts") -> Tier:
+        """The one place a user becomes its tier: the role's (only the exact role "admin" gets the
+        admin tier: a missing or odd role is never a privileged one), then, field by field, the
+        first api_key_tiers entry that sets the field among: the user's own entry, then the
+        entries of the user's groups in the order they are listed."""
+        base = self.admin if facts.role == "admin" else self.user
+        if not self.tiers:
+            return base
+        person = {facts.user_id.lower(), facts.email.lower()}
+        groups = {g.lower() for g in (*facts.group_ids, *facts.group_names)}
+        users = [e for e in self.tiers if e.kind == "user" and e.name in person]
+        members = [e for e in self.tiers if e.kind == "group" and e.name in groups]
+        matched = tuple(users[:1] + members)
+        if not matched:
+            return base
+        key = (base.name, tuple(id(e) for e in matched))
+        tier = self._merged.get(key)
+        if tier is None:
+            tier = overridden(base, matched)
+            if len(self._merged) < MERGED_TIERS_KEPT:
+                self._merged[key] = tier
+        return tier
+
+
+def overridden(base: Tier, entries: tuple) -> Tier:
+    """`base` with each field taken from the first of `entries` that sets it."""
+    values = {f: getattr(base, f) for f in TIER_FIELDS}
+    sources, texts = dict(base.sources), dict(base.texts)
+    for entry in reversed(entries):
+        values.update(entry.values)
+        texts.update(entry.texts)
+        sources.update((f, f"api_key_tiers {entry.label} {f}") for f, _ in entry.values)
+    name = "+".join([base.name, *(e.label for e in entries)])
+    return Tier(name, **values, sources=tuple(sources.items()), texts=tuple(texts.items()))
+
+
+ROLE_TIER_VALVES = tuple(f"api_key_{f}_{role}" for role in ("admin", "user") for f in TIER_FIELDS)
 
 
 @functools.lru_cache(maxsize=32)
-def compile_policy(
-    mode: str,
-    roles: str,
-    groups: str,
-    users: str,
-    blocked: str,
-    endpoints_admin: str,
-    endpoints_user: str,
-    models_admin: str,
-    models_user: str,
-    rate_admin: str,
-    rate_user: str,
-) -> Policy:
+def compile_policy(mode: str, roles: str, groups: str, users: str, blocked: str, tiers: str, *tier_valves) -> Policy:
     if mode not in ("enforce", "monitor"):
         raise ValueError(f"mode must be 'enforce' or 'monitor', got {mode!r}")
+    texts = dict(zip(ROLE_TIER_VALVES, tier_valves, strict=True))
+    admin = role_tier("admin", {f: texts[f"api_key_{f}_admin"] for f in TIER_FIELDS})
+    user = role_tier("user", {f: texts[f"api_key_{f}_user"] for f in TIER_FIELDS})
+    entries = parse_tiers(tiers)
+    every = (admin, user, *(overridden(user, (e,)) for e in entries))
     return Policy(
         enforce=mode == "enforce",
         api_key_roles=parse_roles(roles),
         api_key_groups=parse_names(groups),
         api_key_users=parse_names(users),
         api_key_blocked_users=parse_names(blocked),
-        admin=Tier(
-            "admin", PathList.parse(endpoints_admin), ModelList.parse(models_admin), RateLimit.parse(rate_admin)
-        ),
-        user=Tier("user", PathList.parse(endpoints_user), ModelList.parse(models_user), RateLimit.parse(rate_user)),
+        admin=admin,
+        user=user,
+        tiers=entries,
+        reads_bodies=any(not t.allowed_models.admits_all or t.counting for t in every),
     )
 
 
@@ -974,12 +1377,8 @@ def policy_from_valves(valves: Any) -> Policy:
         valves.api_key_groups,
         valves.api_key_users,
         valves.api_key_blocked_users,
-        valves.api_key_allowed_endpoints_admin,
-        valves.api_key_allowed_endpoints_user,
-        valves.api_key_allowed_models_admin,
-        valves.api_key_allowed_models_user,
-        valves.api_key_rate_limit_admin,
-        valves.api_key_rate_limit_user,
+        valves.api_key_tiers,
+        *(getattr(valves, name) for name in ROLE_TIER_VALVES),
     )
 
 
@@ -989,7 +1388,9 @@ def policy_from_valves(valves: Any) -> Policy:
 # A pure function of (request facts, policy).
 @dataclass(frozen=True)
 class Facts:
-    is_api_key: bool
+    """What the guard knows of one API-key request: who (as core authenticated the key), where (the
+    routed path), which models (as core will call them), and the key's age."""
+
     user_id: str = ""
     email: str = ""
     role: str = ""
@@ -1002,6 +1403,9 @@ class Facts:
     # Models core calls instead of the named one: (model, how), e.g. the base model of a workspace model.
     resolved: tuple = ()
     model_calls: int = 1  # model calls the request asks core for (fan-out over message_ids)
+    background: str = ""  # how a model answers after the request ends, if it does
+    key_created: int | None = None  # epoch seconds; None where core keeps no creation time (or not read)
+    now: float = 0.0  # when the request was judged, epoch seconds
 
 
 @dataclass(frozen=True)
@@ -1011,39 +1415,61 @@ class Decision:
     message: str
 
 
-def _decision(allowed: bool, reason: str, **fields: str) -> Decision:
+def _decision(allowed: bool, reason: str, **fields: Any) -> Decision:
     return Decision(allowed, reason, REASON_TEXT[reason].format(**fields))
 
 
-SESSION = _decision(True, REASON_SESSION)
 ALLOWED = _decision(True, REASON_ALLOWED)
 BLOCKED_USER = _decision(False, REASON_BLOCKED_USER)
 GUARD_ERROR = _decision(False, REASON_GUARD_ERROR)
 
 
-def decide(facts: Facts, policy: Policy) -> Decision:
-    if not facts.is_api_key:
-        return SESSION
-    role = facts.role or ""
-    user_id, email = facts.user_id.casefold(), facts.email.casefold()
+def admitted_by(facts: Facts, policy: Policy) -> str | None:
+    """Which rule lets this user use keys at all (as explain prints it), or None."""
+    user_id, email = facts.user_id.lower(), facts.email.lower()
+    if (facts.role or "").lower() in policy.api_key_roles:
+        return f"role '{facts.role}' (api_key_roles)"
+    if policy.api_key_users and (user_id in policy.api_key_users or email in policy.api_key_users):
+        return "this user (api_key_users)"
+    if policy.api_key_groups:
+        admitting = [g for g in (*facts.group_names, *facts.group_ids) if g.lower() in policy.api_key_groups]
+        if admitting:
+            return f"group '{min(admitting)}' (api_key_groups)"
+    return None
+
+
+def is_blocked(facts: Facts, policy: Policy) -> bool:
     blocked = policy.api_key_blocked_users
-    if blocked and (user_id in blocked or email in blocked):
+    return bool(blocked) and (facts.user_id.lower() in blocked or facts.email.lower() in blocked)
+
+
+def decide(facts: Facts, policy: Policy) -> Decision:
+    """The policy's answer for one API-key request; counters (limits, quotas, leases) come after."""
+    role = facts.role or ""
+    if is_blocked(facts, policy):
         return BLOCKED_USER
-    users, groups = policy.api_key_users, policy.api_key_groups
-    admitted = (
-        role.casefold() in policy.api_key_roles
-        or (users and (user_id in users or email in users))
-        or (groups and any(g.casefold() in groups for g in (*facts.group_ids, *facts.group_names)))
-    )
-    if not admitted:
+    if admitted_by(facts, policy) is None:
         return _decision(False, REASON_NOT_ADMITTED, role=role)
-    tier = policy.tier_for(role)
-    if not tier.endpoints.admits(facts.method, facts.path):
+    tier = policy.tier_for(facts)
+    if tier.max_key_age_days:
+        valve, limit = tier.valve("max_key_age_days"), tier.max_key_age_days
+        if facts.key_created is None:
+            return _decision(False, REASON_KEY_AGE_UNKNOWN, role=role, limit=limit, valve=valve)
+        days = (facts.now - facts.key_created) / 86400
+        if days > limit:
+            created = time.strftime("%Y-%m-%d", time.gmtime(facts.key_created))
+            fields = {"created": created, "days": int(days), "limit": limit, "valve": valve}
+            return _decision(False, REASON_KEY_AGE, role=role, **fields)
+    if not tier.allowed_endpoints.admits(facts.method, facts.path):
         return _decision(False, REASON_ENDPOINT, role=role, path=facts.path, valve=tier.valve("allowed_endpoints"))
-    models = tier.models
+    # Counted work must happen inside the request: a model answering afterwards is neither charged nor held.
+    if facts.background and (tier.token_quota.windows or tier.max_concurrent):
+        valve = tier.valve("token_quota" if tier.token_quota.windows else "max_concurrent")
+        return _decision(False, REASON_BACKGROUND, role=role, how=facts.background, valve=valve)
+    models = tier.allowed_models
     # One counted request must not buy several model calls, nor reach models nobody checked.
-    if facts.model_calls > 1 and (tier.rate_limit.windows or not models.admits_all):
-        valve = tier.valve("rate_limit" if tier.rate_limit.windows else "allowed_models")
+    if facts.model_calls > 1 and (tier.counting or not models.admits_all):
+        valve = tier.valve(tier.counting or "allowed_models")
         return _decision(False, REASON_FAN_OUT, role=role, count=facts.model_calls, valve=valve)
     if models.admits_all:
         return ALLOWED
@@ -1172,11 +1598,71 @@ async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
     return cached
 
 
+KEY_TIMES_MISSING = (
+    "this Open WebUI keeps no creation time for API keys (the api_key table came in 0.6.41): "
+    "a maximum key age cannot be enforced here; leave it 0"
+)
+_key_times = TTLCache(GROUPS_TTL_SECONDS)
+
+
+def core_is_async() -> bool:
+    """0.9+ looks keys up in the event loop (async); 0.6-0.8 in a threadpool thread (sync)."""
+    return inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
+
+
+def core_keeps_key_times() -> bool:
+    """Whether core's key table has creation times (0.6.41+); True outside Open WebUI (cannot tell)."""
+    users = sys.modules.get("open_webui.models.users")
+    return users is None or hasattr(users, "ApiKey")
+
+
+async def key_created(user_id: str, token: str | None) -> int | None:
+    """When core created this user's key (epoch seconds), from its api_key table; None where it keeps
+    none, or when the stored key is not `token`. Read by user id: the key itself never goes into a
+    query, whose error text (SQLAlchemy prints the parameters) would carry it into a log line."""
+    if not core_keeps_key_times():
+        return None
+    digest = hashlib.sha256(f"{user_id}\0{token}".encode()).hexdigest()  # the cache never holds a key
+    cached = _key_times.get(digest)
+    if cached is None:
+        cached = (await off_loop(lambda: stored_key_time(user_id, token)),)
+        _key_times.put(digest, cached)
+    return cached[0]
+
+
+def stored_key_time(user_id: str, token: str | None) -> int | None:
+    """created_at of the user's key (of the one equal to `token`, when given)."""
+    try:
+        with openwebui_engine().connect() as conn:
+            rows = conn.execute(
+                sql_text("SELECT key, created_at FROM api_key WHERE user_id = :user_id"), {"user_id": user_id}
+            ).all()
+    except Exception as exc:
+        raise LookupError(f"core's api_key table could not be read ({type(exc).__name__})") from None
+    for key, created in rows:
+        if token is None or hmac.compare_digest(str(key).encode(), token.encode()):
+            return int(created) if created is not None else None
+    return None
+
+
+async def off_loop(work: Callable[[], Any]) -> Any:
+    """Blocking work (a sync database or Redis call) kept off the event loop: in a thread on async
+    Open WebUI; right here on sync Open WebUI, whose lookups already run in a threadpool thread."""
+    if core_is_async():
+        return await asyncio.to_thread(work)
+    return work()
+
+
 def describe(exc: Exception) -> str:
     """One log-friendly line; validation errors as `valve: problem`."""
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'valves'}: {e['msg']}" for e in exc.errors())
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    text = _SQL_PARAMETERS.sub("[parameters: hidden]", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), text)}"
+
+
+# SQLAlchemy's error text ends in the statement's parameters; a parameter may be a credential.
+_SQL_PARAMETERS = re.compile(r"\[parameters: .*?\](?= \(|$)|\[parameters: .*")
 
 
 def block_text(template: str, decision: Decision) -> str:
@@ -1214,114 +1700,136 @@ class Valves(BaseModel):
         default=env_default("mode", "enforce"),
         title="Mode",
         description=(
-            "enforce (default): refuse the API-key requests the policy forbids. monitor: let them through and "
-            "only log what would be refused, to try a policy safely."
+            "enforce (default): refuse what the policy forbids. monitor: serve it and log what would be refused."
         ),
     )
     priority: int = Field(
         default=env_default("priority", -100),
         title="Priority",
-        description=(
-            "Filter order, lowest first (default -100). Keep it below every other filter so API keys are judged "
-            "before anything else runs."
-        ),
+        description=("Filter order, lowest first (default -100): keep it below every other filter."),
     )
     api_key_roles: str = Field(
         default=env_default("api_key_roles", "admin"),
         title="API key roles",
-        description=(
-            "Roles whose members may use API keys at all: admin, user, pending, comma-separated. Default admin: "
-            "only admins' keys work."
-        ),
+        description=("Roles whose members may use API keys at all: admin, user, pending. Default admin."),
     )
     api_key_groups: str = Field(
         default=env_default("api_key_groups", ""),
         title="API key groups",
-        description=(
-            "Group names or ids, comma-separated, whose members may use API keys whatever their role. Default: none."
-        ),
+        description=("Groups (names or ids) whose members may use API keys whatever their role."),
     )
     api_key_users: str = Field(
         default=env_default("api_key_users", ""),
         title="API key users",
-        description="Emails or user ids, comma-separated, who may use API keys whatever their role. Default: none.",
+        description="Emails or user ids who may use API keys whatever their role.",
     )
     api_key_blocked_users: str = Field(
         default=env_default("api_key_blocked_users", ""),
         title="Blocked from API keys",
-        description=(
-            "Emails or user ids, comma-separated, who may never use API keys, admins included; wins over every "
-            "other rule. Default: none."
-        ),
+        description=("Emails or user ids who may never use API keys, admins included; wins over every other rule."),
     )
     api_key_allowed_endpoints_admin: str = Field(
         default=env_default("api_key_allowed_endpoints_admin", "*"),
         title="Endpoints for admin keys",
-        description=(
-            "Paths admin keys may call, comma-separated; each admits itself and everything under it (/api/models "
-            "admits /api/models/x); 'GET /path' admits only reading it. * = every path, empty = none. Default *."
-        ),
+        description=("Paths admin keys may call; each admits what is under it; 'GET /path' only reading it; * = all."),
     )
     api_key_allowed_endpoints_user: str = Field(
         default=env_default("api_key_allowed_endpoints_user", DEFAULT_USER_ENDPOINTS),
         title="Endpoints for other keys",
-        description=(
-            "Paths that keys of non-admins may call, once the rules above admit them; written as for admin keys. "
-            "Default: chat completions and reading the model list (/api/chat/completions, "
-            "/api/v1/chat/completions, GET /api/models, GET /api/v1/models)."
-        ),
+        description=("Paths other keys may call, written as for admins. Default: chat and reading the model list."),
     )
     api_key_allowed_models_admin: str = Field(
         default=env_default("api_key_allowed_models_admin", "*"),
         title="Models for admin keys",
         description=(
-            "Model ids admin keys may use, comma-separated; globs like gpt-4* work. Checked on every route that "
-            "reaches a model; model lists fetched with these keys show only these. * = all (default)."
+            "Model ids (or globs: gpt-4*) admin keys may use, on every model route; listings show only these."
         ),
     )
     api_key_allowed_models_user: str = Field(
         default=env_default("api_key_allowed_models_user", "*"),
         title="Models for other keys",
-        description=("Model ids that keys of non-admins may use, written as for admin keys. * = all (default)."),
+        description="Model ids other keys may use, written as for admins.",
     )
     api_key_rate_limit_admin: str = Field(
         default=env_default("api_key_rate_limit_admin", ""),
         title="Rate limit for admin keys",
         description=(
-            "Most requests each admin's key may make: N/second, N/minute, N/hour or N/day, comma-separated "
-            "(60/minute,1000/day). Over it: HTTP 429. Empty = unlimited (default)."
+            "Requests per admin: N/second, N/minute, N/hour, N/day (60/minute,1000/day); over it 429. Empty = none."
         ),
     )
     api_key_rate_limit_user: str = Field(
         default=env_default("api_key_rate_limit_user", ""),
         title="Rate limit for other keys",
+        description=("Requests per other user, written as for admins."),
+    )
+    api_key_token_quota_admin: str = Field(
+        default=env_default("api_key_token_quota_admin", ""),
+        title="Token quota for admin keys",
         description=(
-            "Most requests each non-admin's key may make, written as for admin keys. Empty = unlimited (default)."
+            "Tokens per admin per UTC calendar minute, hour, day or month (200000/day,3000000/month); spent: 429."
+        ),
+    )
+    api_key_token_quota_user: str = Field(
+        default=env_default("api_key_token_quota_user", ""),
+        title="Token quota for other keys",
+        description="Tokens per other user, written as for admins.",
+    )
+    api_key_max_key_age_days_admin: int = Field(
+        default=env_default("api_key_max_key_age_days_admin", 0),
+        ge=0,
+        le=36500,
+        title="Maximum key age for admins (days)",
+        description=("Admin keys older than this are refused until regenerated (Open WebUI 0.6.41+). 0 = no limit."),
+    )
+    api_key_max_key_age_days_user: int = Field(
+        default=env_default("api_key_max_key_age_days_user", 0),
+        ge=0,
+        le=36500,
+        title="Maximum key age for others (days)",
+        description="The same for other users' keys.",
+    )
+    api_key_max_concurrent_admin: int = Field(
+        default=env_default("api_key_max_concurrent_admin", 0),
+        ge=0,
+        le=100000,
+        title="Requests in flight per admin",
+        description=(
+            "Key requests of one admin served at once (a stream until it ends); one more gets 429. 0 = no limit."
+        ),
+    )
+    api_key_max_concurrent_user: int = Field(
+        default=env_default("api_key_max_concurrent_user", 0),
+        ge=0,
+        le=100000,
+        title="Requests in flight per other user",
+        description="The same for other users.",
+    )
+    api_key_tiers: str = Field(
+        default=env_default("api_key_tiers", ""),
+        title="Tiers for groups and users",
+        description=(
+            'JSON {"group:<name>": {...}, "user:<email>": {...}} overriding the role\'s allowed_endpoints, '
+            "allowed_models, rate_limit, token_quota, max_key_age_days, max_concurrent. Per field: the user's "
+            "entry, else the first listed group. Admits nobody."
         ),
     )
     route_guard: bool = Field(
         default=env_default("route_guard", True),
         title="Route guard",
         description=(
-            "Judge API keys on every route (OpenAI, Ollama, tasks, embeddings, the REST API), not only in chat. "
-            "Off: keys reach models directly on /openai and /ollama routes. Default on; switch it off only to "
-            "debug."
+            "Judge keys on every route, not only chat. Off only to debug: keys then reach /openai and /ollama."
         ),
     )
     block_message: str = Field(
         default=env_default("block_message", DEFAULT_BLOCK_MESSAGE),
         title="Refusal message",
-        description=(
-            "Text an API client gets when refused; {reason} becomes the rule that refused it. Default: API Key "
-            "Guard: {reason}"
-        ),
+        description=("What a refused client reads; {reason} is the rule that refused it."),
     )
     usage_accounting: bool = Field(
         default=env_default("usage_accounting", True),
         title="Usage accounting",
         description=(
-            "Record requests and tokens of API-key traffic on every model route, per user, model and day, in a "
-            "table of Open WebUI's database (install.py usage, and a Prometheus endpoint). Default on."
+            "Count key requests and tokens per user, model and day in Open WebUI's database (install.py usage)."
         ),
     )
     usage_retention_days: int = Field(
@@ -1329,12 +1837,12 @@ class Valves(BaseModel):
         ge=1,
         le=3650,
         title="Usage kept (days)",
-        description="Days of usage kept; older days are deleted once an hour. Default 90.",
+        description="Days of usage kept.",
     )
     audit_log: Literal["deny", "all", "off"] = Field(
         default=env_default("audit_log", "deny"),
         title="Audit log",
-        description="Which decisions go to the server log: deny (refusals only, default), all, or off.",
+        description="Decisions logged: deny (refusals), all, or off.",
     )
 
     @field_validator("api_key_roles")
@@ -1353,6 +1861,33 @@ class Valves(BaseModel):
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         RateLimit.parse(value)
+        return value
+
+    @field_validator("api_key_token_quota_admin", "api_key_token_quota_user")
+    @classmethod
+    def _token_quota(cls, value: str) -> str:
+        TokenQuota.parse(value)
+        return value
+
+    @field_validator("api_key_max_key_age_days_admin", "api_key_max_key_age_days_user")
+    @classmethod
+    def _key_age(cls, value: int) -> int:
+        if value and not core_keeps_key_times():
+            raise ValueError(KEY_TIMES_MISSING)
+        return value
+
+    @field_validator("api_key_tiers", mode="before")
+    @classmethod
+    def _tiers_as_json(cls, value: Any) -> Any:
+        """A valves file (install.py --valves) may write the tiers as a JSON object; they are stored as text."""
+        return json.dumps(value) if isinstance(value, dict) else value
+
+    @field_validator("api_key_tiers")
+    @classmethod
+    def _tiers(cls, value: str) -> str:
+        entries = parse_tiers(value)
+        if any(dict(e.values).get("max_key_age_days") for e in entries) and not core_keeps_key_times():
+            raise ValueError(KEY_TIMES_MISSING)
         return value
 
     @field_validator("block_message")
@@ -1406,25 +1941,31 @@ class ModelRequest:
     problem: str = ""  # why the models of a model-bearing body could not be read
     targets: tuple = ()  # further models it names: the targets of a fan-out (message_ids)
     calls: int = 1  # model calls it asks core for
+    background: str = ""  # how a model answers after this request ends (core's background tasks), if it does
 
 
 NO_MODEL = ModelRequest()
 
 
-async def facts_for(user: dict, method: str, path: str, asked: ModelRequest, resolve: bool) -> Facts:
-    user_id = str(user["id"])
+async def facts_for(
+    policy: Policy, user: dict, token: str | None, method: str, path: str, asked: ModelRequest
+) -> Facts:
+    """Everything decide() needs, read from core's own records: groups, the models core will call for
+    this body (fresh, only where the tier has a model list), the key's creation time (only where the
+    tier has a maximum age)."""
+    user_id, email, role = str(user["id"]), str(user.get("email") or ""), str(user.get("role") or "")
     group_ids, group_names = await user_groups(user_id)
+    tier = policy.tier_for(Facts(user_id=user_id, email=email, role=role, group_ids=group_ids, group_names=group_names))
     resolved: list = []
-    if resolve and not asked.problem:
+    if not tier.allowed_models.admits_all and not asked.problem:
         named = [m for m in (asked.model, *asked.targets) if m]
         resolved = [(t, "named in message_ids") for t in asked.targets if t != asked.model]
         for model in dict.fromkeys(named):
             resolved += await models_behind(model)
     return Facts(
-        is_api_key=True,
         user_id=user_id,
-        email=str(user.get("email") or ""),
-        role=str(user.get("role") or ""),
+        email=email,
+        role=role,
         group_ids=group_ids,
         group_names=group_names,
         method=method,
@@ -1433,7 +1974,20 @@ async def facts_for(user: dict, method: str, path: str, asked: ModelRequest, res
         model_problem=asked.problem,
         resolved=tuple(resolved),
         model_calls=asked.calls,
+        background=asked.background,
+        key_created=await key_created(user_id, token) if tier.max_key_age_days and token else None,
+        now=time.time(),
     )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One copy's answer for one API-key request."""
+
+    refusal: Refusal | None = None  # None lets it through
+    headers: tuple = ()  # RateLimit fields, (name, value) pairs
+    tier: Tier | None = None  # the tier it was judged under (None when the guard could not tell)
+    facts: Facts | None = None
 
 
 async def evaluate(
@@ -1446,48 +2000,94 @@ async def evaluate(
     where: str,
     quiet: bool = False,
     count: bool = False,
-) -> tuple[Refusal | None, tuple]:
-    """Judge one API-key request: (None to let it through, or the Refusal; response headers).
-
-    `quiet` logs only a refusal; `count` applies the rate limits to an admitted request."""
-    facts, policy, error = Facts(is_api_key=True, method=method, path=path or ""), None, None
+) -> Outcome:
+    """Judge one API-key request. `quiet` logs only a refusal; `count` applies the request limits and
+    token quotas to an admitted request (its concurrency cap is the route guard's: take_lease)."""
+    facts, policy, tier, error = Facts(method=method, path=path or ""), None, None, None
     try:
         policy = policy_from_valves(valves)
         if path is None:
             raise ValueError("no request passed to the guard")
         if not isinstance(user, dict):
             raise ValueError("no user passed to the guard")
-        tier = policy.tier_for(str(user.get("role") or ""))
-        facts = await facts_for(user, method, path, asked, resolve=not tier.models.admits_all)
+        facts = await facts_for(policy, user, token, method, path, asked)
         decision = decide(facts, policy)
+        tier = policy.tier_for(facts)
     except Exception as exc:  # fail closed: an undecidable key request is denied
         decision, error = GUARD_ERROR, describe(exc)
     enforce = policy.enforce if policy is not None else True
-    if not (count and decision.allowed and policy is not None):
-        return _reject(decision, facts, token, where, enforce, valves, error, quiet), ()
-    limited, headers = await rate_limited(policy, facts, token, where, valves)
-    if limited is None:  # admitted by the limits too: now it is an allow
-        _reject(decision, facts, token, where, enforce, valves, error, quiet)
-    return limited, headers
+    if not (count and decision.allowed and tier is not None and tier.counting):
+        return Outcome(conclude(decision, facts, token, where, enforce, valves, error, quiet), (), tier, facts)
+    outcome = await counted(tier, facts, token, where, valves, enforce)
+    if outcome.refusal is None:  # admitted by the counters too: now it is an allow
+        conclude(decision, facts, token, where, enforce, valves, error, quiet)
+    return outcome
 
 
-async def rate_limited(policy: Policy, facts: Facts, token: str | None, where: str, valves: Any) -> tuple:
-    """(Refusal or None, RateLimit headers) for a request the policy admitted."""
-    tier = policy.tier_for(facts.role)
-    limit = tier.rate_limit
-    if not limit.windows:
-        return None, ()
+async def counted(tier: Tier, facts: Facts, token: str | None, where: str, valves: Any, enforce: bool) -> Outcome:
+    """The counters of an admitted request: the token quota (read only: tokens are charged once the
+    answer is known), then the request limit (the request recorded). Counters that fail admit: they
+    never lock anyone out."""
+    user_id, role, now = facts.user_id, facts.role or "-", facts.now
+    fields: dict = {}
     try:
-        verdict = await settle(limiter().check(facts.user_id, limit))
-    except Exception as exc:  # a limiter that fails must not lock every key out: admit, and say so
-        log.error("api_key_guard rate limit not applied: %s", describe(exc))
-        return None, ()
-    headers = tuple(rate_limit_headers(limit, verdict).items())
-    if verdict.allowed:
-        return None, headers
-    fields = rate_limited_fields(verdict, facts.role or "-", tier.valve("rate_limit"))
-    decision = _decision(False, REASON_RATE_LIMITED, **fields)
-    return _reject(decision, facts, token, where, policy.enforce, valves, None, False, 429, headers), headers
+        quota = tier.token_quota
+        if quota.windows:
+            used = await settle(limiter().quota_used(user_id, quota, now))
+            fields = merged_fields(fields, quota_fields(quota, used, now))
+            over = quota_exceeded(quota, used, now)
+            if over is not None:
+                window, seconds = over
+                text = {"limit": window.limit, "unit": window.unit, "used": used[quota.windows.index(window)]}
+                decision = _decision(False, REASON_TOKEN_QUOTA, role=role, valve=tier.valve("token_quota"),
+                                     seconds=whole_seconds(seconds), **text)  # fmt: skip
+                headers = tuple({**fields, "Retry-After": str(whole_seconds(seconds))}.items())
+                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429, headers)
+                if refusal is not None:
+                    return Outcome(refusal, headers, tier, facts)
+        limit = tier.rate_limit
+        if limit.windows:
+            verdict = await settle(limiter().check(user_id, limit))
+            fields = merged_fields(fields, rate_limit_headers(limit, verdict))
+            if not verdict.allowed:
+                text = rate_limited_fields(verdict, role, tier.valve("rate_limit"))
+                decision = _decision(False, REASON_RATE_LIMITED, **text)
+                headers = tuple(fields.items())
+                refusal = conclude(decision, facts, token, where, enforce, valves, None, False, 429, headers)
+                return Outcome(refusal, headers, tier, facts)
+    except Exception as exc:  # a counter that fails must not lock every key out: admit, and say so
+        log.error("api_key_guard limits not applied: %s", describe(exc))
+        return Outcome(None, (), tier, facts)
+    return Outcome(None, tuple(fields.items()), tier, facts)
+
+
+async def take_lease(cap: int, judged: Outcome, valves: Any, token: str | None) -> tuple:
+    """(Refusal or None, the Lease taken or None, RateLimit fields) for a request its copies admitted,
+    under the smallest concurrency cap among them. A failing counter admits without a lease."""
+    facts = judged.facts
+    lease = Lease(facts.user_id, f"{_MEMBER_NONCE}:{next(_member_serial)}")
+    try:
+        in_flight = await settle(limiter().acquire(lease, cap))
+    except Exception as exc:
+        log.error("api_key_guard concurrency limit not applied: %s", describe(exc))
+        return None, None, ()
+    fields = concurrency_fields(cap, in_flight)
+    if in_flight <= cap:
+        return None, lease, tuple(fields.items())
+    decision = _decision(False, REASON_CONCURRENCY, role=facts.role or "-", limit=cap,
+                         valve=judged.tier.valve("max_concurrent"))  # fmt: skip
+    # the refusal tells the whole state: the other counters' fields, this one's, when to retry
+    headers = tuple(merged_fields(dict(judged.headers), {**fields, "Retry-After": "1"}).items())
+    policy = policy_from_valves(valves)
+    return conclude(decision, facts, token, "route", policy.enforce, valves, None, False, 429, headers), None, headers
+
+
+def merged_fields(fields: dict, more: dict) -> dict:
+    """RateLimit-Policy and RateLimit are lists: the items of several counters join in one field."""
+    joined = dict(fields)
+    for name, value in more.items():
+        joined[name] = f"{joined[name]}, {value}" if name in joined and name != "Retry-After" else value
+    return joined
 
 
 # ---------------------------------------------------------------------------
@@ -1541,7 +2141,7 @@ class AuditThrottle:
             return suppressed
 
 
-def _reject(
+def conclude(
     decision: Decision,
     facts: Facts,
     token: str | None,
@@ -1569,7 +2169,7 @@ def _reject(
         suppressed = throttle.admit((facts.user_id, decision.reason, error, stop))
         level = None if suppressed is None else level
     if level is not None:
-        word = "limit" if decision.reason == REASON_RATE_LIMITED else "deny"
+        word = "limit" if status == 429 else "deny"
         verdict = "allow" if decision.allowed else (word if stop else f"would-{word}")
         log.log(
             level,
@@ -1599,6 +2199,7 @@ def _reject(
 MAX_MODEL_ID_CHARS = 256
 MAX_FAN_OUT_TARGETS = 64
 MODEL_MENTION = "<@M:"
+MENTION_ANSWER = "a model mentioned in a channel answers after the post"
 MAX_MENTIONS = 1000
 
 
@@ -1644,7 +2245,7 @@ def mentioned_model(body: Any) -> ModelRequest:
         return ModelRequest(problem=problem, calls=calls)
     if len(mentioned) > 1:
         return ModelRequest(problem="the message mentions several models", calls=calls)
-    return ModelRequest(model=mentioned[0]) if mentioned else NO_MODEL
+    return ModelRequest(model=mentioned[0], background=MENTION_ANSWER) if mentioned else NO_MODEL
 
 
 def fan_out_targets(message_ids: Any) -> tuple[list[str], str, int]:
@@ -1677,7 +2278,8 @@ def proxied_model(body: Any) -> ModelRequest:
 def stored_model(body: Any) -> ModelRequest:
     """A route whose model comes from stored data: nothing in the request says which."""
     return ModelRequest(
-        problem="this route calls the model stored with the chat or automation, which cannot be checked"
+        problem="this route calls the model stored with the chat or automation, which cannot be checked",
+        background="a stored chat or automation calls its model",
     )
 
 
@@ -1687,7 +2289,7 @@ def automation_model(body: Any) -> ModelRequest:
     model = data.get("model_id") if isinstance(data, dict) else None
     if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID_CHARS:
         return ModelRequest(problem="the automation names no model, or one too long to check")
-    return ModelRequest(model=model)
+    return ModelRequest(model=model, background="an automation calls its model when it runs")
 
 
 def image_edit_model(body: Any) -> ModelRequest:
@@ -1707,9 +2309,15 @@ def model_of(body: Any) -> ModelRequest:
     if len(model) > MAX_MODEL_ID_CHARS:
         return ModelRequest(problem=f"the model id is longer than {MAX_MODEL_ID_CHARS} characters")
     targets, problem, calls = fan_out_targets(body.get("message_ids"))
+    # With both, core answers at once with a task id and calls the model in a task of its own.
+    background = "session_id and chat_id: core answers later in a task" if background_chat(body) else ""
     if problem:
-        return ModelRequest(model=model, problem=problem, calls=calls)
-    return ModelRequest(model=model, targets=tuple(targets), calls=calls)
+        return ModelRequest(model=model, problem=problem, calls=calls, background=background)
+    return ModelRequest(model=model, targets=tuple(targets), calls=calls, background=background)
+
+
+def background_chat(body: dict) -> bool:
+    return bool(body.get("session_id")) and bool(body.get("chat_id"))
 
 
 # ---------------------------------------------------------------------------
@@ -1802,11 +2410,11 @@ class Filter:
             judged = getattr(scope.get(STATE_KEY), "judged", False)
         # Defence in depth behind the route guard: when it already judged this request, a second
         # audit line would double-count it, so only a refusal is logged here.
-        refusal, _ = await evaluate(
+        outcome = await evaluate(
             self.valves, __user__, token, method, path, model_of(body), "inlet", quiet=judged, count=not judged
         )
-        if refusal is not None:
-            raise Exception(refusal.detail)
+        if outcome.refusal is not None:
+            raise Exception(outcome.refusal.detail)
         return body
 
 
@@ -2315,6 +2923,11 @@ class RequestState:
     started: float = 0.0
     audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
     judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
+    leases: list = dataclasses.field(default_factory=list)  # places among its user's requests in flight
+    charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
+    loop: Any = None  # the event loop serving it: lease renewals run there
+    renewer: Any = None  # the task renewing its leases in Redis
+    finished: bool = False  # its answer ended: nothing is renewed any more
 
 
 def scope_credential(scope: dict) -> str | None:
@@ -2530,8 +3143,7 @@ def needs_body(valves: Valves) -> bool:
         policy = policy_from_valves(valves)
     except Exception:
         return False  # the lookup fails closed with the same error and logs it
-    tiers = (policy.admin, policy.user)
-    return valves.usage_accounting or any(not t.models.admits_all or t.rate_limit.windows for t in tiers)
+    return valves.usage_accounting or policy.reads_bodies
 
 
 class RouteGuard:
@@ -2606,7 +3218,7 @@ class RouteGuard:
         return await self.serve_here(scope, receive, send, inner)
 
     async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
-        state = scope[STATE_KEY] = RequestState(started=time.monotonic())
+        state = scope[STATE_KEY] = RequestState(started=time.monotonic(), loop=asyncio.get_running_loop())
         path, method = scope["path"], scope["method"]
         if may_carry_a_key(scope):
             if path.startswith(BODY_PREFIXES):
@@ -2626,8 +3238,8 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
-            if state.usage is not None:
-                record_usage(state)
+            if state.leases or state.usage is not None or state.charge is not None:
+                await finish(state)
 
     def usage_report(self, path: str, method: str) -> str | None:
         """'usage', 'metrics' or 'drop' for the guard's own read-outs, served under a copy's function path."""
@@ -2636,9 +3248,8 @@ class RouteGuard:
         function_id, _, tail = path[len(FUNCTIONS_PATH) + 3 :].partition("/")
         if function_id not in self.hooks.function_ids:
             return None
-        return {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}.get(
-            (method, tail)
-        )
+        reports = {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}
+        return {**reports, ("GET", "explain"): "explain"}.get((method, tail))
 
     async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
         """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
@@ -2663,21 +3274,35 @@ class RouteGuard:
             if message.get("more_body", False):
                 return None
             try:
-                content_type, body = await asyncio.to_thread(usage_answer, report, query)
+                if report == "explain":
+                    content_type, body = "application/json", json.dumps(await self.explained(scope, query)).encode()
+                else:
+                    content_type, body = await asyncio.to_thread(usage_answer, report, query)
                 status = 200
+            except LookupError as exc:  # no such user: the admin's typo, said as such
+                content_type, status = "application/json", 404
+                body = json.dumps({"detail": f"API Key Guard: {exc.args[0] if exc.args else exc}"}).encode()
             except Exception as exc:
-                log.error("api_key_guard could not read usage: %s", log_field(describe(exc)))
-                content_type, body, status = (
-                    "application/json",
-                    b'{"detail": "API Key Guard could not read usage"}',
-                    500,
-                )
+                what = "explain" if report == "explain" else "read usage"
+                log.error("api_key_guard could not %s: %s", what, log_field(describe(exc)))
+                content_type, status = "application/json", 500
+                body = json.dumps({"detail": f"API Key Guard could not {what}"}).encode()
             headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return None
 
         await inner(scope, receive, send_report)
+
+    async def explained(self, scope: dict, query: dict) -> dict:
+        """explain for the copy whose function path was asked: its stored valves, core's user data."""
+        function_id = scope["path"][len(FUNCTIONS_PATH) + 3 :].partition("/")[0]
+        state = self._states.get(function_id) or FunctionState(function_id)
+        _, valves, _ = await state.current()
+        ask = {name: (query.get(name) or [""])[0] for name in ("user", "method", "path", "model")}
+        if core_is_async():
+            return await explain(valves, **ask)
+        return await asyncio.to_thread(drive, explain(valves, **ask))  # sync core: its lookups block
 
     async def read_body(self, state: RequestState, receive: Callable) -> Callable:
         """Read (not parse) the body of a key request that may name a model, when some active copy
@@ -2781,15 +3406,24 @@ class RouteGuard:
         method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
         if state is not None and state.judged_as is not None:
             method, path = state.judged_as
-        refusal, limits, listing = None, (), []
+        refusal, limits, listing, quotas, capped = None, (), [], {}, []
         for copy in copies:
-            refusal, headers = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
-            limits = limits or headers
+            outcome = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
+            refusal, limits = outcome.refusal, limits or outcome.headers
             if refusal is not None:
                 break  # the strictest answer wins; later copies neither judge nor count it
-            if kind == LISTING:
-                models = policy_from_valves(copy.valves).tier_for(person["role"]).models
-                listing += [] if models.admits_all else [models]
+            tier = outcome.tier
+            if kind == LISTING and not tier.allowed_models.admits_all:
+                listing.append(tier.allowed_models)
+            quotas.update((w.unit, w) for w in tier.token_quota.windows)
+            if tier.max_concurrent:
+                capped.append((tier.max_concurrent, copy.function_id, copy, outcome))
+        lease = None
+        if refusal is None and capped and state is not None:
+            # One place per request whatever the number of copies, under the smallest cap among them.
+            cap, _, copy, outcome = min(capped)
+            refusal, lease, headers = await take_lease(cap, outcome, copy.valves, api_key)
+            limits = tuple(merged_fields(dict(limits), dict(headers)).items())
         if state is not None:
             enforcing = any(c.valves.mode == "enforce" for c in copies)
             failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
@@ -2801,14 +3435,21 @@ class RouteGuard:
             state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
             state.listing = tuple(listing) if refusal is None else ()
             state.judged, state.refusal = True, refusal
+            if quotas:
+                state.charge = (str(user.id), tuple(quotas.values()))
+            if lease is not None:
+                state.leases = [lease]
+                state.loop.call_soon_threadsafe(keep_leases, state)
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
+            if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
+                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
         return refusal
 
     async def start_usage(
         self, state: RequestState, copies: list, user: Any, path: str, asked: ModelRequest, kind: Any, refusal: Any
     ) -> None:
-        """What the answer of this request will be recorded under; a meter for an admitted model request."""
+        """What the answer of this request will be recorded under."""
         try:
             model = await answering_model(asked.model) if asked.model else "-"
         except Exception:  # the decision already stands; the record falls back to the named model
@@ -2819,8 +3460,6 @@ class RouteGuard:
         state.usage = (str(user.id), model, route_class(path), decision)
         state.audit_all = any(c.valves.audit_log == "all" for c in copies)
         usage_book().retention_days = copies[0].valves.usage_retention_days
-        if refusal is None and kind in MODEL_READERS:
-            state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
 
 
 def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
@@ -2836,6 +3475,49 @@ def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
     return reader(body)
 
 
+async def explain(valves: Valves, user: str, method: str = "", path: str = "", model: str = "") -> dict:
+    """What `user`'s keys may do under these valves, field by field and where each field came from; with
+    a path or a model, the answer decide() gives such a request (the counters are shown, not touched)."""
+    policy = policy_from_valves(valves)
+    users = openwebui_model("users", "Users")
+    record = await settle(users.get_user_by_email(user) if "@" in user else users.get_user_by_id(user))
+    if record is None:
+        raise LookupError(f"no user {user!r} on this server")
+    person = {"id": record.id, "email": record.email, "role": record.role}
+    path = path or ("/api/chat/completions" if model else "")
+    method = (method or ("POST" if path else "GET")).upper()
+    facts = await facts_for(policy, person, None, method, path or "/", ModelRequest(model=model or None))
+    created = await off_loop(lambda: stored_key_time(facts.user_id, None)) if core_keeps_key_times() else None
+    facts = dataclasses.replace(facts, key_created=created)
+    tier = policy.tier_for(facts)
+    used = {}
+    if tier.token_quota.windows:
+        counts = await settle(limiter().quota_used(facts.user_id, tier.token_quota, facts.now))
+        used = {w.unit: n for w, n in zip(tier.token_quota.windows, counts, strict=True)}
+    decision = decide(facts, policy) if path else None
+    return {
+        "user": {"id": facts.user_id, "email": facts.email, "role": facts.role},
+        "groups": sorted(facts.group_names),
+        "blocked": is_blocked(facts, policy),
+        "admitted_by": admitted_by(facts, policy),
+        "mode": valves.mode,
+        "tier": {
+            "name": tier.name,
+            "fields": {f: {"value": dict(tier.texts)[f], "from": tier.valve(f)} for f in TIER_FIELDS},
+        },
+        "key": {
+            "created_at": created,
+            "age_days": round((facts.now - created) / 86400, 1) if created is not None else None,
+        },
+        "tokens_used": used,
+        "counters": limiter().counters,
+        "request": {"method": method, "path": path, "model": model or None} if path else None,
+        "decision": None
+        if decision is None
+        else {"allowed": decision.allowed, "reason": decision.reason, "message": decision.message},
+    }
+
+
 async def answering_model(model_id: str) -> str:
     """The model core calls for `model_id`: a workspace model's base, whoever made it."""
     key = ("answers", model_id)
@@ -2847,10 +3529,60 @@ async def answering_model(model_id: str) -> str:
     return cached
 
 
-def record_usage(state: RequestState) -> None:
-    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+def keep_leases(state: RequestState) -> None:
+    """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
+    if state.renewer is None and not state.finished and any(not lease.local for lease in state.leases):
+        state.renewer = asyncio.ensure_future(renew_leases(state))
+
+
+async def renew_leases(state: RequestState) -> None:
+    while True:
+        await asyncio.sleep(LEASE_RENEW_SECONDS)
+        for lease in state.leases:
+            try:
+                await off_loop_counters(lambda lease=lease: limiter().renew(lease))
+            except Exception as exc:  # the lease then expires on its own: never an outage
+                log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
+
+
+async def off_loop_counters(work: Callable[[], Any]) -> Any:
+    """A counter operation from the event loop: memory ones right here, Redis ones awaited with an
+    asyncio client (0.9+), in a thread with the sync client of 0.6-0.8."""
+    if limiter().redis is None or core_is_async():
+        return await settle(work())
+    return await asyncio.to_thread(work)
+
+
+async def finish(state: RequestState) -> None:
+    """Once the answer is sent or its client went away: leases back, tokens charged, usage recorded.
+    Nothing here may fail a request: each step logs its own error."""
+    state.finished = True
+    if state.renewer is not None:
+        state.renewer.cancel()
+    for lease in state.leases:
+        try:
+            await off_loop_counters(lambda lease=lease: limiter().release(lease))
+        except Exception as exc:
+            log.error("api_key_guard could not give back a concurrency lease: %s", log_field(describe(exc)))
+    usage = None
     try:
         usage = state.meter.result() if state.meter is not None else None
+    except Exception as exc:
+        log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
+    if usage is not None and state.charge is not None and usage.total_tokens > 0:
+        user_id, windows = state.charge
+        try:
+            now = time.time()
+            await off_loop_counters(lambda: limiter().charge(user_id, windows, usage.total_tokens, now))
+        except Exception as exc:
+            log.error("api_key_guard could not charge tokens to a quota: %s", log_field(describe(exc)))
+    if state.usage is not None:
+        record_usage(state, usage)
+
+
+def record_usage(state: RequestState, usage: Usage | None) -> None:
+    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+    try:
         usage_book().add((today(), *state.usage), usage)
     except Exception as exc:  # recording must never break or refuse a request
         log.error("api_key_guard could not record usage: %s", log_field(describe(exc)))

@@ -16,8 +16,8 @@ NO_ROLE = {"user_id": "u-nobody", "email": "nobody@example.com", "role": ""}
 CHAT = "/api/chat/completions"
 
 
-def facts(who: dict, path: str = CHAT, model: str | None = "test-model", api_key: bool = True):
-    return g.Facts(is_api_key=api_key, path=path, model=model, **who)
+def facts(who: dict, path: str = CHAT, model: str | None = "test-model"):
+    return g.Facts(path=path, model=model, **who)
 
 
 def policy(**valves):
@@ -25,8 +25,6 @@ def policy(**valves):
 
 
 ALLOWED = [
-    pytest.param(facts(ALICE, api_key=False), {}, g.REASON_SESSION, id="session-never-judged"),
-    pytest.param(facts(ALICE, "/api/v1/files", api_key=False), {}, g.REASON_SESSION, id="session-on-any-route"),
     pytest.param(facts(ADMIN), {}, g.REASON_ALLOWED, id="admin-key-default-chat"),
     pytest.param(facts(ADMIN, "/api/v1/functions/", None), {}, g.REASON_ALLOWED, id="admin-key-default-any-route"),
     pytest.param(facts(ALICE), {"api_key_roles": "admin, User"}, g.REASON_ALLOWED, id="user-role-admitted-chat"),
@@ -244,7 +242,8 @@ def test_invalid_valves_are_refused_with_the_valve_name(name, value, expected):
 
 def test_defaults_are_the_restrictive_choice():
     """Every valve's built-in default: only admins' keys, refused (not merely logged), on every route, with
-    non-admins limited to chat and reading the model list; nobody blocked, every model, no rate limit."""
+    non-admins limited to chat and reading the model list; nobody blocked, every model, no rate limit, no
+    quota, no key age or concurrency limit, no tiers."""
     assert g.Valves().model_dump() == {
         "mode": "enforce",
         "priority": -100,
@@ -260,6 +259,13 @@ def test_defaults_are_the_restrictive_choice():
         "api_key_allowed_models_user": "*",
         "api_key_rate_limit_admin": "",
         "api_key_rate_limit_user": "",
+        "api_key_token_quota_admin": "",
+        "api_key_token_quota_user": "",
+        "api_key_max_key_age_days_admin": 0,
+        "api_key_max_key_age_days_user": 0,
+        "api_key_max_concurrent_admin": 0,
+        "api_key_max_concurrent_user": 0,
+        "api_key_tiers": "",
         "route_guard": True,
         "block_message": "API Key Guard: {reason}",
         "usage_accounting": True,
@@ -284,6 +290,13 @@ PRESETS = {
     "api_key_allowed_models_user": ("llama3, gpt-4o-mini", "llama3, gpt-4o-mini"),
     "api_key_rate_limit_admin": ("600/minute", "600/minute"),
     "api_key_rate_limit_user": ("5/minute,100/day", "5/minute,100/day"),
+    "api_key_token_quota_admin": ("1000000/month", "1000000/month"),
+    "api_key_token_quota_user": ("20000/day", "20000/day"),
+    "api_key_max_key_age_days_admin": ("365", 365),
+    "api_key_max_key_age_days_user": ("90", 90),
+    "api_key_max_concurrent_admin": ("8", 8),
+    "api_key_max_concurrent_user": ("2", 2),
+    "api_key_tiers": ('{"group:interns": {"token_quota": "2000/day"}}',) * 2,
     "route_guard": ("false", False),
     "block_message": ("Refused: {reason}. Ask IT.", "Refused: {reason}. Ask IT."),
     "usage_accounting": ("off", False),

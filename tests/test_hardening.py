@@ -88,7 +88,7 @@ DECISIONS = [
 
 @pytest.mark.parametrize(("valves", "facts", "reason"), DECISIONS)
 def test_decide(valves, facts, reason):
-    facts = g.Facts(**{"is_api_key": True, "user_id": "u", "role": "user", "path": "/openai/chat/completions"} | facts)
+    facts = g.Facts(**{"user_id": "u", "role": "user", "path": "/openai/chat/completions"} | facts)
     assert g.decide(facts, g.policy_from_valves(g.Valves(**valves))).reason == reason
 
 

@@ -24,6 +24,8 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJpZCI6ImFkbWluIn0.RECOGNISABLE-signature-abcd"
 FN = f"{URL}/api/v1/functions/id/api_key_guard"
 FN_PATH = "/api/v1/functions/id/api_key_guard"
 CREATE = f"{URL}/api/v1/functions/create"
+EXPLAIN = f"{FN}/explain"
+ALICE = "user=alice%40example.com"  # explain's query for --user alice@example.com
 EXPORT = f"{URL}/api/v1/functions/export"
 MODELS = f"{URL}/api/models"
 ARMING_LISTINGS = [("GET", "/api/models")] * 16  # one per new connection, so every worker loads the guard
@@ -1963,6 +1965,70 @@ ERROR_CASES = [
         3,
         id="uninstall-not-deleted",
     ),
+    pytest.param(
+        ["explain", *ARGS],
+        None,
+        [],
+        "error: --user is required: the email or id of the user to explain",
+        2,
+        id="explain-no-user",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "a@x", "--method", "GET"],
+        None,
+        [],
+        "error: --method needs --path or --model: the request to judge",
+        2,
+        id="explain-method-alone",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "a@x", "--path", "api/models"],
+        None,
+        [],
+        "install.py explain: error: argument --path: expected a path starting with /, e.g. /api/chat/completions",
+        2,
+        id="explain-path-without-slash",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "bob@example.com"],
+        None,
+        [
+            answer(
+                404,
+                url=f"{EXPLAIN}?user=bob%40example.com",
+                json={"detail": "API Key Guard: no user 'bob@example.com' on this server"},
+            )
+        ],
+        "error: no user 'bob@example.com' on this server (--user takes a user's email or id)",
+        2,
+        id="explain-unknown-user",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "alice@example.com"],
+        None,
+        [answer(404, url=f"{EXPLAIN}?{ALICE}", json={"detail": "Not Found"}), ABSENT],
+        "error: function api_key_guard is not installed; install.py installs it",
+        3,
+        id="explain-not-installed",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "alice@example.com"],
+        None,
+        [answer(404, url=f"{EXPLAIN}?{ALICE}", json={"detail": "Not Found"}), answer(json=function(OLD_CONTENT))],
+        "error: the guard api_key_guard on the server (version 0.0.9) does not answer explain: it is older than "
+        "explain, not active, or not loaded since a restart; `install.py status` says which, `install.py` fixes it",
+        3,
+        id="explain-guard-without-explain",
+    ),
+    pytest.param(
+        ["explain", *ARGS, "--user", "alice@example.com"],
+        None,
+        [answer(500, url=f"{EXPLAIN}?{ALICE}", json={"detail": "API Key Guard could not explain"})],
+        f"error: the server answered GET {FN_PATH}/explain?{ALICE} with 500 Internal Server Error. Server said: "
+        "API Key Guard could not explain",
+        3,
+        id="explain-guard-failed",
+    ),
 ]
 
 
@@ -2067,6 +2133,7 @@ ANSWERS = {  # what the server answers each command of the table below
     "dry-run": current_install,
     "uninstall": installed_then_deleted,
     "usage": usage_rows,
+    "explain": lambda server, local, defaults: server.get(f"{EXPLAIN}?{ALICE}", json=readout()),
 }
 
 
@@ -2081,6 +2148,8 @@ ANSWERS = {  # what the server answers each command of the table below
         pytest.param(["usage"], "usage", id="usage"),
         pytest.param(["usage", "--json"], "usage", id="usage-json"),
         pytest.param(["usage", "--csv"], "usage", id="usage-csv"),
+        pytest.param(["explain", "--user", "alice@example.com"], "explain", id="explain"),
+        pytest.param(["explain", "--user", "alice@example.com", "--json"], "explain", id="explain-json"),
     ],
 )
 def test_url_credentials_are_neither_sent_nor_shown(server, cli, local, defaults, argv, answers):
@@ -2750,3 +2819,207 @@ def test_counters_header(install, header, state, line, problem):
 
 def test_status_knows_every_cause_the_guard_sends(install, local):
     assert sorted(install.REDIS_CAUSES) == sorted(local.module.REDIS_CAUSES)
+
+
+# ---------------------------------------------------------------------------
+# explain
+# ---------------------------------------------------------------------------
+def readout(**changes) -> dict:
+    """The guard's explain read-out for alice, a user admitted by her group interns, whose entry in api_key_tiers
+    sets two fields of her tier; `changes` replace whole keys of it."""
+    fields = {
+        "allowed_endpoints": ("/api/chat/completions", "api_key_tiers group:interns allowed_endpoints"),
+        "allowed_models": ("gpt-4o-mini,llama*", "api_key_allowed_models_user"),
+        "rate_limit": ("", "api_key_rate_limit_user"),
+        "token_quota": ("20000/day", "api_key_tiers group:interns token_quota"),
+        "max_key_age_days": ("0", "api_key_max_key_age_days_user"),
+        "max_concurrent": ("2", "api_key_max_concurrent_user"),
+    }
+    return {
+        "user": {"id": "u-alice", "email": "alice@example.com", "role": "user"},
+        "groups": ["interns", "staff"],
+        "blocked": False,
+        "admitted_by": "group 'interns' (api_key_groups)",
+        "mode": "enforce",
+        "tier": {
+            "name": "user+group:interns",
+            "fields": {f: {"value": v, "from": src} for f, (v, src) in fields.items()},
+        },
+        "key": {"created_at": 1793525400, "age_days": 33.2},  # 2026-11-01 09:30 UTC
+        "tokens_used": {"day": 36},
+        "counters": "per-worker",
+        "request": None,
+        "decision": None,
+    } | changes
+
+
+EXPLAINED = [
+    "user alice@example.com (role user), groups: interns, staff",
+    "may use API keys: yes, by group 'interns' (api_key_groups)",
+    "tier user+group:interns",
+    "  allowed_endpoints  /api/chat/completions  from api_key_tiers group:interns allowed_endpoints",
+    "  allowed_models     gpt-4o-mini,llama*     from api_key_allowed_models_user",
+    "  rate_limit         (none: no limit)       from api_key_rate_limit_user",
+    "  token_quota        20000/day              from api_key_tiers group:interns token_quota",
+    "  max_key_age_days   0 (no limit)           from api_key_max_key_age_days_user",
+    "  max_concurrent     2                      from api_key_max_concurrent_user",
+    "key created 2026-11-01 (33.2 days ago)",
+    "tokens used: day 36",
+    "counters: per worker",
+]
+DEGRADED_AUTH = (
+    "counters: degraded (Redis refused the credentials: fix the user name and password in REDIS_URL; counting per "
+    "worker meanwhile)"
+)
+MODEL_MESSAGE = "API keys of role 'user' may not use model 'gpt-4o' (api_key_allowed_models_user)"
+MODEL_REFUSED = {
+    "allowed": False,
+    "reason": "model_not_allowed",
+    "message": MODEL_MESSAGE,
+}
+CHAT = {"method": "POST", "path": "/api/chat/completions", "model": "gpt-4o"}
+NOT_ADMITTED = "may use API keys: no: not admitted by api_key_roles, api_key_groups or api_key_users"
+
+
+def test_explain_prints_the_tier_field_by_field_and_where_each_came_from(server, cli):
+    server.get(f"{EXPLAIN}?{ALICE}", json=readout())
+    assert cli("explain", *ARGS, "--user", "alice@example.com") == (0, EXPLAINED, [])
+    assert sent(server) == [("GET", f"{FN_PATH}/explain?{ALICE}")]
+
+
+@pytest.mark.parametrize(
+    "changes, argv, query, replaced, added",
+    [
+        pytest.param(
+            {"groups": []},
+            [],
+            ALICE,
+            {EXPLAINED[0]: "user alice@example.com (role user), groups: none"},
+            [],
+            id="no-groups",
+        ),
+        pytest.param({"admitted_by": None}, [], ALICE, {EXPLAINED[1]: NOT_ADMITTED}, [], id="not-admitted"),
+        pytest.param(
+            {"blocked": True},
+            [],
+            ALICE,
+            {EXPLAINED[1]: "may use API keys: no: blocked by api_key_blocked_users"},
+            [],
+            id="blocked",
+        ),
+        pytest.param(
+            {"admitted_by": "this user (api_key_users)"},
+            [],
+            ALICE,
+            {EXPLAINED[1]: "may use API keys: yes, by this user (api_key_users)"},
+            [],
+            id="by-user",
+        ),
+        pytest.param(
+            {"tokens_used": {}},
+            [],
+            ALICE,
+            {"tokens used: day 36": "tokens used: not counted (no token quota)"},
+            [],
+            id="no-quota",
+        ),
+        pytest.param(
+            {"tokens_used": {"day": 36, "month": 1200}},
+            [],
+            ALICE,
+            {"tokens used: day 36": "tokens used: day 36, month 1200"},
+            [],
+            id="two-windows",
+        ),
+        pytest.param(
+            {"counters": "redis"}, [], ALICE, {"counters: per worker": "counters: shared (Redis)"}, [], id="redis"
+        ),
+        pytest.param(
+            {"counters": "degraded; cause=auth"},
+            [],
+            ALICE,
+            {"counters: per worker": DEGRADED_AUTH},
+            [],
+            id="degraded",
+        ),
+        pytest.param(
+            {"request": CHAT, "decision": MODEL_REFUSED},
+            ["--model", "gpt-4o"],
+            f"{ALICE}&model=gpt-4o",
+            {},
+            [f"POST /api/chat/completions model gpt-4o: refused (model_not_allowed): {MODEL_MESSAGE}"],
+            id="model-refused",
+        ),
+        pytest.param(
+            {"request": CHAT, "decision": MODEL_REFUSED, "mode": "monitor"},
+            ["--model", "gpt-4o"],
+            f"{ALICE}&model=gpt-4o",
+            {},
+            [
+                f"POST /api/chat/completions model gpt-4o: would be refused (model_not_allowed): {MODEL_MESSAGE}; "
+                "mode monitor logs it as would-deny and lets it through"
+            ],
+            id="monitor-refused",
+        ),
+        pytest.param(
+            {
+                "request": {"method": "GET", "path": "/api/models", "model": None},
+                "decision": {"allowed": True, "reason": "allowed", "message": "allowed by the API key policy"},
+            },
+            ["--method", "get", "--path", "/api/models"],
+            f"{ALICE}&path=%2Fapi%2Fmodels&method=GET",
+            {},
+            ["GET /api/models: allowed"],
+            id="path-allowed",
+        ),
+    ],
+)
+def test_explain_lines(server, cli, changes, argv, query, replaced, added):
+    server.get(f"{EXPLAIN}?{query}", json=readout(**changes))
+    assert cli("explain", *ARGS, "--user", "alice@example.com", *argv) == (
+        0,
+        [replaced.get(line, line) for line in EXPLAINED] + added,
+        [],
+    )
+
+
+@pytest.mark.parametrize(
+    "version, line",
+    [
+        pytest.param({"json": {"version": "0.12.4"}}, "no key", id="no-key"),
+        pytest.param(
+            {"json": {"version": "0.6.22"}},
+            "key: this Open WebUI (0.6.22) keeps no key creation time (0.6.41 and later do)",
+            id="release-without-key-times",
+        ),
+        pytest.param(
+            {"status": 404, "json": {"detail": "Not Found"}},
+            "no key, or this Open WebUI keeps no key creation time (before 0.6.41)",
+            id="release-unknown",
+        ),
+    ],
+)
+def test_explain_without_a_key_creation_time_asks_the_release(server, cli, version, line):
+    server.get(f"{EXPLAIN}?{ALICE}", json=readout(key={"created_at": None, "age_days": None}))
+    server.get(f"{URL}/api/version", **version)
+    code, out, err = cli("explain", *ARGS, "--user", "alice@example.com")
+    assert (code, out[EXPLAINED.index("key created 2026-11-01 (33.2 days ago)")], err) == (0, line, [])
+
+
+def test_explain_json_prints_the_read_out_as_is(server, cli):
+    """Sorted keys, indent 2, nothing added; no key creation time is no reason to ask anything else."""
+    answer = readout(key={"created_at": None, "age_days": None}, request=CHAT, decision=MODEL_REFUSED)
+    server.get(f"{EXPLAIN}?{ALICE}&model=gpt-4o", json=answer)
+    code, out, err = cli("explain", *ARGS, "--user", "alice@example.com", "--model", "gpt-4o", "--json")
+    assert (code, out, err) == (0, json.dumps(answer, sort_keys=True, indent=2).splitlines(), [])
+    assert sent(server) == [("GET", f"{FN_PATH}/explain?{ALICE}&model=gpt-4o")]
+
+
+def test_a_long_tier_value_moves_only_its_own_source(install):
+    endpoints = "/api/chat/completions,/api/v1/chat/completions,GET /api/models,GET /api/v1/models"
+    fields = {"allowed_endpoints": {"value": endpoints, "from": "a"}, "allowed_models": {"value": "*", "from": "b"}}
+    assert install.tier_lines({"name": "user", "fields": fields}) == [
+        "tier user",
+        f"  allowed_endpoints  {endpoints}  from a",
+        "  allowed_models     *  from b",
+    ]

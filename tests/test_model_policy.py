@@ -19,9 +19,7 @@ UNREADABLE = (
 
 
 def decided(model, problem, role="user", valves=USER_OTHER):
-    facts = g.Facts(
-        is_api_key=True, user_id="u", role=role, path="/openai/chat/completions", model=model, model_problem=problem
-    )
+    facts = g.Facts(user_id="u", role=role, path="/openai/chat/completions", model=model, model_problem=problem)
     return g.decide(facts, g.policy_from_valves(valves)).message
 
 

@@ -839,21 +839,40 @@ def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting
     )
 
 
-ACL_GUARD = (  # README, Redis permissions
-    *("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+pexpire"),
-    *("+hmget", "+hget", "+hdel", "+hexists", "+hset", "+hincrby", "+del"),
-)
-README = Path(__file__).resolve().parents[1] / "README.md"
+# docs/topology.md (Permissions) and the noperm fix; pexpire last (the no-pexpire row leaves it out)
+ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+zrem", "+get",
+             "+incrby", "+expireat", "+hmget", "+hget", "+hdel", "+hexists", "+hset", "+hincrby", "+del",
+             "+pexpire")  # fmt: skip
+TOPOLOGY_DOC = Path(__file__).resolve().parents[1] / "docs" / "topology.md"
 
 
-def test_the_permissions_the_readme_lists_are_what_the_script_runs():
-    script = {f"+{c.lower()}" for c in re.findall(r"redis\.call\('([A-Z]+)'", block.RATE_LIMIT_LUA)}
-    paragraph = README.read_text().split("**Redis permissions.**")[1].split("\n\n")[0]
-    listed = set(re.findall(r"\+[a-z]+", paragraph))
-    assert {"script and EVAL/EVALSHA": script | {"+evalsha", "+eval"}, "README": listed} == {
-        "script and EVAL/EVALSHA": set(ACL_GUARD),
-        "README": set(ACL_GUARD),
+def test_the_documented_permissions_are_what_the_scripts_run():
+    texts = [v.text for v in vars(block).values() if isinstance(v, block.Script)]
+    scripts = {f"+{c.lower()}" for text in texts for c in re.findall(r"redis\.call\('([A-Z]+)'", text)}
+    paragraph = TOPOLOGY_DOC.read_text().split("### Permissions\n\n")[1].split("\n\n")[0]
+    assert {
+        "scripts and EVAL/EVALSHA": scripts | {"+evalsha", "+eval"},
+        "docs": set(re.findall(r"\+[a-z]+", paragraph)),
+    } == {
+        "scripts and EVAL/EVALSHA": set(ACL_GUARD),
+        "docs": set(ACL_GUARD),
     }
+
+
+def test_the_noperm_fix_names_every_documented_permission():
+    assert " ".join(ACL_GUARD) in " ".join(block.REDIS_CAUSES["noperm"][1].split())
+
+
+def test_documented_permissions_cover_quotas_and_leases(server, url):
+    server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", "~open-webui:api_key_guard:*", *ACL_GUARD)
+    client = redis.Redis.from_url(f"redis://guard:right@127.0.0.1:{server.port}/0")
+    limiter = Limiter(RedisCounters(lambda: client, "open-webui"))
+    quota, lease = block.TokenQuota.parse("30/day"), block.Lease("u1", "m1")
+    limiter.charge("u1", quota.windows, 18, time.time())
+    taken = limiter.acquire(lease, 1)
+    limiter.renew(lease)
+    limiter.release(lease)
+    assert (limiter.quota_used("u1", quota, time.time()), taken, limiter.counters) == ([18], 1, "redis")
 
 
 @pytest.mark.parametrize(

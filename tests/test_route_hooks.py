@@ -261,3 +261,39 @@ def test_the_newest_active_copy_judges_not_the_newest_loaded(server):
     load_guard("api_key_guard_trial")  # loaded later, inactive: its code must not take over
     hooks = getattr(server.app, module.HOOKS_ATTR)
     assert asyncio.run(hooks.guard.judging_copy()).function_id == "api_key_guard"
+
+
+def judge_held(module, server, key: str, path: str = "/api/models"):
+    """Judge one request the way the lookup does and keep it in flight: (refusal, its state)."""
+
+    async def run():
+        state = module.RequestState(loop=asyncio.get_running_loop())
+        scope = {"method": "POST", "path": path, module.STATE_KEY: state}
+        hooks = getattr(server.app, module.HOOKS_ATTR)
+        return await hooks.guard.check(USERS[key], key, scope), state
+
+    return asyncio.run(run())
+
+
+def test_two_active_copies_take_one_place_per_request_under_the_smaller_cap(server):
+    module = load_guard()
+    load_guard("api_key_guard_copy")
+    server.functions.valves = {"api_key_max_concurrent_admin": 2}
+    server.functions.copies = {"api_key_guard_copy": {"api_key_max_concurrent_admin": 1}}
+    (first, held), (second, _) = judge_held(module, server, ADMIN_KEY), judge_held(module, server, ADMIN_KEY)
+    asyncio.run(module.finish(held))
+    third, _ = judge_held(module, server, ADMIN_KEY)
+    assert (first, second.reason, "api_key_max_concurrent_admin" in second.detail, third) == (
+        None,
+        module.REASON_CONCURRENCY,
+        True,
+        None,
+    )
+
+
+def test_a_quota_is_charged_with_usage_accounting_off(server, monkeypatch):
+    module = load_guard()
+    server.functions.valves = {"usage_accounting": False, "api_key_token_quota_admin": "30/day"}
+    monkeypatch.setattr(module, "MODEL_READERS", {**module.MODEL_READERS, None: module.model_of})
+    refusal, state = judge_held(module, server, ADMIN_KEY, "/openai/chat/completions")
+    assert (refusal, state.usage, state.meter is not None, state.charge[1][0].unit) == (None, None, True, "day")

@@ -1,5 +1,6 @@
 """Usage accounting: what an answer reports (or is estimated at), and the book on a real SQLite."""
 
+import asyncio
 import json
 
 import pytest
@@ -188,6 +189,6 @@ def test_an_admitted_requests_audit_line_carries_its_tokens(caplog, monkeypatch)
     meter.start({"status": 200, "headers": [(b"content-type", JSON)]})
     meter.feed(json.dumps(OPENAI).encode())
     state = g.RequestState(usage=("u1", "m", "openai", "allow"), meter=meter, audit_all=True)
-    g.record_usage(state)
+    asyncio.run(g.finish(state))
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("api_key_guard usage user=u1 model=m route=openai status=200 input=7 output=11 total=18")

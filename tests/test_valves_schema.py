@@ -82,7 +82,7 @@ def test_readme_stays_short():
 
 
 def test_there_is_an_example_per_common_policy():
-    assert [p.stem for p in EXAMPLES] == ["admin-only", "automation-group", "monitor", "users-chat-only"]
+    assert [p.stem for p in EXAMPLES] == ["admin-only", "automation-group", "group-tiers", "monitor", "users-chat-only"]
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in EXAMPLES])

@@ -22,6 +22,10 @@ STREAM_TEXTS = ("po", "n", "g")  # "pong", in three chunks
 STREAM_CHUNKS = len(STREAM_TEXTS)
 LONG_STREAM_FROM = 100  # max_tokens from this on: that many more chunks (the benchmark's long stream)
 CUT_OFF = "cut the stream off"  # a last user message saying this gets a stream with no usage and no [DONE]
+# A last user message saying this gets a stream held after its first chunk until the test opens the gate
+# (CountingBackend.hold()): a request in flight for as long as a test needs, with no timing guessed.
+HOLD = "hold the stream open"
+HOLD_SECONDS = 60.0  # bound on a hold whose test never opened the gate
 
 
 class CountingBackend:
@@ -29,6 +33,7 @@ class CountingBackend:
         self.lock = threading.Lock()
         self.by_path: dict[str, int] = {}
         self.posted: list[str] = []  # the model of every POST, in arrival order ("" when the body names none)
+        self.gate = threading.Event()  # what held streams wait for (see HOLD)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -49,6 +54,11 @@ class CountingBackend:
     def posts(self) -> int:
         with self.lock:
             return len(self.posted)
+
+    def hold(self) -> threading.Event:
+        """A new closed gate for the HOLD streams that arrive from now on; set() it to let them finish."""
+        self.gate = threading.Event()
+        return self.gate
 
     def start(self) -> "CountingBackend":
         self.thread.start()
@@ -111,7 +121,8 @@ class CountingBackend:
                     return self._json({"model": model, "embeddings": [[0.1, 0.2]], **OLLAMA_EMBED_USAGE})
                 if self.path.endswith("/chat/completions"):
                     if body.get("stream"):
-                        return self._stream(model, cut=asks_for_a_cut(body), chunks=long_stream(body))
+                        gate = backend.gate if last_message(body) == HOLD else None
+                        return self._stream(model, cut=asks_for_a_cut(body), chunks=long_stream(body), gate=gate)
                     return self._json(completion(model))
                 if self.path.endswith("/embeddings"):
                     inputs = body.get("input") or [""]
@@ -142,9 +153,10 @@ class CountingBackend:
                     )
                 return self._json({"error": "not found"}, 404)
 
-            def _stream(self, model: str, cut: bool = False, chunks: int = 0) -> None:
+            def _stream(self, model: str, cut: bool = False, chunks: int = 0, gate=None) -> None:
                 """An OpenAI stream: STREAM_CHUNKS content chunks (`chunks` more for a long one, the
-                benchmark's), then (unless cut off) a usage chunk and [DONE]."""
+                benchmark's), then (unless cut off) a usage chunk and [DONE]; with a `gate`, held after
+                the first chunk until it opens."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -160,6 +172,8 @@ class CountingBackend:
                     chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}]
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                    if gate is not None and i == 0:
+                        gate.wait(HOLD_SECONDS)
                 for _ in range(chunks):
                     chunk["choices"] = [{"index": 0, "delta": {"content": " x"}, "finish_reason": None}]
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -205,6 +219,10 @@ def long_stream(body: dict) -> int:
     return min(wanted, 20_000) if isinstance(wanted, int) and wanted >= LONG_STREAM_FROM else 0
 
 
-def asks_for_a_cut(body: dict) -> bool:
+def last_message(body: dict) -> object:
     messages = body.get("messages") or [{}]
-    return isinstance(messages[-1], dict) and messages[-1].get("content") == CUT_OFF
+    return messages[-1].get("content") if isinstance(messages[-1], dict) else None
+
+
+def asks_for_a_cut(body: dict) -> bool:
+    return last_message(body) == CUT_OFF

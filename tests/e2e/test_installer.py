@@ -1,7 +1,8 @@
 """install.py against the real servers: install, a second run that changes nothing, a valve change in
 force when install returns, a dry run that writes nothing, arming at startup and what status proves of it, a
 deactivated guard, a second copy of the guard under another id, uninstall; the credential it sends (a netrc entry
-for the server, a user:password in --url), and the guard's own rate limit on the admin key waited out.
+for the server, a user:password in --url), the guard's own rate limit on the admin key waited out, and explain's
+read-out for an admin and a user against what the server answers their keys.
 
 The test servers run with ENABLE_PERSISTENT_CONFIG=false. There Open WebUI's connections endpoint still
 answers and switches the base models cache in the memory of the process that served the request (0.6-0.8:
@@ -12,6 +13,7 @@ request is the restart suite's to prove, on servers whose config persists.
 """
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -263,3 +265,38 @@ def test_a_rate_limited_admin_key_is_waited_out(installed, capsys):
     code, out, err = run_at(installed.server.url, installed, capsys, "status")
     waits = [line for line in err if line.startswith("rate limited (429) on ") and "as its Retry-After asks" in line]
     assert (code, out[0].startswith("verdict: OK - "), bool(waits), len(waits) == len(err)) == (0, True, True, True)
+
+
+ADMIN_LINES = [
+    "user admin@example.com (role admin), groups: none",
+    "may use API keys: yes, by role 'admin' (api_key_roles)",
+]
+USER_LINES = [
+    "user alice@example.com (role user), groups: none",
+    "may use API keys: no: not admitted by api_key_roles, api_key_groups or api_key_users",
+]
+
+
+@pytest.mark.parametrize(
+    "who, lines, status",
+    [pytest.param("admin", ADMIN_LINES, 200, id="admin"), pytest.param("alice", USER_LINES, 403, id="user")],
+)
+def test_explain_says_what_the_server_does_with_the_key(deployment, capsys, who, lines, status):
+    """The read-out's first lines, its key line, and its decision for a path against what the server answers the
+    person's own key there."""
+    deployment.configure()  # the defaults (already in force unless a test before changed them)
+    person = getattr(deployment.people, who)
+    asked = ("--user", person.email, "--method", "GET", "--path", "/api/v1/chats/")
+    code, out = run(deployment, capsys, "explain", *asked)
+    answer = deployment.server.call("GET", "/api/v1/chats/", person.api_key)
+    refused = answer.json()["detail"].removeprefix(install.GUARD_DETAIL) if answer.status_code == 403 else ""
+    decision = f"refused (not_admitted): {refused}" if refused else "allowed"
+    today = datetime.now(UTC).date().isoformat()  # the harness made every key today
+    key = (
+        f"key created {today} ("
+        if deployment.version >= install.KEY_TIMES_SINCE
+        else "key: this Open WebUI (0.6.22) keeps no key creation time (0.6.41 and later do)"
+    )
+    keys = [line for line in out if line.startswith(("key", "no key"))]
+    assert (code, out[:2], out[-1], answer.status_code) == (0, lines, f"GET /api/v1/chats/: {decision}", status)
+    assert (len(keys), keys[0].startswith(key)) == (1, True), keys
