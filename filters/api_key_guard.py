@@ -4,7 +4,7 @@ author: API Key Guard developers
 version: 0.1.0
 required_open_webui_version: 0.6.0
 license: MIT
-description: Decide who may use API keys, and where: admin-only by default; roles, groups, users, endpoints per role.
+description: Decide who may use API keys, where and how much: admin-only by default; tiers per role, group and user.
 """
 
 # Paste this whole file into Admin Panel -> Functions, id `api_key_guard`, then
@@ -14,8 +14,9 @@ description: Decide who may use API keys, and where: admin-only by default; role
 # in scripts, CI variables and notebooks, so it leaks far more easily than a
 # browser session. Open WebUI lets any holder of a permitted key reach every
 # route the owner can reach. This guard narrows that: only the principals the
-# admin names may use keys at all, and each only on the endpoints and models
-# listed for its role. Browser sessions are never judged here.
+# admin names may use keys at all, each within its tier (the role's valves, or
+# a group's or the user's own in api_key_tiers): endpoints, models, requests,
+# tokens, key age and requests in flight. Browser sessions are never judged here.
 #
 # One API-key request, start to end (grep the names):
 #   RouteHooks.asgi            wraps app.middleware_stack; keeps the scope in a context variable
@@ -24,12 +25,23 @@ description: Decide who may use API keys, and where: admin-only by default; role
 #     core: routing, auth      Open WebUI authenticates the credential itself
 #      RouteHooks lookup       wraps Users.get_user_by_api_key: runs once core accepted the key
 #       RouteGuard.check       judging_copy -> check_here: active_copies, route_kind, read_asked
-#        evaluate              facts_for (user_groups, models_behind) -> decide (pure) -> _reject
-#                              (the one audit line and Refusal) -> rate_limited (limiter)
+#        evaluate              facts_for (user_groups, Policy.tier_for, models_behind, key_created)
+#                              -> decide (pure) -> counted (token quota, request limit) -> conclude
+#                              (the one audit line and Refusal)
+#        take_lease            one place among the user's requests in flight, under the smallest cap
 #       Refusal -> 403/429     raised as core's HTTPException, before any handler runs
 #     RouteGuard.marking       guard headers on the answer; listing_trimmed; UsageMeter reads it
-#    record_usage              UsageBook.add; its thread flushes to the database every few seconds
+#    finish                    lease back, tokens charged to the quota, record_usage (UsageBook.add;
+#                              its thread flushes to the database every few seconds)
 # Filter.inlet judges chat requests again through the same evaluate (defence in depth).
+#
+# Sections, in reading order: Reasons, Policy, The decision, Valves, The one evaluation path, Audit
+# lines (what decides); Credentials, Lookups, Reading what a body asks of models, The model that
+# answers (the facts); The filter, Route guard, Keys in URLs, Request bodies, Route hooks, explain,
+# After the answer (the adapters); Usage accounting, Rate limits, Rate limit headers, Token quotas
+# and requests in flight, Open WebUI's Redis, Process-wide state (counting and storage); Arming.
+
+from __future__ import annotations
 
 import asyncio
 import atexit
@@ -60,6 +72,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 log = logging.getLogger("api_key_guard")
+
 
 # ---------------------------------------------------------------------------
 # Reasons
@@ -150,905 +163,6 @@ CACHE_MAX_ENTRIES = 4096
 
 
 # ---------------------------------------------------------------------------
-# Process-wide state
-# ---------------------------------------------------------------------------
-# Open WebUI executes this file anew for every copy and every code update; counters kept in the
-# module would start again from zero whenever an admin clones the function. They live on the route
-# hooks instead, which exist once per process.
-_outside_openwebui: dict = {}
-
-
-def process_wide(name: str, build: Callable[[], Any]) -> Any:
-    """The one `name` object of this process (built on first use), shared by every loaded copy."""
-    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
-    store = getattr(hooks, "shared", None) if hooks is not None else _outside_openwebui
-    if store is None:
-        store = hooks.shared = {}
-    found = store.get(name)
-    if found is None:
-        found = store[name] = build()
-    return found
-
-
-# ---------------------------------------------------------------------------
-# Rate limits. A leaked key is also a cost problem: a script looping on
-# /openai/chat/completions spends the owner's model budget at machine speed.
-# The valves api_key_rate_limit_admin / _user cap admitted API-key requests per
-# user, on every route the guard sees, in one or more windows.
-# ---------------------------------------------------------------------------
-
-RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-RATE_LIMIT_FORM = (
-    "expected comma-separated N/second, N/minute, N/hour or N/day with N a positive integer "
-    "(e.g. '60/minute,1000/day'), or empty for no limit"
-)
-_RATE_ITEM = re.compile(r"([0-9]+)\s*/\s*([A-Za-z]+)")
-
-# Where the counters live; sent as X-API-Key-Guard-Counters and shown by `install.py status`.
-COUNTERS_REDIS = "redis"  # shared by every worker and replica
-COUNTERS_PER_WORKER = "per-worker"  # no Redis configured: each process counts alone
-COUNTERS_DEGRADED = "degraded"  # Redis configured but failing: per process until it answers again
-
-# Longest the guard waits for Redis before counting in process instead. A stalled
-# Redis must not turn the limiter into an outage for admitted keys.
-REDIS_TIMEOUT_SECONDS = 0.5
-# After a failure, Redis is tried again at most this often (one probing request per
-# worker); every other request meanwhile counts in process at memory speed.
-REDIS_RETRY_SECONDS = 5.0
-DEGRADED_LOG_SECONDS = 60.0
-# Why the counters are degraded: a short code (sent as `degraded; cause=<code>` in the counters
-# header, named by `install.py status`), what happened and the fix (in the one ERROR line per cause).
-# A misconfiguration never clears by itself: without a name for it the limiter would count per
-# worker forever (N x workers x replicas) while looking like a passing Redis hiccup.
-REDIS_CAUSES = {
-    "cluster": (
-        "REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true (Redis answered MOVED/ASK): "
-        "only users whose slot lives on that node are counted in Redis",
-        "set REDIS_CLUSTER=true for Open WebUI",
-    ),
-    "noperm": (
-        "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
-        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +zrem +get +incrby +expireat "
-        "+hmget +hget +hdel +hexists +hset +hincrby +del +pexpire and the keys "
-        "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
-    ),
-    "auth": (
-        "Redis refused the credentials (WRONGPASS/NOAUTH)",
-        "fix the user name and password in REDIS_URL",
-    ),
-    "readonly": (
-        "Redis answered READONLY: the guard's connection reached a replica (a demoted master)",
-        "none after a failover (the guard reconnects); otherwise point REDIS_URL at the master",
-    ),
-    "clusterdown": (
-        "the Redis Cluster answered CLUSTERDOWN (some slots have no master)",
-        "bring the failed master or its replica back",
-    ),
-    "sentinel": (
-        "no Sentinel named a master for the service (the host part of REDIS_URL)",
-        "check REDIS_SENTINEL_HOSTS, REDIS_SENTINEL_PORT and the service name",
-    ),
-    "timeout": (
-        f"Redis did not answer within {REDIS_TIMEOUT_SECONDS:g} s",
-        "look for a stalled or overloaded Redis node",
-    ),
-    "unreachable": (
-        "Redis refused or dropped the connection",
-        "check that Redis runs and that REDIS_URL (or REDIS_SENTINEL_HOSTS) reaches it",
-    ),
-    "error": ("Redis answered an error", "see the error in this line"),
-}
-# Users whose request times are kept per process; the least recently seen user is
-# forgotten first (its counters restart from zero if it comes back).
-RATE_MAX_USERS = 10_000
-
-
-# Memory per user and window is bounded either way (docs/usage.md, "Exact windows"): up to RATE_LOG_MAX a
-# window keeps the exact log (at most N times); above it, counts per 1/RATE_BUCKETS of the window (at most
-# RATE_BUCKETS + 2 buckets, their sum and the oldest's index), so `100000/day` holds ~60 small counters
-# instead of 100 000 entries (12 MB).
-RATE_LOG_MAX = 60
-RATE_BUCKETS = 60
-
-
-@dataclass(frozen=True)
-class Window:
-    limit: int
-    unit: str
-    seconds: int
-    text: str  # "5/minute", as written in the audit log
-    policy_item: str  # '"minute";q=5;w=60', one RateLimit-Policy item
-    buckets: int = 0  # 0: the exact log; else counts per `width` seconds
-
-    @property
-    def width_us(self) -> int:
-        """A bucket's width in µs (0 for the log); integral, so Redis and the workers agree on bucket bounds."""
-        return self.seconds * 1_000_000 // self.buckets if self.buckets else 0
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """The windows of one rate-limit valve, parsed once; no windows = unlimited."""
-
-    windows: tuple[Window, ...]
-    policy: str  # RateLimit-Policy header value
-    redis_args: str  # the script's ARGV[2]: limit, window in µs and bucket width in µs (0: log) per window
-    key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60" (buckets)
-
-    @classmethod
-    @functools.lru_cache(maxsize=64)
-    def parse(cls, text: str) -> "RateLimit":
-        windows: dict[str, Window] = {}
-        for item in split_list(text):
-            match = _RATE_ITEM.fullmatch(item)
-            unit = match.group(2).lower() if match else ""
-            if not match or unit not in RATE_UNITS or int(match.group(1)) < 1:
-                raise ValueError(f"{RATE_LIMIT_FORM}; got {item!r}")
-            if unit in windows:
-                raise ValueError(f"{RATE_LIMIT_FORM}, each unit at most once; got {unit!r} twice")
-            limit, seconds = int(match.group(1)), RATE_UNITS[unit]
-            buckets = 0 if limit <= RATE_LOG_MAX else RATE_BUCKETS
-            policy_item = f'"{unit}";q={limit};w={seconds}'
-            windows[unit] = Window(limit, unit, seconds, f"{limit}/{unit}", policy_item, buckets)
-        ordered = tuple(sorted(windows.values(), key=lambda w: w.seconds))
-        return cls(
-            ordered,
-            ", ".join(w.policy_item for w in ordered),
-            " ".join(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)),
-            tuple(f":{w.seconds}:b{w.buckets}" if w.buckets else f":{w.seconds}" for w in ordered),
-        )
-
-
-# ---------------------------------------------------------------------------
-# The algorithm: a sliding window. Each window keeps what it admitted; a
-# request is admitted only if every window holds fewer than its limit after
-# dropping what is older than the window, and only then is it recorded
-# (denied requests are not: a client hammering while limited does not extend
-# its own ban). No interval of a window's length ever contains more than N
-# admitted requests. A fixed window (counter per calendar minute) admits 2N
-# around a boundary (N at :59, N at :00); GCRA / token bucket with burst N and
-# rate N/w admits the burst and then the refill, up to ~2N in one window.
-# - Up to RATE_LOG_MAX: a log of admission times, exact both ways (it never
-#   refuses what the limit allows either). Memory: at most N times.
-# - Above: counts per bucket of 1/RATE_BUCKETS of the window. A request counts
-#   until its whole bucket has left the window, i.e. up to one bucket width
-#   longer than its own time would: never more than N in any window, and a
-#   refusal comes at most one bucket width (1 s of a minute, 24 min of a day)
-#   early. Memory: at most RATE_BUCKETS + 2 buckets.
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Verdict:
-    allowed: bool
-    counters: str  # COUNTERS_*
-    window: Window | None = None  # denied: the violated window that frees up last
-    retry_after: float = 0.0  # denied: seconds until this request would be admitted
-    remaining: tuple[int, ...] = ()  # per window, after this request
-    reset: tuple[float, ...] = ()  # per window, seconds until its next counted request leaves
-
-
-def weigh(limit: RateLimit, now: float, counts: list[int], marks: list[float | None], counters: str) -> Verdict:
-    """The verdict from each window's count before this request and the time of
-    its entry that must leave first for the count to drop below the limit
-    (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
-    violated, retry, resets = None, 0.0, []  # one plain loop: this runs for every limited request
-    for window, count, mark in zip(limit.windows, counts, marks, strict=True):
-        reset = window.seconds if mark is None else mark + window.seconds - now
-        resets.append(reset)
-        if count >= window.limit and (violated is None or reset > retry):
-            violated, retry = window, reset
-    allowed = violated is None
-    remaining = tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True))
-    return Verdict(allowed, counters, violated, retry, remaining, tuple(resets))
-
-
-def log_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
-    """(count, mark) of a log: admission times. The mark is the time that must leave the window for the
-    count to drop below the limit (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
-    horizon = now - window.seconds
-    while entry and entry[0] <= horizon:
-        entry.popleft()
-    return len(entry), entry[max(len(entry) - window.limit, 0)] if entry else None
-
-
-def bucket_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
-    """(count, mark) of counts per bucket ([index, count] pairs, oldest first). A bucket counts while it
-    overlaps the window; it leaves when the window's start passes its end, so its mark is its end."""
-    width = window.width_us / 1e6
-    low = math.floor((now - window.seconds) / width)
-    while entry and entry[0][0] < low:
-        entry.popleft()
-    count = sum(n for _, n in entry)
-    need, seen = max(count - window.limit + 1, 1), 0
-    for index, n in entry:
-        seen += n
-        if seen >= need:
-            return count, (index + 1) * width
-    return count, None
-
-
-def record(window: Window, entry: collections.deque, now: float) -> None:
-    if not window.buckets:
-        entry.append(now)
-        return
-    index = math.floor(now / (window.width_us / 1e6))
-    if entry and entry[-1][0] == index:
-        entry[-1][1] += 1
-    else:
-        entry.append([index, 1])
-
-
-class MemoryCounters:
-    """Per-process counters: one deque per user and window, of admitted times (a log) or of
-    [bucket index, count] pairs, keyed by (window seconds, buckets) so the two never mix.
-
-    Thread-safe: on Open WebUI 0.6-0.8 the check runs in the threadpool that
-    serves sync dependencies, so two requests of one user can race here."""
-
-    def __init__(self, max_users: int = RATE_MAX_USERS, clock: Callable[[], float] = time.monotonic):
-        self.max_users = max_users
-        self.clock = clock
-        self._users: collections.OrderedDict[str, dict[tuple, collections.deque]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def check(self, user_id: str, limit: RateLimit, counters: str = COUNTERS_PER_WORKER) -> Verdict:
-        with self._lock:
-            now = self.clock()
-            logs = self._users.get(user_id)
-            if logs is None:
-                while len(self._users) >= self.max_users:
-                    self._users.popitem(last=False)
-                logs = self._users[user_id] = {}
-            else:
-                self._users.move_to_end(user_id)
-            entries = []
-            for window in limit.windows:
-                entry = logs.get((window.seconds, window.buckets))
-                if entry is None:
-                    entry = logs[(window.seconds, window.buckets)] = collections.deque()
-                entries.append(entry)
-            counts, marks = [], []
-            for window, entry in zip(limit.windows, entries, strict=True):
-                count, mark = (bucket_window if window.buckets else log_window)(window, entry, now)
-                counts.append(count)
-                marks.append(mark)
-            verdict = weigh(limit, now, counts, marks, counters)
-            if verdict.allowed:
-                for window, entry in zip(limit.windows, entries, strict=True):
-                    record(window, entry, now)
-            return verdict
-
-    def __len__(self) -> int:
-        return len(self._users)
-
-
-# One round trip, atomic across all windows of a user. Times come from the Redis
-# server (TIME), not from the workers: replicas with skewed clocks would otherwise
-# expire each other's entries early or late. TIME before writes needs effects
-# replication: the default from Redis 5, the only mode from 7; replicate_commands()
-# switches it on for 3.2-4 and is a no-op later. Scores are integer µs (< 2^53).
-RATE_LIMIT_LUA = """
-if redis.replicate_commands then redis.replicate_commands() end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local spec = {}
-for n in string.gmatch(ARGV[2], '%d+') do spec[#spec + 1] = tonumber(n) end
-local allowed, reply, buckets, fresh = 1, {}, {}, {}
-for i, key in ipairs(KEYS) do
-  local limit, span, width = spec[3 * i - 2], spec[3 * i - 1], spec[3 * i]
-  local count, mark = 0, -1
-  if width == 0 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
-    count = redis.call('ZCARD', key)
-    if count > 0 then
-      local index = math.max(count - limit, 0)
-      mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
-    end
-  else
-    -- fields: bucket index -> count; n = the sum; lo = the oldest bucket with counts (absent when none)
-    local low, most = math.floor((now - span) / width), math.ceil(span / width) + 1
-    local meta = redis.call('HMGET', key, 'n', 'lo')
-    count = tonumber(meta[1]) or 0
-    local lo = tonumber(meta[2])
-    if lo and lo < low then  -- buckets left the window: each bucket once, so O(1) per request on average
-      for index = lo, math.min(low - 1, lo + most) do
-        local n = redis.call('HGET', key, index)
-        if n then count = count - tonumber(n); redis.call('HDEL', key, index) end
-      end
-      lo = nil
-      if count > 0 then
-        local index = low
-        while redis.call('HEXISTS', key, index) == 0 and index < low + most do index = index + 1 end
-        lo = index
-        redis.call('HSET', key, 'n', count, 'lo', lo)
-      else
-        redis.call('DEL', key)
-      end
-    end
-    if lo then
-      local need, index = count - limit + 1, lo
-      while need > 0 and index < lo + most do  -- past the oldest bucket only after a limit was lowered
-        need = need - tonumber(redis.call('HGET', key, index) or 0)
-        if need > 0 then index = index + 1 end
-      end
-      mark = (index + 1) * width
-    end
-    fresh[i] = lo == nil
-    buckets[i] = string.format('%.0f', math.floor(now / width))
-  end
-  if count >= limit then allowed = 0 end
-  reply[#reply + 1] = string.format('%d %.0f', count, mark)
-end
-if allowed == 1 then
-  local score = string.format('%.0f', now)
-  for i, key in ipairs(KEYS) do
-    local span, width = spec[3 * i - 1], spec[3 * i]
-    if width == 0 then
-      redis.call('ZADD', key, score, ARGV[1])
-      redis.call('PEXPIRE', key, math.ceil(span / 1000))
-    else
-      redis.call('HINCRBY', key, 'n', 1)
-      if fresh[i] then redis.call('HSET', key, 'lo', buckets[i]) end
-      if redis.call('HINCRBY', key, buckets[i], 1) == 1 then  -- a new newest bucket: the key lives as long
-        redis.call('PEXPIRE', key, math.ceil((span + width) / 1000))
-      end
-    end
-  end
-end
--- one bulk string, "allowed now count mark ..." (µs, mark -1 for none): cheaper for a client to read than an array
-return string.format('%d %.0f ', allowed, now) .. table.concat(reply, ' ')
-"""
-
-
-@dataclass(frozen=True)
-class Script:
-    """A Lua script and the SHA1 Redis names it by."""
-
-    text: str
-
-    @functools.cached_property
-    def sha(self) -> str:
-        return hashlib.sha1(self.text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
-
-
-RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
-# A member must be unique across workers and replicas: a random process nonce plus a counter.
-_MEMBER_NONCE = os.urandom(8).hex()
-_member_serial = itertools.count()
-
-
-def redis_key_base(prefix: str) -> str:
-    """Open WebUI's REDIS_KEY_PREFIX namespace; no leading ':' when it is empty (as core's session keys)."""
-    return f"{prefix}:api_key_guard:rl:" if prefix else "api_key_guard:rl:"
-
-
-def is_noscript(exc: BaseException) -> bool:
-    return type(exc).__name__ == "NoScriptError"
-
-
-def run_script(client: Any, script: Script, keys: list, args: tuple) -> Any:
-    """EVALSHA, or EVAL where the node has not loaded the script: scripts are not replicated, so a
-    promoted replica (and a restarted or flushed node) answers NOSCRIPT. An asyncio client's
-    awaitable goes through settle_script for the same."""
-    try:
-        return client.evalsha(script.sha, len(keys), *keys, *args)
-    except Exception as exc:
-        if not is_noscript(exc):
-            raise
-        return client.eval(script.text, len(keys), *keys, *args)
-
-
-async def settle_script(client: Any, script: Script, pending: Awaitable, keys: list, args: tuple) -> Any:
-    try:
-        return await pending
-    except Exception as exc:
-        if not is_noscript(exc):
-            raise
-        return await client.eval(script.text, len(keys), *keys, *args)
-
-
-def retried_at_once(client: Any, exc: BaseException) -> bool:
-    """A Cluster client refreshes its slot map when a node refuses or drops a connection: once a replica
-    of a crashed master has been promoted, a second try reaches it (without it, counting came back in
-    Redis one retry interval later, 10 s after a kill -9 instead of 5). Refused connections fail in
-    microseconds; a timeout is not tried again (that would cost another full wait)."""
-    return hasattr(client, "nodes_manager") and redis_cause(exc) == "unreachable"
-
-
-def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
-    fields = [int(n) for n in reply.split()]  # allowed, now, then count and mark per window (µs; -1: none)
-    marks = [None if m < 0 else m / 1e6 for m in fields[3::2]]
-    return weigh(limit, fields[1] / 1e6, fields[2::2], marks, COUNTERS_REDIS)
-
-
-# Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
-# -> cause. First match wins: redis-py's AuthenticationError is a ConnectionError, MovedError a ResponseError.
-_CAUSE_BY_CLASS = (
-    ("AuthenticationError", "auth"),
-    ("AuthenticationWrongNumberOfArgsError", "auth"),
-    ("NoPermissionError", "noperm"),
-    ("MovedError", "cluster"),
-    ("AskError", "cluster"),
-    ("ClusterDownError", "clusterdown"),
-    ("MasterNotFoundError", "sentinel"),
-    ("ReadOnlyError", "readonly"),
-    ("TimeoutError", "timeout"),
-    ("ConnectionError", "unreachable"),
-)
-_CAUSE_BY_REPLY = (("WRONGPASS", "auth"), ("NOAUTH", "auth"), ("NOPERM", "noperm"), ("MOVED", "cluster"),
-                   ("ASK", "cluster"), ("CLUSTERDOWN", "clusterdown"), ("READONLY", "readonly"))  # fmt: skip
-
-
-def redis_cause(exc: BaseException) -> str:
-    """The REDIS_CAUSES code for a failure of the counters in Redis."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    text = str(exc).lstrip()
-    for reply, cause in _CAUSE_BY_REPLY:  # redis-py strips the codes it maps to a class, not the others
-        if text.startswith(f"{reply} ") or f"-{reply} " in text:
-            return cause
-    if "user executing the script can't run" in text:  # an ACL refusal inside a script (Redis 7)
-        return "noperm"
-    return next((cause for name, cause in _CAUSE_BY_CLASS if name in names), "error")
-
-
-class RedisCounters:
-    """Shared counters in Redis, one key per user and window: a log is a sorted set
-    `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`, counts per bucket a
-    hash `...:<window seconds>:b<buckets>` with the fields n (their sum) and lo
-    (the oldest with counts); another name, so a guard of before never reads
-    the other type under its own key. The braces are a
-    Redis Cluster hash tag: all windows of a user live in one slot, so one
-    script can touch them atomically. Works with a sync or an asyncio client;
-    with an asyncio client check() returns an awaitable."""
-
-    def __init__(self, connect: Callable[[], Any], prefix: str):
-        self.connect = connect  # Open WebUI's client, resolved on first use and again after a failure to build it
-        self.base = redis_key_base(prefix)
-        self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
-        self._client = None
-
-    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
-        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", limit.redis_args)  # few arguments: cheaper to send
-        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
-
-    def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
-        return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]
-
-    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
-        keys = self.quota_keys(user_id, quota.windows, now)
-        return self.run(QUOTA_READ_SCRIPT, keys, (), lambda reply: [int(n) for n in reply])
-
-    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
-        # kept a minute past the window's end: a charge arriving late still lands in its window
-        ends = [str(w.bounds(now)[1] + 60) for w in windows]
-        return self.run(CHARGE_SCRIPT, self.quota_keys(user_id, windows, now), (str(tokens), *ends), bool)
-
-    def lease_key(self, user_id: str) -> str:
-        return f"{self.root}cc:{{{user_id}}}"
-
-    def acquire(self, lease: "Lease", limit: int) -> Any:
-        args = (lease.member, str(limit), str(int(LEASE_SECONDS * 1000)))
-        return self.run(ACQUIRE_SCRIPT, [self.lease_key(lease.user_id)], args, int)
-
-    def renew(self, lease: "Lease") -> Any:
-        args = (lease.member, str(int(LEASE_SECONDS * 1000)))
-        return self.run(RENEW_SCRIPT, [self.lease_key(lease.user_id)], args, bool)
-
-    def release(self, lease: "Lease") -> Any:
-        return self.run(RELEASE_SCRIPT, [self.lease_key(lease.user_id)], (lease.member,), bool)
-
-    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
-        """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
-        client = self._client if self._client is not None else self._resolve()
-        try:
-            reply = run_script(client, script, keys, args)
-        except Exception as exc:
-            if not retried_at_once(client, exc):
-                raise
-            reply = run_script(client, script, keys, args)
-        if inspect.isawaitable(reply):
-            return self._settle(client, script, reply, keys, args, parse)
-        return parse(reply)
-
-    async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
-        try:
-            reply = await settle_script(client, script, pending, keys, args)
-        except Exception as exc:
-            if not retried_at_once(client, exc):
-                raise
-            reply = await settle_script(client, script, run_script(client, script, keys, args), keys, args)
-        return parse(reply)
-
-    def _resolve(self) -> Any:
-        client = self.connect()
-        if client is None:
-            raise ConnectionError("Open WebUI returned no Redis client")
-        self._client = client
-        return client
-
-
-class Limiter:
-    """Redis when configured; per process when not, or while Redis fails.
-
-    A limiter that can lock everybody out is worse than none: any Redis error
-    (refused, timeout, script error) makes this worker count in process and
-    report `degraded`. Redis is then skipped entirely until REDIS_RETRY_SECONDS
-    have passed; the first request after that probes it (the retry time is
-    claimed before the probe, so concurrent requests count in process instead
-    of queueing behind a dead Redis; unlocked, so two threads may rarely both probe)."""
-
-    def __init__(
-        self,
-        redis: RedisCounters | None,
-        memory: MemoryCounters | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        timeout: float = REDIS_TIMEOUT_SECONDS,
-        retry_seconds: float = REDIS_RETRY_SECONDS,
-    ):
-        self.redis = redis
-        self.memory = memory or MemoryCounters()
-        self.tallies = MemoryTallies()
-        self.clock = clock
-        self.timeout = timeout
-        self.retry_seconds = retry_seconds
-        self._retry_at: float | None = None  # set while degraded
-        self._logged_at: float | None = None
-        self.cause: str | None = None  # REDIS_CAUSES code while degraded
-
-    @property
-    def counters(self) -> str:
-        """The X-API-Key-Guard-Counters value: redis, per-worker, or `degraded; cause=<code>`."""
-        if self.redis is None:
-            return COUNTERS_PER_WORKER
-        return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
-
-    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        return self.shared(
-            lambda: self.redis.check(user_id, limit),
-            lambda counters: self.memory.check(user_id, limit, counters),
-        )
-
-    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> Any:
-        """Tokens used per window of `quota` (an awaitable of them with an asyncio client)."""
-        return self.shared(
-            lambda: self.redis.quota_used(user_id, quota, now),
-            lambda _: self.tallies.quota_used(user_id, quota, now),
-        )
-
-    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
-        return self.shared(
-            lambda: self.redis.charge(user_id, windows, tokens, now),
-            lambda _: self.tallies.charge(user_id, windows, tokens, now),
-        )
-
-    def acquire(self, lease: "Lease", limit: int) -> Any:
-        """Requests in flight with this one; more than `limit`: not taken."""
-        return self.shared(lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit))
-
-    def renew(self, lease: "Lease") -> Any:
-        return None if lease.local else self.shared(lambda: self.redis.renew(lease), lambda _: None)
-
-    def release(self, lease: "Lease") -> Any:
-        """A lease goes back where it was taken; one taken in Redis while Redis fails expires there."""
-        if lease.local:
-            return self.tallies.release(lease)
-        return self.shared(lambda: self.redis.release(lease), lambda _: None)
-
-    def shared(self, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
-        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or it fails."""
-        if self.redis is None:
-            return local(COUNTERS_PER_WORKER)
-        if self._retry_at is not None:
-            now = self.clock()
-            if now < self._retry_at:
-                return local(COUNTERS_DEGRADED)
-            self._retry_at = now + self.retry_seconds
-        try:
-            result = remote()
-        except Exception as exc:
-            return self._fall_back(exc, local)
-        if inspect.isawaitable(result):
-            return self._bounded(result, local)
-        return self._recovered(result)
-
-    async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await pending
-        except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
-            return self._fall_back(exc, local)
-        return self._recovered(result)
-
-    def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:
-        now, cause = self.clock(), redis_cause(exc)
-        self._retry_at = now + self.retry_seconds
-        # One ERROR per cause: again only when the cause changes or a minute has passed.
-        if cause != self.cause or self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
-            self._logged_at = now
-            detail = " ".join(str(exc).split())[:200]
-            happened, fix = REDIS_CAUSES[cause]
-            log.error(
-                "api_key_guard rate-limit counters degraded (cause=%s): %s (%s); counting per worker, "
-                "retrying Redis every %.0f s. Fix: %s",
-                cause,
-                happened,
-                f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
-                self.retry_seconds,
-                fix,
-            )
-        self.cause = cause
-        return local(COUNTERS_DEGRADED)
-
-    def _recovered(self, result: Any) -> Any:
-        if self._retry_at is not None:
-            self._retry_at, self._logged_at, self.cause = None, None, None
-            log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
-        return result
-
-
-# ---------------------------------------------------------------------------
-# Open WebUI's Redis, reached through its own helpers (Sentinel, Cluster, URL,
-# credentials as the admin configured them); the guard never imports redis.
-# ---------------------------------------------------------------------------
-def openwebui_env() -> Any:
-    env = sys.modules.get("open_webui.env")
-    if env is None:
-        raise LookupError("open_webui.env is not loaded")
-    return env
-
-
-def redis_configured() -> bool:
-    env = openwebui_env()
-    return bool(getattr(env, "REDIS_URL", "") or getattr(env, "REDIS_SENTINEL_HOSTS", ""))
-
-
-def openwebui_redis(asynchronous: bool) -> Any:
-    """A client of the guard's own, built by Open WebUI's helper from Open WebUI's settings (Sentinel,
-    Cluster, URL, credentials, TLS), asyncio on 0.9+ and sync on 0.6-0.8 (sync lookups in a threadpool).
-
-    Its own, because core's keeps redis-py's timeouts (none on 0.8.12's redis-py 7.4, 5 s later): a
-    stalled node would hold every key request that long. The socket timeouts ride in the URL's query,
-    which redis-py applies to every connection the client opens, also those a Cluster client opens
-    while it is built (0.6/0.8 build a new one per call, before anything could shorten it); the URL
-    also makes the helper's cache key differ from core's, so core's client is never touched."""
-    env = openwebui_env()
-    helpers = sys.modules["open_webui.utils.redis"]
-    client = helpers.get_redis_connection(
-        redis_url=with_timeouts(env.REDIS_URL, REDIS_TIMEOUT_SECONDS),
-        redis_sentinels=helpers.get_sentinels_from_env(env.REDIS_SENTINEL_HOSTS, env.REDIS_SENTINEL_PORT),
-        redis_cluster=env.REDIS_CLUSTER,
-        async_mode=asynchronous,
-        decode_responses=False,
-    )
-    if client is not None:
-        bound_waits(client, REDIS_TIMEOUT_SECONDS)
-    return client
-
-
-def with_timeouts(url: str, seconds: float) -> str:
-    """`url` with socket_timeout and socket_connect_timeout set in its query (replacing any given)."""
-    parts = urllib.parse.urlsplit(url)
-    ours = ("socket_timeout", "socket_connect_timeout")
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
-    query += [(name, f"{seconds:g}") for name in ours]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-def bound_waits(client: Any, seconds: float) -> dict[str, int]:
-    """Bound what one command of this (the guard's own) client can wait, where the URL cannot reach.
-
-    - Sentinel: the helper reads only host, port, db and credentials from the URL, so the master's
-      connections get `seconds` here. The connections to the sentinels keep redis-py's defaults (no
-      timeout on 0.8.12, and 3 to 10 retries with backoff of up to 10 s each on every release): one
-      stalled sentinel held a master lookup 8 s, and 0.6-0.10 look the master up for every command.
-      They get a quarter of `seconds` and no retry: a lookup then moves on to the next sentinel, and
-      redis-py puts the sentinel that answered first for the next lookups.
-    - Cluster: redis-py retries a failed command on a fresh slot map, 3 times on 7.x and 10 on 8.x
-      with backoff, each try a full socket timeout (one stalled master held a sync check 2 s on 0.8.12
-      and the whole 3 s stall on 0.6.22). The guard's own retry is the degraded probe, and the failed
-      try has already refreshed the slot map for it: no retry here.
-    Each Retry object touched is this client's own (redis-py deep-copies it per client).
-    Returns how many connection settings and retry policies were changed."""
-    sentinel = vars(client).get("_sentinel")  # Open WebUI's SentinelRedisProxy; its __getattr__ asks the sentinels
-    cluster = sentinel is None and hasattr(client, "nodes_manager")
-    if sentinel is not None:
-        own = [getattr(sentinel, "connection_kwargs", None)]
-        lookups = [getattr(s.connection_pool, "connection_kwargs", None) for s in getattr(sentinel, "sentinels", ())]
-        retries = [k.get("retry") for k in lookups if isinstance(k, dict)]
-        lookups.append(getattr(sentinel, "sentinel_kwargs", None))
-    elif cluster:
-        own = [getattr(client.nodes_manager, "connection_kwargs", None)]
-        own += [n.redis_connection.connection_pool.connection_kwargs for n in client.get_nodes() if n.redis_connection]
-        lookups, retries = [], [getattr(client, "retry", None)]
-    else:
-        own, lookups, retries = [getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)], [], []
-    changed = {"timeouts": 0, "retries": 0}
-    for kwargs, timeout in [(k, seconds) for k in own] + [(k, seconds / 4) for k in lookups]:
-        if isinstance(kwargs, dict):
-            kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
-            changed["timeouts"] += 1
-    for retry in retries:
-        if hasattr(retry, "update_retries"):
-            retry.update_retries(0)
-            changed["retries"] += 1
-    return changed
-
-
-def limiter() -> Limiter:
-    """This process's limiter, built on first use: Redis through Open WebUI when it has Redis."""
-    return process_wide("limiter", build_limiter)
-
-
-def build_limiter() -> Limiter:
-    try:
-        if not redis_configured():
-            return Limiter(None)
-        # Sync Open WebUI (0.6-0.8) judges keys in a threadpool without an event loop: sync client there.
-        asynchronous = inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
-        prefix = str(getattr(openwebui_env(), "REDIS_KEY_PREFIX", "open-webui"))
-        return Limiter(RedisCounters(lambda: openwebui_redis(asynchronous), prefix))
-    except LookupError:  # not inside Open WebUI (tests, linters)
-        return Limiter(None)
-
-
-# ---------------------------------------------------------------------------
-# What a client is told: Retry-After, the IETF httpapi RateLimit-Policy and
-# RateLimit fields (draft-ietf-httpapi-ratelimit-headers-10/11: structured-field
-# lists, one item per window named by its unit, q = quota, w = window seconds,
-# r = remaining, t = seconds until the quota starts coming back), and where the
-# counters live. Chosen over X-RateLimit-*: that trio has no single definition
-# and cannot describe two windows at once.
-# ---------------------------------------------------------------------------
-def whole_seconds(seconds: float) -> int:
-    """Round up to the next second (never 0): retrying earlier is denied again."""
-    return max(1, math.ceil(round(seconds, 6)))
-
-
-def ratelimit_value(limit: RateLimit, verdict: Verdict) -> str:
-    return ", ".join(
-        f'"{w.unit}";r={r};t={whole_seconds(t)}'
-        for w, r, t in zip(limit.windows, verdict.remaining, verdict.reset, strict=True)
-    )
-
-
-def rate_limit_headers(limit: RateLimit, verdict: Verdict) -> dict[str, str]:
-    headers = {"RateLimit-Policy": limit.policy, "RateLimit": ratelimit_value(limit, verdict)}
-    if not verdict.allowed:
-        headers["Retry-After"] = str(whole_seconds(verdict.retry_after))
-    return headers
-
-
-def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, Any]:
-    """The fields of the rate_limited reason text for a denied verdict."""
-    window = verdict.window
-    return {
-        "role": role,
-        "limit": window.limit,
-        "unit": window.unit,
-        "valve": valve,
-        "seconds": whole_seconds(verdict.retry_after),
-    }
-
-
-# ---------------------------------------------------------------------------
-# Token quotas and requests in flight
-# ---------------------------------------------------------------------------
-# A quota is a budget of tokens per calendar window (QuotaWindow): read before a request is let in,
-# charged with what the answer cost once it is known, so requests already in flight when it runs out
-# finish (the overshoot is at most what they cost: one answer per request in flight). A concurrency
-# cap is a lease per request in flight, given back when its answer ends or its client goes away;
-# in Redis a lease also expires LEASE_SECONDS after it was last renewed, so a worker that dies
-# mid-request frees its places. Both live next to the request limits: in Redis when Open WebUI has
-# it, per process otherwise or while Redis fails (`degraded`, like the limits).
-LEASE_SECONDS = 60.0
-LEASE_RENEW_SECONDS = 20.0
-QUOTA_KEYS_KEPT = 4 * RATE_MAX_USERS
-
-
-@dataclass
-class Lease:
-    user_id: str
-    member: str  # unique across workers: process nonce + serial
-    local: bool = False  # taken in this process (no Redis, or Redis failing), given back here
-
-
-def quota_exceeded(quota: "TokenQuota", used: list[int], now: float) -> tuple["QuotaWindow", float] | None:
-    """The spent window that starts again last, with the seconds until it does; None while all have room."""
-    spent = [(w, w.bounds(now)[1] - now) for w, n in zip(quota.windows, used, strict=True) if n >= w.limit]
-    return max(spent, key=lambda item: item[1]) if spent else None
-
-
-def quota_fields(quota: "TokenQuota", used: list[int], now: float) -> dict[str, str]:
-    """RateLimit-Policy / RateLimit items for the token windows (`tokens-day`: q tokens per w seconds)."""
-    policy, state = [], []
-    for window, count in zip(quota.windows, used, strict=True):
-        start, end = window.bounds(now)
-        name = f'"tokens-{window.unit}"'
-        policy.append(f"{name};q={window.limit};w={end - start}")
-        state.append(f"{name};r={max(window.limit - count, 0)};t={whole_seconds(end - now)}")
-    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
-
-
-def concurrency_fields(limit: int, in_flight: int) -> dict[str, str]:
-    return {"RateLimit-Policy": f'"concurrent";q={limit}', "RateLimit": f'"concurrent";r={max(limit - in_flight, 0)}'}
-
-
-class MemoryTallies:
-    """Per-process token sums per user and calendar window, and each user's requests in flight."""
-
-    def __init__(self, max_keys: int = QUOTA_KEYS_KEPT):
-        self.max_keys = max_keys
-        self._tokens: collections.OrderedDict = collections.OrderedDict()  # (user, unit, start) -> tokens
-        self._leases: dict[str, set] = {}
-        self._lock = threading.Lock()
-
-    def quota_used(self, user_id: str, quota: "TokenQuota", now: float) -> list[int]:
-        return [self._tokens.get((user_id, w.unit, w.bounds(now)[0]), 0) for w in quota.windows]
-
-    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> None:
-        with self._lock:
-            for window in windows:
-                key = (user_id, window.unit, window.bounds(now)[0])
-                self._tokens[key] = self._tokens.get(key, 0) + tokens
-                self._tokens.move_to_end(key)
-            while len(self._tokens) > self.max_keys:
-                self._tokens.popitem(last=False)
-
-    def acquire(self, lease: Lease, limit: int) -> int:
-        """Requests in flight with this one; more than `limit` means it was not taken."""
-        with self._lock:
-            held = self._leases.setdefault(lease.user_id, set())
-            if len(held) >= limit:
-                return len(held) + 1
-            held.add(lease.member)
-            lease.local = True
-            return len(held)
-
-    def release(self, lease: Lease) -> None:
-        with self._lock:
-            held = self._leases.get(lease.user_id)
-            if held is not None:
-                held.discard(lease.member)
-                if not held:
-                    del self._leases[lease.user_id]
-
-
-# Lease scores are expiry times from the Redis server's clock (µs, as the request limits).
-ACQUIRE_LUA = """
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
-local count = redis.call('ZCARD', KEYS[1])
-if count >= tonumber(ARGV[2]) then return count + 1 end
-redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[3]) * 1000), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return count + 1
-"""
-RENEW_LUA = """
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2]) * 1000), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-QUOTA_READ_LUA = """
-local used = {}
-for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key) or '0') end
-return used
-"""
-CHARGE_LUA = """
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, ARGV[1])
-  redis.call('EXPIREAT', key, ARGV[i + 1])
-end
-return 1
-"""
-RELEASE_LUA = "return redis.call('ZREM', KEYS[1], ARGV[1])"
-ACQUIRE_SCRIPT, RENEW_SCRIPT, RELEASE_SCRIPT = Script(ACQUIRE_LUA), Script(RENEW_LUA), Script(RELEASE_LUA)
-QUOTA_READ_SCRIPT, CHARGE_SCRIPT = Script(QUOTA_READ_LUA), Script(CHARGE_LUA)
-
-
-# ---------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------
 # The valves, parsed and validated once, precomputed for cheap lookups.
@@ -1069,7 +183,7 @@ class PathList:
     under: dict  # method ("" = any) -> tuple of prefixes + "/", for one str.startswith call
 
     @classmethod
-    def parse(cls, text: str) -> "PathList":
+    def parse(cls, text: str) -> PathList:
         items = split_list(text)
         exact: dict[str, set] = {}
         for item in items:
@@ -1104,7 +218,7 @@ class ModelList:
     pattern: re.Pattern | None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelList":
+    def parse(cls, text: str) -> ModelList:
         items = split_list(text)
         globs = [item for item in items if any(c in item for c in "*?[")]
         pattern = None
@@ -1166,7 +280,7 @@ class TokenQuota:
 
     @classmethod
     @functools.lru_cache(maxsize=64)
-    def parse(cls, text: str) -> "TokenQuota":
+    def parse(cls, text: str) -> TokenQuota:
         windows: dict[str, QuotaWindow] = {}
         for item in split_list(text):
             match = _RATE_ITEM.fullmatch(item)
@@ -1307,7 +421,7 @@ class Policy:
     reads_bodies: bool = False  # some tier has a model list or counters: key requests' bodies are read
     _merged: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def tier_for(self, facts: "Facts") -> Tier:
+    def tier_for(self, facts: Facts) -> Tier:
         """The one place a user becomes its tier: the role's (only the exact role "admin" gets the
         admin tier: a missing or odd role is never a privileged one), then, field by field, the
         first api_key_tiers entry that sets the field among: the user's own entry, then the
@@ -1482,194 +596,6 @@ def decide(facts: Facts, policy: Policy) -> Decision:
         if model == ANY_MODEL or not models.admits(model):  # "any model" passes only a list that is *
             return _decision(False, REASON_MODEL_BEHIND, role=role, model=model, how=how, valve=valve)
     return ALLOWED
-
-
-# ---------------------------------------------------------------------------
-# Credentials
-# ---------------------------------------------------------------------------
-# Read in Open WebUI's own order (utils/auth.py get_current_user,
-# then the request.state.token fallback filled by its ASGI middleware).
-def presented_credential(authorization: str | None, cookie_token: str | None, custom_header: str | None) -> str | None:
-    """The token core authenticates the request with, or None."""
-    if authorization:
-        scheme, _, param = authorization.strip().partition(" ")
-        if scheme and param.strip() and scheme.lower() == "bearer":
-            return param.strip()
-    if cookie_token is not None:
-        return cookie_token
-    if authorization:
-        parts = authorization.split(" ")
-        if len(parts) == 2:
-            return parts[1]
-    return custom_header or None
-
-
-def is_api_key(token: str | None) -> bool:
-    return bool(token) and token.startswith("sk-")
-
-
-def fingerprint(token: str | None) -> str:
-    """What the logs may show of a credential: never the secret itself."""
-    if not token:
-        return "-"
-    if is_api_key(token):
-        return "sk-…" + token[-4:] if len(token) >= 11 else "sk-…"
-    return "session"
-
-
-CUSTOM_API_KEY_HEADER = os.environ.get("CUSTOM_API_KEY_HEADER", "x-api-key")
-
-
-def request_credential(request: Any) -> str | None:
-    headers = request.headers
-    return presented_credential(
-        headers.get("authorization"), request.cookies.get("token"), headers.get(CUSTOM_API_KEY_HEADER)
-    )
-
-
-# ---------------------------------------------------------------------------
-# Lookups
-# ---------------------------------------------------------------------------
-# Through Open WebUI's own models (sync in 0.6, async in 0.12), cached
-# so a steady stream of requests causes no database query per request.
-async def settle(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def drive(coro: Any) -> Any:
-    """Run a coroutine that never suspends (sync Open WebUI) to completion."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("guard lookup suspended inside a synchronous Open WebUI call")
-
-
-class TTLCache:
-    """Bounded map whose entries expire; at most `max_entries` are kept."""
-
-    def __init__(self, ttl: float, max_entries: int = CACHE_MAX_ENTRIES):
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: dict = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
-        return None
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                now = time.monotonic()
-                self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
-                while len(self._entries) >= self.max_entries:
-                    self._entries.pop(next(iter(self._entries)))
-            self._entries[key] = (time.monotonic() + self.ttl, value)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def openwebui_model(module: str, name: str) -> Any:
-    found = sys.modules.get(f"open_webui.models.{module}")
-    if found is None:
-        raise LookupError(f"open_webui.models.{module} is not loaded")
-    return getattr(found, name)
-
-
-_group_cache = TTLCache(GROUPS_TTL_SECONDS)
-
-
-async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
-    """(ids, names) of the groups the user is a direct member of."""
-    cached = _group_cache.get(user_id)
-    if cached is None:
-        groups = await settle(openwebui_model("groups", "Groups").get_groups_by_member_id(user_id))
-        cached = (frozenset(g.id for g in groups), frozenset(g.name for g in groups))
-        _group_cache.put(user_id, cached)
-    return cached
-
-
-KEY_TIMES_MISSING = (
-    "this Open WebUI keeps no creation time for API keys (the api_key table came in 0.6.41): "
-    "a maximum key age cannot be enforced here; leave it 0"
-)
-_key_times = TTLCache(GROUPS_TTL_SECONDS)
-
-
-def core_is_async() -> bool:
-    """0.9+ looks keys up in the event loop (async); 0.6-0.8 in a threadpool thread (sync)."""
-    return inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
-
-
-def core_keeps_key_times() -> bool:
-    """Whether core's key table has creation times (0.6.41+); True outside Open WebUI (cannot tell)."""
-    users = sys.modules.get("open_webui.models.users")
-    return users is None or hasattr(users, "ApiKey")
-
-
-async def key_created(user_id: str, token: str | None) -> int | None:
-    """When core created this user's key (epoch seconds), from its api_key table; None where it keeps
-    none, or when the stored key is not `token`. Read by user id: the key itself never goes into a
-    query, whose error text (SQLAlchemy prints the parameters) would carry it into a log line."""
-    if not core_keeps_key_times():
-        return None
-    digest = hashlib.sha256(f"{user_id}\0{token}".encode()).hexdigest()  # the cache never holds a key
-    cached = _key_times.get(digest)
-    if cached is None:
-        cached = (await off_loop(lambda: stored_key_time(user_id, token)),)
-        _key_times.put(digest, cached)
-    return cached[0]
-
-
-def stored_key_time(user_id: str, token: str | None) -> int | None:
-    """created_at of the user's key (of the one equal to `token`, when given)."""
-    try:
-        with openwebui_engine().connect() as conn:
-            rows = conn.execute(
-                sql_text("SELECT key, created_at FROM api_key WHERE user_id = :user_id"), {"user_id": user_id}
-            ).all()
-    except Exception as exc:
-        raise LookupError(f"core's api_key table could not be read ({type(exc).__name__})") from None
-    for key, created in rows:
-        if token is None or hmac.compare_digest(str(key).encode(), token.encode()):
-            return int(created) if created is not None else None
-    return None
-
-
-async def off_loop(work: Callable[[], Any]) -> Any:
-    """Blocking work (a sync database or Redis call) kept off the event loop: in a thread on async
-    Open WebUI; right here on sync Open WebUI, whose lookups already run in a threadpool thread."""
-    if core_is_async():
-        return await asyncio.to_thread(work)
-    return work()
-
-
-def describe(exc: Exception) -> str:
-    """One log-friendly line; validation errors as `valve: problem`."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'valves'}: {e['msg']}" for e in exc.errors())
-    text = _SQL_PARAMETERS.sub("[parameters: hidden]", " ".join(str(exc).split()))
-    return f"{type(exc).__name__}: {KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), text)}"
-
-
-# SQLAlchemy's error text ends in the statement's parameters; a parameter may be a credential.
-_SQL_PARAMETERS = re.compile(r"\[parameters: .*?\](?= \(|$)|\[parameters: .*")
-
-
-def block_text(template: str, decision: Decision) -> str:
-    try:
-        return template.format(reason=decision.message)
-    except (KeyError, IndexError, ValueError):
-        return decision.message
 
 
 # ---------------------------------------------------------------------------
@@ -1908,7 +834,7 @@ class Valves(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _keep_sessions_working(cls, data: Any, handler: Callable) -> "Valves":
+    def _keep_sessions_working(cls, data: Any, handler: Callable) -> Valves:
         try:
             return handler(data)
         except ValidationError as exc:
@@ -2192,6 +1118,194 @@ def conclude(
 
 
 # ---------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------
+# Read in Open WebUI's own order (utils/auth.py get_current_user,
+# then the request.state.token fallback filled by its ASGI middleware).
+def presented_credential(authorization: str | None, cookie_token: str | None, custom_header: str | None) -> str | None:
+    """The token core authenticates the request with, or None."""
+    if authorization:
+        scheme, _, param = authorization.strip().partition(" ")
+        if scheme and param.strip() and scheme.lower() == "bearer":
+            return param.strip()
+    if cookie_token is not None:
+        return cookie_token
+    if authorization:
+        parts = authorization.split(" ")
+        if len(parts) == 2:
+            return parts[1]
+    return custom_header or None
+
+
+def is_api_key(token: str | None) -> bool:
+    return bool(token) and token.startswith("sk-")
+
+
+def fingerprint(token: str | None) -> str:
+    """What the logs may show of a credential: never the secret itself."""
+    if not token:
+        return "-"
+    if is_api_key(token):
+        return "sk-…" + token[-4:] if len(token) >= 11 else "sk-…"
+    return "session"
+
+
+CUSTOM_API_KEY_HEADER = os.environ.get("CUSTOM_API_KEY_HEADER", "x-api-key")
+
+
+def request_credential(request: Any) -> str | None:
+    headers = request.headers
+    return presented_credential(
+        headers.get("authorization"), request.cookies.get("token"), headers.get(CUSTOM_API_KEY_HEADER)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Lookups
+# ---------------------------------------------------------------------------
+# Through Open WebUI's own models (sync in 0.6, async in 0.12), cached
+# so a steady stream of requests causes no database query per request.
+async def settle(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def drive(coro: Any) -> Any:
+    """Run a coroutine that never suspends (sync Open WebUI) to completion."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("guard lookup suspended inside a synchronous Open WebUI call")
+
+
+class TTLCache:
+    """Bounded map whose entries expire; at most `max_entries` are kept."""
+
+    def __init__(self, ttl: float, max_entries: int = CACHE_MAX_ENTRIES):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                now = time.monotonic()
+                self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
+                while len(self._entries) >= self.max_entries:
+                    self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (time.monotonic() + self.ttl, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def openwebui_model(module: str, name: str) -> Any:
+    found = sys.modules.get(f"open_webui.models.{module}")
+    if found is None:
+        raise LookupError(f"open_webui.models.{module} is not loaded")
+    return getattr(found, name)
+
+
+_group_cache = TTLCache(GROUPS_TTL_SECONDS)
+
+
+async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
+    """(ids, names) of the groups the user is a direct member of."""
+    cached = _group_cache.get(user_id)
+    if cached is None:
+        groups = await settle(openwebui_model("groups", "Groups").get_groups_by_member_id(user_id))
+        cached = (frozenset(g.id for g in groups), frozenset(g.name for g in groups))
+        _group_cache.put(user_id, cached)
+    return cached
+
+
+KEY_TIMES_MISSING = (
+    "this Open WebUI keeps no creation time for API keys (the api_key table came in 0.6.41): "
+    "a maximum key age cannot be enforced here; leave it 0"
+)
+_key_times = TTLCache(GROUPS_TTL_SECONDS)
+
+
+def core_is_async() -> bool:
+    """0.9+ looks keys up in the event loop (async); 0.6-0.8 in a threadpool thread (sync)."""
+    return inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
+
+
+def core_keeps_key_times() -> bool:
+    """Whether core's key table has creation times (0.6.41+); True outside Open WebUI (cannot tell)."""
+    users = sys.modules.get("open_webui.models.users")
+    return users is None or hasattr(users, "ApiKey")
+
+
+async def key_created(user_id: str, token: str | None) -> int | None:
+    """When core created this user's key (epoch seconds), from its api_key table; None where it keeps
+    none, or when the stored key is not `token`. Read by user id: the key itself never goes into a
+    query, whose error text (SQLAlchemy prints the parameters) would carry it into a log line."""
+    if not core_keeps_key_times():
+        return None
+    digest = hashlib.sha256(f"{user_id}\0{token}".encode()).hexdigest()  # the cache never holds a key
+    cached = _key_times.get(digest)
+    if cached is None:
+        cached = (await off_loop(lambda: stored_key_time(user_id, token)),)
+        _key_times.put(digest, cached)
+    return cached[0]
+
+
+def stored_key_time(user_id: str, token: str | None) -> int | None:
+    """created_at of the user's key (of the one equal to `token`, when given)."""
+    try:
+        with openwebui_engine().connect() as conn:
+            rows = conn.execute(
+                sql_text("SELECT key, created_at FROM api_key WHERE user_id = :user_id"), {"user_id": user_id}
+            ).all()
+    except Exception as exc:
+        raise LookupError(f"core's api_key table could not be read ({type(exc).__name__})") from None
+    for key, created in rows:
+        if token is None or hmac.compare_digest(str(key).encode(), token.encode()):
+            return int(created) if created is not None else None
+    return None
+
+
+async def off_loop(work: Callable[[], Any]) -> Any:
+    """Blocking work (a sync database or Redis call) kept off the event loop: in a thread on async
+    Open WebUI; right here on sync Open WebUI, whose lookups already run in a threadpool thread."""
+    if core_is_async():
+        return await asyncio.to_thread(work)
+    return work()
+
+
+def describe(exc: Exception) -> str:
+    """One log-friendly line; validation errors as `valve: problem`."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'valves'}: {e['msg']}" for e in exc.errors())
+    text = _SQL_PARAMETERS.sub("[parameters: hidden]", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {KEY_IN_TEXT.sub(lambda m: fingerprint(m[0]), text)}"
+
+
+# SQLAlchemy's error text ends in the statement's parameters; a parameter may be a credential.
+_SQL_PARAMETERS = re.compile(r"\[parameters: .*?\](?= \(|$)|\[parameters: .*")
+
+
+def block_text(template: str, decision: Decision) -> str:
+    try:
+        return template.format(reason=decision.message)
+    except (KeyError, IndexError, ValueError):
+        return decision.message
+
+
+# ---------------------------------------------------------------------------
 # Reading what a body asks of models
 # ---------------------------------------------------------------------------
 # Runs only after core accepted the key, on a body of at most MAX_MODEL_BODY_BYTES; every reader is
@@ -2373,7 +1487,7 @@ def policy_fingerprint(stored: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def stored_valves(stored: Any) -> "Valves":
+def stored_valves(stored: Any) -> Valves:
     """The Valves for a stored record; an invalid record becomes unusable valves (fail closed)."""
     try:
         return Valves(**(stored or {}))
@@ -2381,11 +1495,22 @@ def stored_valves(stored: Any) -> "Valves":
         return unusable_valves(exc)
 
 
-def unusable_valves(exc: Exception) -> "Valves":
+def unusable_valves(exc: Exception) -> Valves:
     """Defaults marked unusable: every API-key request is refused with the guard-error message."""
     marked = Valves()
     marked._invalid = describe(exc)
     return marked
+
+
+async def answering_model(model_id: str) -> str:
+    """The model core calls for `model_id`: a workspace model's base, whoever made it."""
+    key = ("answers", model_id)
+    cached = _model_cache.get(key)
+    if cached is None:
+        record = await settle(openwebui_model("models", "Models").get_model_by_id(model_id))
+        cached = str(getattr(record, "base_model_id", None) or model_id) if record is not None else model_id
+        _model_cache.put(key, cached)
+    return cached
 
 
 # ---------------------------------------------------------------------------
@@ -2416,6 +1541,867 @@ class Filter:
         if outcome.refusal is not None:
             raise Exception(outcome.refusal.detail)
         return body
+
+
+# ---------------------------------------------------------------------------
+# Route guard
+# ---------------------------------------------------------------------------
+# An inlet filter only sees the chat pipeline, yet the same key reaches models through /openai/*,
+# /ollama/*, task and embedding routes, and the whole REST API. Open WebUI authenticates every API
+# key through one call, Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
+# sees exactly the credential core accepted, from any transport, and the user core resolved, and
+# refuses before any route handler runs. A thin ASGI wrapper keeps the request's RequestState in its
+# scope: it redacts keys from the URL, reads (never parses) the body of a key request that may name
+# a model, marks judged responses and trims model listings. Everything that depends on the request's
+# content runs inside the lookup, once core accepted the key. Both hooks are installed once per
+# process and delegate to the most recently loaded copy of this file, which judges with the valves
+# of every ACTIVE copy: a clone, a trial install or a Tool upload never disarms it.
+HOOKS_ATTR = "_api_key_guard_hooks"
+GUARD_HEADER = "X-API-Key-Guard"
+POLICY_HEADER = "X-API-Key-Guard-Policy"
+COUNTERS_HEADER = "X-API-Key-Guard-Counters"
+STATE_KEY = "api_key_guard"  # a request's RequestState, in its ASGI scope
+
+# Routes whose request body names the model it reaches (route templates, every pinned release).
+# The route-table contract test fails when a release adds a model-bearing route missing here.
+MODEL_ROUTES = frozenset(
+    {
+        "/api/chat/completions",
+        "/api/v1/chat/completions",
+        "/api/chat/completed",
+        "/api/chat/actions/{action_id}",
+        "/api/v1/chats/{id}/compact",
+        "/api/embeddings",
+        "/api/v1/embeddings",
+        "/api/message",
+        "/api/v1/messages",
+        "/api/message/count_tokens",
+        "/api/v1/messages/count_tokens",
+        "/openai/chat/completions",
+        "/openai/responses",
+        "/openai/audio/speech",
+        "/ollama/api/generate",
+        "/ollama/api/generate/{url_idx}",
+        "/ollama/api/chat",
+        "/ollama/api/chat/{url_idx}",
+        "/ollama/api/embed",
+        "/ollama/api/embed/{url_idx}",
+        "/ollama/api/embeddings",
+        "/ollama/api/embeddings/{url_idx}",
+        "/ollama/v1/completions",
+        "/ollama/v1/completions/{url_idx}",
+        "/ollama/v1/embeddings",
+        "/ollama/v1/embeddings/{url_idx}",
+        "/ollama/v1/chat/completions",
+        "/ollama/v1/chat/completions/{url_idx}",
+        "/ollama/v1/messages",
+        "/ollama/v1/messages/{url_idx}",
+        "/ollama/v1/responses",
+        "/ollama/v1/responses/{url_idx}",
+        *(
+            f"/api/v1/tasks/{task}/completions"
+            for task in ("title", "follow_up", "tags", "image_prompt", "queries", "auto", "emoji", "moa")
+        ),
+    }
+)
+# Routes where a message can make a model answer by mentioning it (channels, 0.8+).
+MENTION_ROUTES = frozenset({"/api/v1/channels/{id}/messages/post"})
+# Routes that call a model named by stored data, not by the request: tool-call resume (0.12) takes the
+# stored message's model, an automation run (0.10+) the stored automation's. Refused where a list applies.
+STORED_MODEL_ROUTES = frozenset({"/api/v1/chats/{id}/messages/{message_id}/resolve", "/api/v1/automations/{id}/run"})
+# Automations (0.10+) store the model they will call later, with no key in sight: judged when stored.
+AUTOMATION_ROUTES = frozenset({"/api/v1/automations/create", "/api/v1/automations/{id}/update"})
+# Image edits (0.8+) use the body's model when it names one, else the admin's configured one.
+IMAGE_EDIT_ROUTES = frozenset({"/api/v1/images/edit"})
+# The provider proxy (always on 0.6-0.8; ENABLE_OPENAI_API_PASSTHROUGH on 0.10+) forwards any path,
+# `..` normalised upstream: a provider that takes the model from the path calls what the body hides.
+PROXY_ROUTES = frozenset({"/openai/{path:path}"})
+# GET routes that list models; for a key limited to some models they list only those.
+MODEL_LISTINGS = frozenset(
+    {
+        "/api/models",
+        "/api/v1/models",
+        "/openai/models",
+        "/openai/models/{url_idx}",
+        "/ollama/api/tags",
+        "/ollama/api/tags/{url_idx}",
+        "/ollama/v1/models",
+        "/ollama/v1/models/{url_idx}",
+    }
+)
+# A model-bearing body is read only up to this size; a larger one cannot be checked and is
+# refused where a model list applies (chat bodies with images stay far below it).
+MAX_MODEL_BODY_BYTES = 8 * 2**20
+MAX_VALVES_BODY_BYTES = 2**20
+ROUTE_KIND_CACHE_ENTRIES = 1024
+MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
+STORED, AUTOMATION, IMAGE_EDIT, PROXY = "stored", "automation", "image-edit", "proxy"
+MODEL_READERS = {
+    PROXY: proxied_model,
+    MODEL_ROUTE: model_of,
+    MENTIONS: mentioned_model,
+    STORED: stored_model,
+    AUTOMATION: automation_model,
+    IMAGE_EDIT: image_edit_model,
+}
+# Every template whose body the guard reads, by the kind of reader; the route-table contract test knows these.
+READ_ROUTES = {
+    **dict.fromkeys(MODEL_ROUTES, MODEL_ROUTE),
+    **dict.fromkeys(MENTION_ROUTES, MENTIONS),
+    **dict.fromkeys(STORED_MODEL_ROUTES, STORED),
+    **dict.fromkeys(AUTOMATION_ROUTES, AUTOMATION),
+    **dict.fromkeys(IMAGE_EDIT_ROUTES, IMAGE_EDIT),
+    **dict.fromkeys(PROXY_ROUTES, PROXY),
+}
+FUNCTIONS_PATH = "/api/v1/functions/"
+
+
+def literal_prefix(template: str) -> str:
+    return template.split("{", 1)[0]
+
+
+# Every path a route template matches starts with the template's text before its first parameter:
+# one str.startswith decides, before the key is checked, whether a body may have to be read.
+BODY_PREFIXES = tuple(sorted({literal_prefix(t) for t in READ_ROUTES}))
+LISTING_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_LISTINGS}))
+
+
+@dataclass
+class RequestState:
+    """What the route guard knows of one HTTP request; one per request, in its scope under STATE_KEY."""
+
+    body: bytes | None = None  # read before core, parsed only once core accepted the key; None past the limit
+    body_read: bool = False
+    judged: bool = False  # the lookup judged (and counted) it; a second lookup of the same request reuses that
+    refusal: Refusal | None = None
+    marks: tuple = ()  # response headers, (bytes, bytes)
+    listing: tuple = ()  # a key's model listing is trimmed to what every one of these ModelLists admits
+    usage: tuple | None = None  # (user id, model, route class, decision) to record once the answer is sent
+    meter: UsageMeter | None = None  # reads the answer of an admitted model request for its tokens
+    started: float = 0.0
+    audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
+    judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
+    leases: list = dataclasses.field(default_factory=list)  # places among its user's requests in flight
+    charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
+    loop: Any = None  # the event loop serving it: lease renewals run there
+    renewer: Any = None  # the task renewing its leases in Redis
+    finished: bool = False  # its answer ended: nothing is renewed any more
+
+
+def scope_credential(scope: dict) -> str | None:
+    """The credential core will authenticate, read from the raw ASGI headers in core's order."""
+    authorization = custom = None
+    cookies = []
+    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"cookie":
+            cookies.append(value.decode("latin-1"))
+        elif name == custom_name and custom is None:
+            custom = value.decode("latin-1")
+    return presented_credential(authorization, cookie_token("; ".join(cookies) or None), custom)
+
+
+def may_carry_a_key(scope: dict) -> bool:
+    """Whether any credential header holds an `sk-` value: the guard's parse and core's may differ
+    (spacing, several Cookie headers on old Starlette), so the cheap work is done for either reading."""
+    if is_api_key(scope_credential(scope)):
+        return True
+    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
+    return any(
+        b"sk-" in value
+        for name, value in scope.get("headers") or ()
+        if name in (b"authorization", b"cookie", custom_name)
+    )
+
+
+def cookie_token(cookie: str | None) -> str | None:
+    """The `token` cookie as Starlette parses it (last one wins, quotes removed)."""
+    token = None
+    for chunk in (cookie or "").split(";"):
+        key, sep, value = chunk.partition("=")
+        if sep and key.strip() == "token":
+            token = http.cookies._unquote(value.strip())
+    return token
+
+
+# ---------------------------------------------------------------------------
+# Keys in URLs
+# ---------------------------------------------------------------------------
+# Core accepts no key in a URL, but users paste them there, and uvicorn's access line prints the
+# path and query string as the scope holds them when the response starts. The scope is rewritten
+# before anything runs.
+KEY_IN_TEXT = re.compile(r"sk-[A-Za-z0-9_\-]*")
+KEY_IN_PATH = re.compile(r"sk-[0-9a-fA-F]{32}")  # exactly Open WebUI's key shape: other path segments stay
+
+
+def url_fingerprint(key: str) -> str:
+    """The fingerprint as a URL shows it: plain ASCII, so the access line reads it as written."""
+    return fingerprint(key).replace("…", "...")
+
+
+def redact_keys_in_url(scope: dict) -> None:
+    query = scope.get("query_string") or b""
+    if query and (b"sk-" in query or b"%" in query):
+        redacted = redacted_query(query.decode("latin-1"))
+        if redacted is not None:
+            scope["query_string"] = redacted.encode("latin-1")
+    path = scope.get("path") or ""
+    if "sk-" in path and KEY_IN_PATH.search(path):
+        scope["path"] = KEY_IN_PATH.sub(lambda m: url_fingerprint(m[0]), path)
+        scope["raw_path"] = urllib.parse.quote(scope["path"]).encode("latin-1")
+
+
+def redacted_query(query: str) -> str | None:
+    """The query string with every key-shaped value shown as its fingerprint; None when it holds none."""
+    if "sk-" not in urllib.parse.unquote_plus(query):
+        return None
+    parts = []
+    for part in query.split("&"):
+        plain = urllib.parse.unquote_plus(part)
+        if "sk-" in plain:
+            name, sep, value = plain.partition("=")
+            name, value = (KEY_IN_TEXT.sub(lambda m: url_fingerprint(m[0]), v) for v in (name, value))
+            part = urllib.parse.quote_plus(name) + sep + urllib.parse.quote_plus(value)
+        parts.append(part)
+    return "&".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------
+# Read once, bounded, replayed to core byte for byte.
+async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
+    """Read a request body once, up to `limit` bytes: (the body, or None past the limit; a receive that
+    hands it on to the app as ONE message, byte for byte, then the unread rest). One message, because a
+    client dripping a byte per packet makes one ASGI message each: replaying them one by one would make
+    core pay for every one again."""
+    chunks, size, more, other = [], 0, True, None
+    while more and size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            other = message  # a disconnect: handed on after the body read so far
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    pending = [{"type": "http.request", "body": body, "more_body": more or other is not None}]
+    if other is not None:
+        pending.append(other)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return (body if size <= limit and other is None else None), replay
+
+
+def valves_problem(body: bytes) -> str | None:
+    """Why Open WebUI will refuse to save this valves form (None when it is valid), valve by valve."""
+    try:
+        form = json.loads(body or b"{}")
+        Valves(**{k: v for k, v in form.items() if v is not None})
+    except ValidationError as exc:
+        return describe(exc).replace("Value error, ", "")
+    except Exception:  # not a form the guard can judge: Open WebUI answers it as it likes
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Route hooks
+# ---------------------------------------------------------------------------
+# The ASGI wrapper and the wrapped key lookup, installed once per process; RouteGuard is this
+# copy's per-request work.
+def routed_template(app: Any, scope: dict) -> str | None:
+    """The path template of the route Starlette's router will dispatch this request to."""
+    routing = sys.modules.get("starlette.routing")
+    router = getattr(app, "router", None)
+    if routing is None or router is None:
+        return None
+    for route in router.routes:
+        match, _ = route.matches(scope)
+        if match is routing.Match.FULL:
+            return getattr(route, "path", None)
+    return None
+
+
+def listing_trimmed(body: bytes, lists: tuple) -> bytes:
+    """An OpenAI-style ({"data": [...]}) or Ollama-style ({"models": [...]}) listing, trimmed to the
+    models every one of `lists` admits."""
+
+    def admitted(model: str) -> bool:
+        return all(models.admits(model) for models in lists)
+
+    listing = json.loads(body)
+    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
+        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and admitted(str(m.get("id")))]
+    elif isinstance(listing, dict) and isinstance(listing.get("models"), list):
+        listing["models"] = [
+            m for m in listing["models"] if isinstance(m, dict) and admitted(str(m.get("model") or m.get("name")))
+        ]
+    else:
+        raise ValueError("unknown model listing shape")
+    return json.dumps(listing).encode()
+
+
+class RouteHooks:
+    """Process-wide hooks; intentionally tiny because they are never replaced."""
+
+    def __init__(self, app: Any, users: Any, http_exception: type):
+        self.scope_var: contextvars.ContextVar = contextvars.ContextVar("api_key_guard_scope", default=None)
+        self.guard: RouteGuard | None = None  # the code of the most recently loaded copy
+        self.function_ids: set = set()  # every copy loaded in this process, by function id
+        self.http_exception = http_exception
+        inner = app.middleware_stack
+        original_lookup = users.get_user_by_api_key
+        hooks = self
+
+        async def asgi(scope, receive, send):
+            reset = hooks.scope_var.set(scope)
+            try:
+                guard = hooks.guard
+                if guard is None or scope["type"] != "http":
+                    return await inner(scope, receive, send)
+                await guard.serve(scope, receive, send, inner)
+            finally:
+                hooks.scope_var.reset(reset)
+
+        if inspect.iscoroutinefunction(original_lookup):
+
+            async def lookup(api_key, *args, **kwargs):
+                user = await original_lookup(api_key, *args, **kwargs)
+                if user is not None and hooks.guard is not None:
+                    hooks.stop_if_refused(await hooks.guard.check(user, api_key, hooks.scope_var.get()))
+                return user
+
+        else:
+
+            def lookup(api_key, *args, **kwargs):
+                user = original_lookup(api_key, *args, **kwargs)
+                if user is not None and hooks.guard is not None:
+                    hooks.stop_if_refused(drive(hooks.guard.check(user, api_key, hooks.scope_var.get())))
+                return user
+
+        app.middleware_stack = asgi
+        users.get_user_by_api_key = lookup
+
+    def stop_if_refused(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            raise self.http_exception(
+                status_code=refusal.status, detail=refusal.detail, headers=dict(refusal.headers) or None
+            )
+
+
+def current_request_path() -> str | None:
+    """The routed path of the request being served in this context, when the hooks know it."""
+    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
+    scope = hooks.scope_var.get() if hooks is not None else None
+    return scope.get("path") if scope else None
+
+
+def function_id_from_module_name(name: str) -> str | None:
+    """Open WebUI names a Function's module function_<id> (0.6) or function_<id>_<hex32> (0.12);
+    anything else (a Tool's tool_<id>, a test's import) is no installed function."""
+    if not name.startswith("function_"):
+        return None
+    return re.sub(r"_[0-9a-f]{32}$", "", name[len("function_") :])
+
+
+class FunctionState:
+    """Whether one copy is active, its stored valves and their fingerprint, re-read every few seconds."""
+
+    def __init__(self, function_id: str):
+        self.function_id = function_id
+        self._cache = TTLCache(FUNCTION_STATE_TTL_SECONDS, max_entries=1)
+
+    async def current(self) -> tuple[bool, Valves, str]:
+        state = self._cache.get(self.function_id)
+        if state is None:
+            functions = openwebui_model("functions", "Functions")
+            function = await settle(functions.get_function_by_id(self.function_id))
+            active = bool(function is not None and function.is_active)
+            stored = await settle(functions.get_function_valves_by_id(self.function_id)) if active else None
+            state = (active, stored_valves(stored), policy_fingerprint(stored))
+            self._cache.put(self.function_id, state)
+        return state
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One active copy of the guard: its function id, valves and their fingerprint."""
+
+    function_id: str
+    valves: Valves
+    policy_id: str
+
+
+def needs_body(valves: Valves) -> bool:
+    """Whether a key request's body must be read: usage is recorded by model, or some tier has a model
+    list or counts requests."""
+    try:
+        policy = policy_from_valves(valves)
+    except Exception:
+        return False  # the lookup fails closed with the same error and logs it
+    return valves.usage_accounting or policy.reads_bodies
+
+
+class RouteGuard:
+    """This copy of the file as the route hooks use it: per-request work for API-key requests only."""
+
+    def __init__(self, app: Any, hooks: Any, function_id: str = ""):
+        self.app = app
+        self.hooks = hooks
+        self.function_id = function_id
+        self._states: dict[str, FunctionState] = {}
+        self._kinds: dict = {}
+        self._several_logged: tuple = ()
+
+    async def active_copies(self) -> list[Copy]:
+        """Every loaded copy that is active with its route guard on, by function id. Several is a
+        defined state, not a choice of one: every one judges and the strictest answer wins."""
+        copies = []
+        for function_id in sorted(self.hooks.function_ids):
+            state = self._states.get(function_id)
+            if state is None:
+                state = self._states[function_id] = FunctionState(function_id)
+            try:
+                active, valves, policy_id = await state.current()
+            except Exception as exc:  # the copy's state cannot be read: fail closed for API-key traffic
+                active, valves, policy_id = True, unusable_valves(exc), "-"
+            if active and valves.route_guard:
+                copies.append(Copy(function_id, valves, policy_id))
+        ids = tuple(c.function_id for c in copies)
+        if len(ids) > 1 and ids != self._several_logged:
+            self._several_logged = ids
+            log.error(
+                "api_key_guard: %d copies are active (%s): every one judges API keys and the strictest answer "
+                "wins; deactivate or delete all but one",
+                len(ids),
+                ", ".join(log_field(i, 64) for i in ids),
+            )
+        return copies
+
+    def forget(self) -> None:
+        for state in self._states.values():
+            state.forget()
+
+    def route_kind(self, scope: dict) -> str | None:
+        """The kind of route Starlette dispatches this request to. Cached only where the route has no
+        parameters (its path is its template), so what the cache holds is bounded by the route table."""
+        key = (scope["method"], scope["path"])
+        kind = self._kinds.get(key, "")
+        if kind == "":
+            template = routed_template(self.app, scope)
+            kind = READ_ROUTES.get(template)
+            if template in MODEL_LISTINGS and scope["method"] == "GET":
+                kind = LISTING
+            if template == scope["path"] and len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
+                self._kinds[key] = kind
+        return kind
+
+    async def judging_copy(self) -> RouteGuard:
+        """The copy whose code judges: the most recently loaded ACTIVE copy, so an inactive clone or
+        trial install (older code, say) never takes over; this one while none is active."""
+        try:
+            active = {c.function_id for c in await self.active_copies()}
+            loaded = [g for g in getattr(self.hooks, "guards", {}).values() if g.function_id in active]
+        except Exception:
+            return self
+        return loaded[-1] if loaded else self
+
+    async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
+        redact_keys_in_url(scope)
+        judge = await self.judging_copy()
+        if judge is not self:
+            return await judge.serve_here(scope, receive, send, inner)
+        return await self.serve_here(scope, receive, send, inner)
+
+    async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
+        state = scope[STATE_KEY] = RequestState(started=time.monotonic(), loop=asyncio.get_running_loop())
+        path, method = scope["path"], scope["method"]
+        if may_carry_a_key(scope):
+            if path.startswith(BODY_PREFIXES):
+                receive = await self.read_body(state, receive)
+            # an uncompressed answer can be trimmed (listings) and metered (model routes)
+            if path.startswith(BODY_PREFIXES) or (method == "GET" and path.startswith(LISTING_PREFIXES)):
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+        report = self.usage_report(path, method)
+        if report is not None:
+            return await self.serve_usage(scope, receive, send, inner, report)
+        send = self.marking(state, send)
+        if method == "POST" and path.startswith(FUNCTIONS_PATH) and path.endswith("/valves/update"):
+            receive, send = await self.explaining_refused_save(receive, send)
+        try:
+            await inner(scope, receive, send)
+        finally:
+            # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
+            if method != "GET" and path.startswith(FUNCTIONS_PATH):
+                self.forget()
+            if state.leases or state.usage is not None or state.charge is not None:
+                await finish(state)
+
+    def usage_report(self, path: str, method: str) -> str | None:
+        """'usage', 'metrics' or 'drop' for the guard's own read-outs, served under a copy's function path."""
+        if not path.startswith(FUNCTIONS_PATH + "id/"):
+            return None
+        function_id, _, tail = path[len(FUNCTIONS_PATH) + 3 :].partition("/")
+        if function_id not in self.hooks.function_ids:
+            return None
+        reports = {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}
+        return {**reports, ("GET", "explain"): "explain"}.get((method, tail))
+
+    async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
+        """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
+        authenticates the request (an admin key or session, nothing else), then its answer is replaced."""
+        original = {k: scope.get(k) for k in ("method", "path", "raw_path", "query_string")}
+        valves_path = scope["path"].rsplit("/", 1)[0] + "/valves"
+        query = urllib.parse.parse_qs((scope.get("query_string") or b"").decode("latin-1"))
+        # A key is judged on what it asked for (DELETE .../usage), not on the route that authenticates it.
+        scope[STATE_KEY].judged_as = (original["method"], original["path"])
+        scope.update(method="GET", path=valves_path, raw_path=valves_path.encode("latin-1"), query_string=b"")
+        held: list = []
+
+        async def send_report(message):
+            if message["type"] == "http.response.start":
+                scope.update(original)  # the access line shows what was asked
+                if message["status"] != 200:
+                    return await send(message)
+                held.append(message)
+                return None
+            if not held:
+                return await send(message)
+            if message.get("more_body", False):
+                return None
+            try:
+                if report == "explain":
+                    content_type, body = "application/json", json.dumps(await self.explained(scope, query)).encode()
+                else:
+                    content_type, body = await asyncio.to_thread(usage_answer, report, query)
+                status = 200
+            except LookupError as exc:  # no such user: the admin's typo, said as such
+                content_type, status = "application/json", 404
+                body = json.dumps({"detail": f"API Key Guard: {exc.args[0] if exc.args else exc}"}).encode()
+            except Exception as exc:
+                what = "explain" if report == "explain" else "read usage"
+                log.error("api_key_guard could not %s: %s", what, log_field(describe(exc)))
+                content_type, status = "application/json", 500
+                body = json.dumps({"detail": f"API Key Guard could not {what}"}).encode()
+            headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return None
+
+        await inner(scope, receive, send_report)
+
+    async def explained(self, scope: dict, query: dict) -> dict:
+        """explain for the copy whose function path was asked: its stored valves, core's user data."""
+        function_id = scope["path"][len(FUNCTIONS_PATH) + 3 :].partition("/")[0]
+        state = self._states.get(function_id) or FunctionState(function_id)
+        _, valves, _ = await state.current()
+        ask = {name: (query.get(name) or [""])[0] for name in ("user", "method", "path", "model")}
+        if core_is_async():
+            return await explain(valves, **ask)
+        return await asyncio.to_thread(drive, explain(valves, **ask))  # sync core: its lookups block
+
+    async def read_body(self, state: RequestState, receive: Callable) -> Callable:
+        """Read (not parse) the body of a key request that may name a model, when some active copy
+        needs it; the bytes go on to core unchanged. Judging it waits until core accepted the key."""
+        try:
+            copies = await self.active_copies()
+        except Exception:
+            return receive
+        if not any(needs_body(c.valves) for c in copies):
+            return receive
+        state.body, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
+        state.body_read = True
+        return replay
+
+    async def explaining_refused_save(self, receive: Callable, send: Callable) -> tuple[Callable, Callable]:
+        """An admin saving invalid valves must learn which valve is wrong: Open WebUI 0.10+ answers
+        every refused save with a fixed text, so the 400 it sends is given the guard's own reason."""
+        raw, replay = await buffered(receive, MAX_VALVES_BODY_BYTES)
+        if raw is None:
+            return replay, send
+        refused: list = []
+        detail = b""
+
+        async def send_explained(message):
+            nonlocal detail
+            # Parsed only once core refused the save: core checked the admin first, so nobody else
+            # can make the guard validate a megabyte of valves.
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                problem = valves_problem(raw)
+                if problem is None:
+                    return await send(message)
+                detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
+                refused.append(message)
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
+                message = {**message, "headers": [*headers, (b"content-length", str(len(detail)).encode())]}
+            elif refused and message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": detail}
+            await send(message)
+
+        return replay, send_explained
+
+    def marking(self, state: RequestState, send: Callable) -> Callable:
+        held: list = []
+
+        async def send_marked(message):
+            meter = state.meter
+            if meter is not None:
+                try:
+                    if message["type"] == "http.response.start":
+                        meter.start(message)
+                    elif message["type"] == "http.response.body":
+                        meter.feed(message.get("body", b""))
+                except Exception as exc:  # metering must never break an answer
+                    state.meter = None
+                    log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *state.marks]
+                if state.listing and message["status"] == 200:
+                    held.append(message)
+                    return
+            elif held and message["type"] == "http.response.body":
+                held.append(message)
+                if message.get("more_body", False):
+                    return
+                await self.send_trimmed(state.listing, held, send)
+                return
+            await send(message)
+
+        return send_marked
+
+    async def send_trimmed(self, lists: tuple, held: list, send: Callable) -> None:
+        start, *chunks = held
+        try:
+            body = listing_trimmed(b"".join(m.get("body", b"") for m in chunks), lists)
+        except Exception as exc:  # fail closed: an untrimmable listing lists nothing
+            log.error("api_key_guard could not trim a model listing: %s", log_field(describe(exc)))
+            body = b'{"data": []}'
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def check(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
+        """Judge a key core just authenticated; None lets the request through."""
+        judge = await self.judging_copy()
+        return await judge.check_here(user, api_key, scope)
+
+    async def check_here(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
+        """Core may authenticate one request twice (its audit middleware up to 0.10, and 0.12 after a
+        refusal): the second lookup gets the first answer, uncounted and unlogged."""
+        state = scope.get(STATE_KEY) if scope is not None else None
+        if state is not None and state.judged:
+            return state.refusal
+        copies = await self.active_copies()
+        if not copies:
+            return None
+        kind = self.route_kind(scope) if scope is not None else None
+        asked = read_asked(state, MODEL_READERS[kind]) if kind in MODEL_READERS else NO_MODEL
+        person = {"id": user.id, "email": user.email, "role": user.role}
+        method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
+        if state is not None and state.judged_as is not None:
+            method, path = state.judged_as
+        refusal, limits, listing, quotas, capped = None, (), [], {}, []
+        for copy in copies:
+            outcome = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
+            refusal, limits = outcome.refusal, limits or outcome.headers
+            if refusal is not None:
+                break  # the strictest answer wins; later copies neither judge nor count it
+            tier = outcome.tier
+            if kind == LISTING and not tier.allowed_models.admits_all:
+                listing.append(tier.allowed_models)
+            quotas.update((w.unit, w) for w in tier.token_quota.windows)
+            if tier.max_concurrent:
+                capped.append((tier.max_concurrent, copy.function_id, copy, outcome))
+        lease = None
+        if refusal is None and capped and state is not None:
+            # One place per request whatever the number of copies, under the smallest cap among them.
+            cap, _, copy, outcome = min(capped)
+            refusal, lease, headers = await take_lease(cap, outcome, copy.valves, api_key)
+            limits = tuple(merged_fields(dict(limits), dict(headers)).items())
+        if state is not None:
+            enforcing = any(c.valves.mode == "enforce" for c in copies)
+            failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
+            mode = "fail-closed" if failed else "enforce" if enforcing else "monitor"
+            policy_id = ",".join(c.policy_id for c in copies)
+            marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, limiter().counters)]
+            if refusal is None:  # a refusal carries its own RateLimit headers
+                marks += limits
+            state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
+            state.listing = tuple(listing) if refusal is None else ()
+            state.judged, state.refusal = True, refusal
+            if quotas:
+                state.charge = (str(user.id), tuple(quotas.values()))
+            if lease is not None:
+                state.leases = [lease]
+                state.loop.call_soon_threadsafe(keep_leases, state)
+            if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
+                await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
+            if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
+                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
+        return refusal
+
+    async def start_usage(
+        self, state: RequestState, copies: list, user: Any, path: str, asked: ModelRequest, kind: Any, refusal: Any
+    ) -> None:
+        """What the answer of this request will be recorded under."""
+        try:
+            model = await answering_model(asked.model) if asked.model else "-"
+        except Exception:  # the decision already stands; the record falls back to the named model
+            model = asked.model or "-"
+        decision = "allow" if refusal is None else "limit" if refusal.status == 429 else "deny"
+        # A refused request's model is the attacker's word: every new name would be a new row.
+        model = model[:USAGE_MODEL_CHARS] if refusal is None else "-"
+        state.usage = (str(user.id), model, route_class(path), decision)
+        state.audit_all = any(c.valves.audit_log == "all" for c in copies)
+        usage_book().retention_days = copies[0].valves.usage_retention_days
+
+
+def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
+    """What a model-bearing body asks for, parsed here, after core accepted the key (linear, bounded)."""
+    if state is None or not state.body_read:
+        return ModelRequest(problem="the guard could not read the request body")
+    if state.body is None:
+        return ModelRequest(problem=f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
+    try:
+        body = json.loads(state.body or b"null")
+    except (ValueError, RecursionError):
+        body = None
+    return reader(body)
+
+
+# ---------------------------------------------------------------------------
+# explain
+# ---------------------------------------------------------------------------
+# What a user's keys may do and why, for the admin, before a policy is enforced.
+async def explain(valves: Valves, user: str, method: str = "", path: str = "", model: str = "") -> dict:
+    """What `user`'s keys may do under these valves, field by field and where each field came from; with
+    a path or a model, the answer decide() gives such a request (the counters are shown, not touched)."""
+    policy = policy_from_valves(valves)
+    users = openwebui_model("users", "Users")
+    record = await settle(users.get_user_by_email(user) if "@" in user else users.get_user_by_id(user))
+    if record is None:
+        raise LookupError(f"no user {user!r} on this server")
+    person = {"id": record.id, "email": record.email, "role": record.role}
+    path = path or ("/api/chat/completions" if model else "")
+    method = (method or ("POST" if path else "GET")).upper()
+    facts = await facts_for(policy, person, None, method, path or "/", ModelRequest(model=model or None))
+    created = await off_loop(lambda: stored_key_time(facts.user_id, None)) if core_keeps_key_times() else None
+    facts = dataclasses.replace(facts, key_created=created)
+    tier = policy.tier_for(facts)
+    used = {}
+    if tier.token_quota.windows:
+        counts = await settle(limiter().quota_used(facts.user_id, tier.token_quota, facts.now))
+        used = {w.unit: n for w, n in zip(tier.token_quota.windows, counts, strict=True)}
+    decision = decide(facts, policy) if path else None
+    return {
+        "user": {"id": facts.user_id, "email": facts.email, "role": facts.role},
+        "groups": sorted(facts.group_names),
+        "blocked": is_blocked(facts, policy),
+        "admitted_by": admitted_by(facts, policy),
+        "mode": valves.mode,
+        "tier": {
+            "name": tier.name,
+            "fields": {f: {"value": dict(tier.texts)[f], "from": tier.valve(f)} for f in TIER_FIELDS},
+        },
+        "key": {
+            "created_at": created,
+            "age_days": round((facts.now - created) / 86400, 1) if created is not None else None,
+        },
+        "tokens_used": used,
+        "counters": limiter().counters,
+        "request": {"method": method, "path": path, "model": model or None} if path else None,
+        "decision": None
+        if decision is None
+        else {"allowed": decision.allowed, "reason": decision.reason, "message": decision.message},
+    }
+
+
+# ---------------------------------------------------------------------------
+# After the answer
+# ---------------------------------------------------------------------------
+# Leases given back, tokens charged, usage recorded: once the answer is sent or its client left.
+def keep_leases(state: RequestState) -> None:
+    """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
+    if state.renewer is None and not state.finished and any(not lease.local for lease in state.leases):
+        state.renewer = asyncio.ensure_future(renew_leases(state))
+
+
+async def renew_leases(state: RequestState) -> None:
+    while True:
+        await asyncio.sleep(LEASE_RENEW_SECONDS)
+        for lease in state.leases:
+            try:
+                await off_loop_counters(lambda lease=lease: limiter().renew(lease))
+            except Exception as exc:  # the lease then expires on its own: never an outage
+                log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
+
+
+async def off_loop_counters(work: Callable[[], Any]) -> Any:
+    """A counter operation from the event loop: memory ones right here, Redis ones awaited with an
+    asyncio client (0.9+), in a thread with the sync client of 0.6-0.8."""
+    if limiter().redis is None or core_is_async():
+        return await settle(work())
+    return await asyncio.to_thread(work)
+
+
+async def finish(state: RequestState) -> None:
+    """Once the answer is sent or its client went away: leases back, tokens charged, usage recorded.
+    Nothing here may fail a request: each step logs its own error."""
+    state.finished = True
+    if state.renewer is not None:
+        state.renewer.cancel()
+    for lease in state.leases:
+        try:
+            await off_loop_counters(lambda lease=lease: limiter().release(lease))
+        except Exception as exc:
+            log.error("api_key_guard could not give back a concurrency lease: %s", log_field(describe(exc)))
+    usage = None
+    try:
+        usage = state.meter.result() if state.meter is not None else None
+    except Exception as exc:
+        log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
+    if usage is not None and state.charge is not None and usage.total_tokens > 0:
+        user_id, windows = state.charge
+        try:
+            now = time.time()
+            await off_loop_counters(lambda: limiter().charge(user_id, windows, usage.total_tokens, now))
+        except Exception as exc:
+            log.error("api_key_guard could not charge tokens to a quota: %s", log_field(describe(exc)))
+    if state.usage is not None:
+        record_usage(state, usage)
+
+
+def record_usage(state: RequestState, usage: Usage | None) -> None:
+    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
+    try:
+        usage_book().add((today(), *state.usage), usage)
+    except Exception as exc:  # recording must never break or refuse a request
+        log.error("api_key_guard could not record usage: %s", log_field(describe(exc)))
+        return
+    if usage is not None and state.audit_all:
+        user_id, model, klass, _ = state.usage
+        log.info(
+            "api_key_guard usage user=%s model=%s route=%s status=%s input=%d output=%d total=%d estimated=%s ms=%d",
+            log_field(user_id),
+            log_field(model),
+            klass,
+            state.meter.status,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+            "yes" if usage.estimated else "no",
+            (time.monotonic() - state.started) * 1000,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -2785,824 +2771,6 @@ def openmetrics(rows: list[dict]) -> str:
     return "\n".join([*lines, "# EOF", ""])
 
 
-# ---------------------------------------------------------------------------
-# Route guard
-# ---------------------------------------------------------------------------
-# An inlet filter only sees the chat pipeline, yet the same key reaches models through /openai/*,
-# /ollama/*, task and embedding routes, and the whole REST API. Open WebUI authenticates every API
-# key through one call, Users.get_user_by_api_key (0.6 to 0.12), so the guard wraps that call: it
-# sees exactly the credential core accepted, from any transport, and the user core resolved, and
-# refuses before any route handler runs. A thin ASGI wrapper keeps the request's RequestState in its
-# scope: it redacts keys from the URL, reads (never parses) the body of a key request that may name
-# a model, marks judged responses and trims model listings. Everything that depends on the request's
-# content runs inside the lookup, once core accepted the key. Both hooks are installed once per
-# process and delegate to the most recently loaded copy of this file, which judges with the valves
-# of every ACTIVE copy: a clone, a trial install or a Tool upload never disarms it.
-HOOKS_ATTR = "_api_key_guard_hooks"
-GUARD_HEADER = "X-API-Key-Guard"
-POLICY_HEADER = "X-API-Key-Guard-Policy"
-COUNTERS_HEADER = "X-API-Key-Guard-Counters"
-STATE_KEY = "api_key_guard"  # a request's RequestState, in its ASGI scope
-
-# Routes whose request body names the model it reaches (route templates, every pinned release).
-# The route-table contract test fails when a release adds a model-bearing route missing here.
-MODEL_ROUTES = frozenset(
-    {
-        "/api/chat/completions",
-        "/api/v1/chat/completions",
-        "/api/chat/completed",
-        "/api/chat/actions/{action_id}",
-        "/api/v1/chats/{id}/compact",
-        "/api/embeddings",
-        "/api/v1/embeddings",
-        "/api/message",
-        "/api/v1/messages",
-        "/api/message/count_tokens",
-        "/api/v1/messages/count_tokens",
-        "/openai/chat/completions",
-        "/openai/responses",
-        "/openai/audio/speech",
-        "/ollama/api/generate",
-        "/ollama/api/generate/{url_idx}",
-        "/ollama/api/chat",
-        "/ollama/api/chat/{url_idx}",
-        "/ollama/api/embed",
-        "/ollama/api/embed/{url_idx}",
-        "/ollama/api/embeddings",
-        "/ollama/api/embeddings/{url_idx}",
-        "/ollama/v1/completions",
-        "/ollama/v1/completions/{url_idx}",
-        "/ollama/v1/embeddings",
-        "/ollama/v1/embeddings/{url_idx}",
-        "/ollama/v1/chat/completions",
-        "/ollama/v1/chat/completions/{url_idx}",
-        "/ollama/v1/messages",
-        "/ollama/v1/messages/{url_idx}",
-        "/ollama/v1/responses",
-        "/ollama/v1/responses/{url_idx}",
-        *(
-            f"/api/v1/tasks/{task}/completions"
-            for task in ("title", "follow_up", "tags", "image_prompt", "queries", "auto", "emoji", "moa")
-        ),
-    }
-)
-# Routes where a message can make a model answer by mentioning it (channels, 0.8+).
-MENTION_ROUTES = frozenset({"/api/v1/channels/{id}/messages/post"})
-# Routes that call a model named by stored data, not by the request: tool-call resume (0.12) takes the
-# stored message's model, an automation run (0.10+) the stored automation's. Refused where a list applies.
-STORED_MODEL_ROUTES = frozenset({"/api/v1/chats/{id}/messages/{message_id}/resolve", "/api/v1/automations/{id}/run"})
-# Automations (0.10+) store the model they will call later, with no key in sight: judged when stored.
-AUTOMATION_ROUTES = frozenset({"/api/v1/automations/create", "/api/v1/automations/{id}/update"})
-# Image edits (0.8+) use the body's model when it names one, else the admin's configured one.
-IMAGE_EDIT_ROUTES = frozenset({"/api/v1/images/edit"})
-# The provider proxy (always on 0.6-0.8; ENABLE_OPENAI_API_PASSTHROUGH on 0.10+) forwards any path,
-# `..` normalised upstream: a provider that takes the model from the path calls what the body hides.
-PROXY_ROUTES = frozenset({"/openai/{path:path}"})
-# GET routes that list models; for a key limited to some models they list only those.
-MODEL_LISTINGS = frozenset(
-    {
-        "/api/models",
-        "/api/v1/models",
-        "/openai/models",
-        "/openai/models/{url_idx}",
-        "/ollama/api/tags",
-        "/ollama/api/tags/{url_idx}",
-        "/ollama/v1/models",
-        "/ollama/v1/models/{url_idx}",
-    }
-)
-# A model-bearing body is read only up to this size; a larger one cannot be checked and is
-# refused where a model list applies (chat bodies with images stay far below it).
-MAX_MODEL_BODY_BYTES = 8 * 2**20
-MAX_VALVES_BODY_BYTES = 2**20
-ROUTE_KIND_CACHE_ENTRIES = 1024
-MODEL_ROUTE, MENTIONS, LISTING = "model", "mentions", "listing"
-STORED, AUTOMATION, IMAGE_EDIT, PROXY = "stored", "automation", "image-edit", "proxy"
-MODEL_READERS = {
-    PROXY: proxied_model,
-    MODEL_ROUTE: model_of,
-    MENTIONS: mentioned_model,
-    STORED: stored_model,
-    AUTOMATION: automation_model,
-    IMAGE_EDIT: image_edit_model,
-}
-# Every template whose body the guard reads, by the kind of reader; the route-table contract test knows these.
-READ_ROUTES = {
-    **dict.fromkeys(MODEL_ROUTES, MODEL_ROUTE),
-    **dict.fromkeys(MENTION_ROUTES, MENTIONS),
-    **dict.fromkeys(STORED_MODEL_ROUTES, STORED),
-    **dict.fromkeys(AUTOMATION_ROUTES, AUTOMATION),
-    **dict.fromkeys(IMAGE_EDIT_ROUTES, IMAGE_EDIT),
-    **dict.fromkeys(PROXY_ROUTES, PROXY),
-}
-FUNCTIONS_PATH = "/api/v1/functions/"
-
-
-def literal_prefix(template: str) -> str:
-    return template.split("{", 1)[0]
-
-
-# Every path a route template matches starts with the template's text before its first parameter:
-# one str.startswith decides, before the key is checked, whether a body may have to be read.
-BODY_PREFIXES = tuple(sorted({literal_prefix(t) for t in READ_ROUTES}))
-LISTING_PREFIXES = tuple(sorted({literal_prefix(t) for t in MODEL_LISTINGS}))
-
-
-@dataclass
-class RequestState:
-    """What the route guard knows of one HTTP request; one per request, in its scope under STATE_KEY."""
-
-    body: bytes | None = None  # read before core, parsed only once core accepted the key; None past the limit
-    body_read: bool = False
-    judged: bool = False  # the lookup judged (and counted) it; a second lookup of the same request reuses that
-    refusal: Refusal | None = None
-    marks: tuple = ()  # response headers, (bytes, bytes)
-    listing: tuple = ()  # a key's model listing is trimmed to what every one of these ModelLists admits
-    usage: tuple | None = None  # (user id, model, route class, decision) to record once the answer is sent
-    meter: UsageMeter | None = None  # reads the answer of an admitted model request for its tokens
-    started: float = 0.0
-    audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
-    judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
-    leases: list = dataclasses.field(default_factory=list)  # places among its user's requests in flight
-    charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
-    loop: Any = None  # the event loop serving it: lease renewals run there
-    renewer: Any = None  # the task renewing its leases in Redis
-    finished: bool = False  # its answer ended: nothing is renewed any more
-
-
-def scope_credential(scope: dict) -> str | None:
-    """The credential core will authenticate, read from the raw ASGI headers in core's order."""
-    authorization = custom = None
-    cookies = []
-    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
-    for name, value in scope.get("headers") or ():
-        if name == b"authorization" and authorization is None:
-            authorization = value.decode("latin-1")
-        elif name == b"cookie":
-            cookies.append(value.decode("latin-1"))
-        elif name == custom_name and custom is None:
-            custom = value.decode("latin-1")
-    return presented_credential(authorization, cookie_token("; ".join(cookies) or None), custom)
-
-
-def may_carry_a_key(scope: dict) -> bool:
-    """Whether any credential header holds an `sk-` value: the guard's parse and core's may differ
-    (spacing, several Cookie headers on old Starlette), so the cheap work is done for either reading."""
-    if is_api_key(scope_credential(scope)):
-        return True
-    custom_name = CUSTOM_API_KEY_HEADER.lower().encode("latin-1")
-    return any(
-        b"sk-" in value
-        for name, value in scope.get("headers") or ()
-        if name in (b"authorization", b"cookie", custom_name)
-    )
-
-
-def cookie_token(cookie: str | None) -> str | None:
-    """The `token` cookie as Starlette parses it (last one wins, quotes removed)."""
-    token = None
-    for chunk in (cookie or "").split(";"):
-        key, sep, value = chunk.partition("=")
-        if sep and key.strip() == "token":
-            token = http.cookies._unquote(value.strip())
-    return token
-
-
-# ---------------------------------------------------------------------------
-# Keys in URLs
-# ---------------------------------------------------------------------------
-# Core accepts no key in a URL, but users paste them there, and uvicorn's access line prints the
-# path and query string as the scope holds them when the response starts. The scope is rewritten
-# before anything runs.
-KEY_IN_TEXT = re.compile(r"sk-[A-Za-z0-9_\-]*")
-KEY_IN_PATH = re.compile(r"sk-[0-9a-fA-F]{32}")  # exactly Open WebUI's key shape: other path segments stay
-
-
-def url_fingerprint(key: str) -> str:
-    """The fingerprint as a URL shows it: plain ASCII, so the access line reads it as written."""
-    return fingerprint(key).replace("…", "...")
-
-
-def redact_keys_in_url(scope: dict) -> None:
-    query = scope.get("query_string") or b""
-    if query and (b"sk-" in query or b"%" in query):
-        redacted = redacted_query(query.decode("latin-1"))
-        if redacted is not None:
-            scope["query_string"] = redacted.encode("latin-1")
-    path = scope.get("path") or ""
-    if "sk-" in path and KEY_IN_PATH.search(path):
-        scope["path"] = KEY_IN_PATH.sub(lambda m: url_fingerprint(m[0]), path)
-        scope["raw_path"] = urllib.parse.quote(scope["path"]).encode("latin-1")
-
-
-def redacted_query(query: str) -> str | None:
-    """The query string with every key-shaped value shown as its fingerprint; None when it holds none."""
-    if "sk-" not in urllib.parse.unquote_plus(query):
-        return None
-    parts = []
-    for part in query.split("&"):
-        plain = urllib.parse.unquote_plus(part)
-        if "sk-" in plain:
-            name, sep, value = plain.partition("=")
-            name, value = (KEY_IN_TEXT.sub(lambda m: url_fingerprint(m[0]), v) for v in (name, value))
-            part = urllib.parse.quote_plus(name) + sep + urllib.parse.quote_plus(value)
-        parts.append(part)
-    return "&".join(parts)
-
-
-def routed_template(app: Any, scope: dict) -> str | None:
-    """The path template of the route Starlette's router will dispatch this request to."""
-    routing = sys.modules.get("starlette.routing")
-    router = getattr(app, "router", None)
-    if routing is None or router is None:
-        return None
-    for route in router.routes:
-        match, _ = route.matches(scope)
-        if match is routing.Match.FULL:
-            return getattr(route, "path", None)
-    return None
-
-
-def listing_trimmed(body: bytes, lists: tuple) -> bytes:
-    """An OpenAI-style ({"data": [...]}) or Ollama-style ({"models": [...]}) listing, trimmed to the
-    models every one of `lists` admits."""
-
-    def admitted(model: str) -> bool:
-        return all(models.admits(model) for models in lists)
-
-    listing = json.loads(body)
-    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
-        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and admitted(str(m.get("id")))]
-    elif isinstance(listing, dict) and isinstance(listing.get("models"), list):
-        listing["models"] = [
-            m for m in listing["models"] if isinstance(m, dict) and admitted(str(m.get("model") or m.get("name")))
-        ]
-    else:
-        raise ValueError("unknown model listing shape")
-    return json.dumps(listing).encode()
-
-
-class RouteHooks:
-    """Process-wide hooks; intentionally tiny because they are never replaced."""
-
-    def __init__(self, app: Any, users: Any, http_exception: type):
-        self.scope_var: contextvars.ContextVar = contextvars.ContextVar("api_key_guard_scope", default=None)
-        self.guard: RouteGuard | None = None  # the code of the most recently loaded copy
-        self.function_ids: set = set()  # every copy loaded in this process, by function id
-        self.http_exception = http_exception
-        inner = app.middleware_stack
-        original_lookup = users.get_user_by_api_key
-        hooks = self
-
-        async def asgi(scope, receive, send):
-            reset = hooks.scope_var.set(scope)
-            try:
-                guard = hooks.guard
-                if guard is None or scope["type"] != "http":
-                    return await inner(scope, receive, send)
-                await guard.serve(scope, receive, send, inner)
-            finally:
-                hooks.scope_var.reset(reset)
-
-        if inspect.iscoroutinefunction(original_lookup):
-
-            async def lookup(api_key, *args, **kwargs):
-                user = await original_lookup(api_key, *args, **kwargs)
-                if user is not None and hooks.guard is not None:
-                    hooks.stop_if_refused(await hooks.guard.check(user, api_key, hooks.scope_var.get()))
-                return user
-
-        else:
-
-            def lookup(api_key, *args, **kwargs):
-                user = original_lookup(api_key, *args, **kwargs)
-                if user is not None and hooks.guard is not None:
-                    hooks.stop_if_refused(drive(hooks.guard.check(user, api_key, hooks.scope_var.get())))
-                return user
-
-        app.middleware_stack = asgi
-        users.get_user_by_api_key = lookup
-
-    def stop_if_refused(self, refusal: Refusal | None) -> None:
-        if refusal is not None:
-            raise self.http_exception(
-                status_code=refusal.status, detail=refusal.detail, headers=dict(refusal.headers) or None
-            )
-
-
-def current_request_path() -> str | None:
-    """The routed path of the request being served in this context, when the hooks know it."""
-    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
-    scope = hooks.scope_var.get() if hooks is not None else None
-    return scope.get("path") if scope else None
-
-
-def function_id_from_module_name(name: str) -> str | None:
-    """Open WebUI names a Function's module function_<id> (0.6) or function_<id>_<hex32> (0.12);
-    anything else (a Tool's tool_<id>, a test's import) is no installed function."""
-    if not name.startswith("function_"):
-        return None
-    return re.sub(r"_[0-9a-f]{32}$", "", name[len("function_") :])
-
-
-class FunctionState:
-    """Whether one copy is active, its stored valves and their fingerprint, re-read every few seconds."""
-
-    def __init__(self, function_id: str):
-        self.function_id = function_id
-        self._cache = TTLCache(FUNCTION_STATE_TTL_SECONDS, max_entries=1)
-
-    async def current(self) -> tuple[bool, Valves, str]:
-        state = self._cache.get(self.function_id)
-        if state is None:
-            functions = openwebui_model("functions", "Functions")
-            function = await settle(functions.get_function_by_id(self.function_id))
-            active = bool(function is not None and function.is_active)
-            stored = await settle(functions.get_function_valves_by_id(self.function_id)) if active else None
-            state = (active, stored_valves(stored), policy_fingerprint(stored))
-            self._cache.put(self.function_id, state)
-        return state
-
-    def forget(self) -> None:
-        self._cache.clear()
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One active copy of the guard: its function id, valves and their fingerprint."""
-
-    function_id: str
-    valves: Valves
-    policy_id: str
-
-
-def needs_body(valves: Valves) -> bool:
-    """Whether a key request's body must be read: usage is recorded by model, or some tier has a model
-    list or counts requests."""
-    try:
-        policy = policy_from_valves(valves)
-    except Exception:
-        return False  # the lookup fails closed with the same error and logs it
-    return valves.usage_accounting or policy.reads_bodies
-
-
-class RouteGuard:
-    """This copy of the file as the route hooks use it: per-request work for API-key requests only."""
-
-    def __init__(self, app: Any, hooks: Any, function_id: str = ""):
-        self.app = app
-        self.hooks = hooks
-        self.function_id = function_id
-        self._states: dict[str, FunctionState] = {}
-        self._kinds: dict = {}
-        self._several_logged: tuple = ()
-
-    async def active_copies(self) -> list[Copy]:
-        """Every loaded copy that is active with its route guard on, by function id. Several is a
-        defined state, not a choice of one: every one judges and the strictest answer wins."""
-        copies = []
-        for function_id in sorted(self.hooks.function_ids):
-            state = self._states.get(function_id)
-            if state is None:
-                state = self._states[function_id] = FunctionState(function_id)
-            try:
-                active, valves, policy_id = await state.current()
-            except Exception as exc:  # the copy's state cannot be read: fail closed for API-key traffic
-                active, valves, policy_id = True, unusable_valves(exc), "-"
-            if active and valves.route_guard:
-                copies.append(Copy(function_id, valves, policy_id))
-        ids = tuple(c.function_id for c in copies)
-        if len(ids) > 1 and ids != self._several_logged:
-            self._several_logged = ids
-            log.error(
-                "api_key_guard: %d copies are active (%s): every one judges API keys and the strictest answer "
-                "wins; deactivate or delete all but one",
-                len(ids),
-                ", ".join(log_field(i, 64) for i in ids),
-            )
-        return copies
-
-    def forget(self) -> None:
-        for state in self._states.values():
-            state.forget()
-
-    def route_kind(self, scope: dict) -> str | None:
-        """The kind of route Starlette dispatches this request to. Cached only where the route has no
-        parameters (its path is its template), so what the cache holds is bounded by the route table."""
-        key = (scope["method"], scope["path"])
-        kind = self._kinds.get(key, "")
-        if kind == "":
-            template = routed_template(self.app, scope)
-            kind = READ_ROUTES.get(template)
-            if template in MODEL_LISTINGS and scope["method"] == "GET":
-                kind = LISTING
-            if template == scope["path"] and len(self._kinds) < ROUTE_KIND_CACHE_ENTRIES:
-                self._kinds[key] = kind
-        return kind
-
-    async def judging_copy(self) -> "RouteGuard":
-        """The copy whose code judges: the most recently loaded ACTIVE copy, so an inactive clone or
-        trial install (older code, say) never takes over; this one while none is active."""
-        try:
-            active = {c.function_id for c in await self.active_copies()}
-            loaded = [g for g in getattr(self.hooks, "guards", {}).values() if g.function_id in active]
-        except Exception:
-            return self
-        return loaded[-1] if loaded else self
-
-    async def serve(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
-        redact_keys_in_url(scope)
-        judge = await self.judging_copy()
-        if judge is not self:
-            return await judge.serve_here(scope, receive, send, inner)
-        return await self.serve_here(scope, receive, send, inner)
-
-    async def serve_here(self, scope: dict, receive: Callable, send: Callable, inner: Callable) -> None:
-        state = scope[STATE_KEY] = RequestState(started=time.monotonic(), loop=asyncio.get_running_loop())
-        path, method = scope["path"], scope["method"]
-        if may_carry_a_key(scope):
-            if path.startswith(BODY_PREFIXES):
-                receive = await self.read_body(state, receive)
-            # an uncompressed answer can be trimmed (listings) and metered (model routes)
-            if path.startswith(BODY_PREFIXES) or (method == "GET" and path.startswith(LISTING_PREFIXES)):
-                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
-        report = self.usage_report(path, method)
-        if report is not None:
-            return await self.serve_usage(scope, receive, send, inner, report)
-        send = self.marking(state, send)
-        if method == "POST" and path.startswith(FUNCTIONS_PATH) and path.endswith("/valves/update"):
-            receive, send = await self.explaining_refused_save(receive, send)
-        try:
-            await inner(scope, receive, send)
-        finally:
-            # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
-            if method != "GET" and path.startswith(FUNCTIONS_PATH):
-                self.forget()
-            if state.leases or state.usage is not None or state.charge is not None:
-                await finish(state)
-
-    def usage_report(self, path: str, method: str) -> str | None:
-        """'usage', 'metrics' or 'drop' for the guard's own read-outs, served under a copy's function path."""
-        if not path.startswith(FUNCTIONS_PATH + "id/"):
-            return None
-        function_id, _, tail = path[len(FUNCTIONS_PATH) + 3 :].partition("/")
-        if function_id not in self.hooks.function_ids:
-            return None
-        reports = {("GET", "usage"): "usage", ("GET", "metrics"): "metrics", ("DELETE", "usage"): "drop"}
-        return {**reports, ("GET", "explain"): "explain"}.get((method, tail))
-
-    async def serve_usage(self, scope: dict, receive: Callable, send: Callable, inner: Callable, report: str) -> None:
-        """The usage read-outs are core's admin-only valves route in disguise: core's own admin check
-        authenticates the request (an admin key or session, nothing else), then its answer is replaced."""
-        original = {k: scope.get(k) for k in ("method", "path", "raw_path", "query_string")}
-        valves_path = scope["path"].rsplit("/", 1)[0] + "/valves"
-        query = urllib.parse.parse_qs((scope.get("query_string") or b"").decode("latin-1"))
-        # A key is judged on what it asked for (DELETE .../usage), not on the route that authenticates it.
-        scope[STATE_KEY].judged_as = (original["method"], original["path"])
-        scope.update(method="GET", path=valves_path, raw_path=valves_path.encode("latin-1"), query_string=b"")
-        held: list = []
-
-        async def send_report(message):
-            if message["type"] == "http.response.start":
-                scope.update(original)  # the access line shows what was asked
-                if message["status"] != 200:
-                    return await send(message)
-                held.append(message)
-                return None
-            if not held:
-                return await send(message)
-            if message.get("more_body", False):
-                return None
-            try:
-                if report == "explain":
-                    content_type, body = "application/json", json.dumps(await self.explained(scope, query)).encode()
-                else:
-                    content_type, body = await asyncio.to_thread(usage_answer, report, query)
-                status = 200
-            except LookupError as exc:  # no such user: the admin's typo, said as such
-                content_type, status = "application/json", 404
-                body = json.dumps({"detail": f"API Key Guard: {exc.args[0] if exc.args else exc}"}).encode()
-            except Exception as exc:
-                what = "explain" if report == "explain" else "read usage"
-                log.error("api_key_guard could not %s: %s", what, log_field(describe(exc)))
-                content_type, status = "application/json", 500
-                body = json.dumps({"detail": f"API Key Guard could not {what}"}).encode()
-            headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return None
-
-        await inner(scope, receive, send_report)
-
-    async def explained(self, scope: dict, query: dict) -> dict:
-        """explain for the copy whose function path was asked: its stored valves, core's user data."""
-        function_id = scope["path"][len(FUNCTIONS_PATH) + 3 :].partition("/")[0]
-        state = self._states.get(function_id) or FunctionState(function_id)
-        _, valves, _ = await state.current()
-        ask = {name: (query.get(name) or [""])[0] for name in ("user", "method", "path", "model")}
-        if core_is_async():
-            return await explain(valves, **ask)
-        return await asyncio.to_thread(drive, explain(valves, **ask))  # sync core: its lookups block
-
-    async def read_body(self, state: RequestState, receive: Callable) -> Callable:
-        """Read (not parse) the body of a key request that may name a model, when some active copy
-        needs it; the bytes go on to core unchanged. Judging it waits until core accepted the key."""
-        try:
-            copies = await self.active_copies()
-        except Exception:
-            return receive
-        if not any(needs_body(c.valves) for c in copies):
-            return receive
-        state.body, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
-        state.body_read = True
-        return replay
-
-    async def explaining_refused_save(self, receive: Callable, send: Callable) -> tuple[Callable, Callable]:
-        """An admin saving invalid valves must learn which valve is wrong: Open WebUI 0.10+ answers
-        every refused save with a fixed text, so the 400 it sends is given the guard's own reason."""
-        raw, replay = await buffered(receive, MAX_VALVES_BODY_BYTES)
-        if raw is None:
-            return replay, send
-        refused: list = []
-        detail = b""
-
-        async def send_explained(message):
-            nonlocal detail
-            # Parsed only once core refused the save: core checked the admin first, so nobody else
-            # can make the guard validate a megabyte of valves.
-            if message["type"] == "http.response.start" and message["status"] == 400:
-                problem = valves_problem(raw)
-                if problem is None:
-                    return await send(message)
-                detail = json.dumps({"detail": f"API Key Guard refused these valves: {problem}"}).encode()
-                refused.append(message)
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"]
-                message = {**message, "headers": [*headers, (b"content-length", str(len(detail)).encode())]}
-            elif refused and message["type"] == "http.response.body":
-                if message.get("more_body", False):
-                    return
-                message = {"type": "http.response.body", "body": detail}
-            await send(message)
-
-        return replay, send_explained
-
-    def marking(self, state: RequestState, send: Callable) -> Callable:
-        held: list = []
-
-        async def send_marked(message):
-            meter = state.meter
-            if meter is not None:
-                try:
-                    if message["type"] == "http.response.start":
-                        meter.start(message)
-                    elif message["type"] == "http.response.body":
-                        meter.feed(message.get("body", b""))
-                except Exception as exc:  # metering must never break an answer
-                    state.meter = None
-                    log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *state.marks]
-                if state.listing and message["status"] == 200:
-                    held.append(message)
-                    return
-            elif held and message["type"] == "http.response.body":
-                held.append(message)
-                if message.get("more_body", False):
-                    return
-                await self.send_trimmed(state.listing, held, send)
-                return
-            await send(message)
-
-        return send_marked
-
-    async def send_trimmed(self, lists: tuple, held: list, send: Callable) -> None:
-        start, *chunks = held
-        try:
-            body = listing_trimmed(b"".join(m.get("body", b"") for m in chunks), lists)
-        except Exception as exc:  # fail closed: an untrimmable listing lists nothing
-            log.error("api_key_guard could not trim a model listing: %s", log_field(describe(exc)))
-            body = b'{"data": []}'
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def check(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
-        """Judge a key core just authenticated; None lets the request through."""
-        judge = await self.judging_copy()
-        return await judge.check_here(user, api_key, scope)
-
-    async def check_here(self, user: Any, api_key: str, scope: dict | None) -> Refusal | None:
-        """Core may authenticate one request twice (its audit middleware up to 0.10, and 0.12 after a
-        refusal): the second lookup gets the first answer, uncounted and unlogged."""
-        state = scope.get(STATE_KEY) if scope is not None else None
-        if state is not None and state.judged:
-            return state.refusal
-        copies = await self.active_copies()
-        if not copies:
-            return None
-        kind = self.route_kind(scope) if scope is not None else None
-        asked = read_asked(state, MODEL_READERS[kind]) if kind in MODEL_READERS else NO_MODEL
-        person = {"id": user.id, "email": user.email, "role": user.role}
-        method, path = (scope["method"], scope["path"]) if scope is not None else ("GET", None)
-        if state is not None and state.judged_as is not None:
-            method, path = state.judged_as
-        refusal, limits, listing, quotas, capped = None, (), [], {}, []
-        for copy in copies:
-            outcome = await evaluate(copy.valves, person, api_key, method, path, asked, "route", count=True)
-            refusal, limits = outcome.refusal, limits or outcome.headers
-            if refusal is not None:
-                break  # the strictest answer wins; later copies neither judge nor count it
-            tier = outcome.tier
-            if kind == LISTING and not tier.allowed_models.admits_all:
-                listing.append(tier.allowed_models)
-            quotas.update((w.unit, w) for w in tier.token_quota.windows)
-            if tier.max_concurrent:
-                capped.append((tier.max_concurrent, copy.function_id, copy, outcome))
-        lease = None
-        if refusal is None and capped and state is not None:
-            # One place per request whatever the number of copies, under the smallest cap among them.
-            cap, _, copy, outcome = min(capped)
-            refusal, lease, headers = await take_lease(cap, outcome, copy.valves, api_key)
-            limits = tuple(merged_fields(dict(limits), dict(headers)).items())
-        if state is not None:
-            enforcing = any(c.valves.mode == "enforce" for c in copies)
-            failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
-            mode = "fail-closed" if failed else "enforce" if enforcing else "monitor"
-            policy_id = ",".join(c.policy_id for c in copies)
-            marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, limiter().counters)]
-            if refusal is None:  # a refusal carries its own RateLimit headers
-                marks += limits
-            state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
-            state.listing = tuple(listing) if refusal is None else ()
-            state.judged, state.refusal = True, refusal
-            if quotas:
-                state.charge = (str(user.id), tuple(quotas.values()))
-            if lease is not None:
-                state.leases = [lease]
-                state.loop.call_soon_threadsafe(keep_leases, state)
-            if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
-                await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
-            if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
-                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
-        return refusal
-
-    async def start_usage(
-        self, state: RequestState, copies: list, user: Any, path: str, asked: ModelRequest, kind: Any, refusal: Any
-    ) -> None:
-        """What the answer of this request will be recorded under."""
-        try:
-            model = await answering_model(asked.model) if asked.model else "-"
-        except Exception:  # the decision already stands; the record falls back to the named model
-            model = asked.model or "-"
-        decision = "allow" if refusal is None else "limit" if refusal.status == 429 else "deny"
-        # A refused request's model is the attacker's word: every new name would be a new row.
-        model = model[:USAGE_MODEL_CHARS] if refusal is None else "-"
-        state.usage = (str(user.id), model, route_class(path), decision)
-        state.audit_all = any(c.valves.audit_log == "all" for c in copies)
-        usage_book().retention_days = copies[0].valves.usage_retention_days
-
-
-def read_asked(state: RequestState | None, reader: Callable) -> ModelRequest:
-    """What a model-bearing body asks for, parsed here, after core accepted the key (linear, bounded)."""
-    if state is None or not state.body_read:
-        return ModelRequest(problem="the guard could not read the request body")
-    if state.body is None:
-        return ModelRequest(problem=f"the request body is larger than {MAX_MODEL_BODY_BYTES // 2**20} MiB")
-    try:
-        body = json.loads(state.body or b"null")
-    except (ValueError, RecursionError):
-        body = None
-    return reader(body)
-
-
-async def explain(valves: Valves, user: str, method: str = "", path: str = "", model: str = "") -> dict:
-    """What `user`'s keys may do under these valves, field by field and where each field came from; with
-    a path or a model, the answer decide() gives such a request (the counters are shown, not touched)."""
-    policy = policy_from_valves(valves)
-    users = openwebui_model("users", "Users")
-    record = await settle(users.get_user_by_email(user) if "@" in user else users.get_user_by_id(user))
-    if record is None:
-        raise LookupError(f"no user {user!r} on this server")
-    person = {"id": record.id, "email": record.email, "role": record.role}
-    path = path or ("/api/chat/completions" if model else "")
-    method = (method or ("POST" if path else "GET")).upper()
-    facts = await facts_for(policy, person, None, method, path or "/", ModelRequest(model=model or None))
-    created = await off_loop(lambda: stored_key_time(facts.user_id, None)) if core_keeps_key_times() else None
-    facts = dataclasses.replace(facts, key_created=created)
-    tier = policy.tier_for(facts)
-    used = {}
-    if tier.token_quota.windows:
-        counts = await settle(limiter().quota_used(facts.user_id, tier.token_quota, facts.now))
-        used = {w.unit: n for w, n in zip(tier.token_quota.windows, counts, strict=True)}
-    decision = decide(facts, policy) if path else None
-    return {
-        "user": {"id": facts.user_id, "email": facts.email, "role": facts.role},
-        "groups": sorted(facts.group_names),
-        "blocked": is_blocked(facts, policy),
-        "admitted_by": admitted_by(facts, policy),
-        "mode": valves.mode,
-        "tier": {
-            "name": tier.name,
-            "fields": {f: {"value": dict(tier.texts)[f], "from": tier.valve(f)} for f in TIER_FIELDS},
-        },
-        "key": {
-            "created_at": created,
-            "age_days": round((facts.now - created) / 86400, 1) if created is not None else None,
-        },
-        "tokens_used": used,
-        "counters": limiter().counters,
-        "request": {"method": method, "path": path, "model": model or None} if path else None,
-        "decision": None
-        if decision is None
-        else {"allowed": decision.allowed, "reason": decision.reason, "message": decision.message},
-    }
-
-
-async def answering_model(model_id: str) -> str:
-    """The model core calls for `model_id`: a workspace model's base, whoever made it."""
-    key = ("answers", model_id)
-    cached = _model_cache.get(key)
-    if cached is None:
-        record = await settle(openwebui_model("models", "Models").get_model_by_id(model_id))
-        cached = str(getattr(record, "base_model_id", None) or model_id) if record is not None else model_id
-        _model_cache.put(key, cached)
-    return cached
-
-
-def keep_leases(state: RequestState) -> None:
-    """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
-    if state.renewer is None and not state.finished and any(not lease.local for lease in state.leases):
-        state.renewer = asyncio.ensure_future(renew_leases(state))
-
-
-async def renew_leases(state: RequestState) -> None:
-    while True:
-        await asyncio.sleep(LEASE_RENEW_SECONDS)
-        for lease in state.leases:
-            try:
-                await off_loop_counters(lambda lease=lease: limiter().renew(lease))
-            except Exception as exc:  # the lease then expires on its own: never an outage
-                log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
-
-
-async def off_loop_counters(work: Callable[[], Any]) -> Any:
-    """A counter operation from the event loop: memory ones right here, Redis ones awaited with an
-    asyncio client (0.9+), in a thread with the sync client of 0.6-0.8."""
-    if limiter().redis is None or core_is_async():
-        return await settle(work())
-    return await asyncio.to_thread(work)
-
-
-async def finish(state: RequestState) -> None:
-    """Once the answer is sent or its client went away: leases back, tokens charged, usage recorded.
-    Nothing here may fail a request: each step logs its own error."""
-    state.finished = True
-    if state.renewer is not None:
-        state.renewer.cancel()
-    for lease in state.leases:
-        try:
-            await off_loop_counters(lambda lease=lease: limiter().release(lease))
-        except Exception as exc:
-            log.error("api_key_guard could not give back a concurrency lease: %s", log_field(describe(exc)))
-    usage = None
-    try:
-        usage = state.meter.result() if state.meter is not None else None
-    except Exception as exc:
-        log.error("api_key_guard could not meter an answer: %s", log_field(describe(exc)))
-    if usage is not None and state.charge is not None and usage.total_tokens > 0:
-        user_id, windows = state.charge
-        try:
-            now = time.time()
-            await off_loop_counters(lambda: limiter().charge(user_id, windows, usage.total_tokens, now))
-        except Exception as exc:
-            log.error("api_key_guard could not charge tokens to a quota: %s", log_field(describe(exc)))
-    if state.usage is not None:
-        record_usage(state, usage)
-
-
-def record_usage(state: RequestState, usage: Usage | None) -> None:
-    """Add one finished request to this worker's book; with audit_log=all, one line with its tokens."""
-    try:
-        usage_book().add((today(), *state.usage), usage)
-    except Exception as exc:  # recording must never break or refuse a request
-        log.error("api_key_guard could not record usage: %s", log_field(describe(exc)))
-        return
-    if usage is not None and state.audit_all:
-        user_id, model, klass, _ = state.usage
-        log.info(
-            "api_key_guard usage user=%s model=%s route=%s status=%s input=%d output=%d total=%d estimated=%s ms=%d",
-            log_field(user_id),
-            log_field(model),
-            klass,
-            state.meter.status,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.total_tokens,
-            "yes" if usage.estimated else "no",
-            (time.monotonic() - state.started) * 1000,
-        )
-
-
 def usage_answer(report: str, query: dict) -> tuple[str, bytes]:
     """(content type, body) of a usage read-out; runs in a thread (it queries the database)."""
     book = usage_book()
@@ -3628,43 +2796,913 @@ def day_param(query: dict, name: str, default: str) -> str:
     return value
 
 
-async def buffered(receive: Callable, limit: int) -> tuple[bytes | None, Callable]:
-    """Read a request body once, up to `limit` bytes: (the body, or None past the limit; a receive that
-    hands it on to the app as ONE message, byte for byte, then the unread rest). One message, because a
-    client dripping a byte per packet makes one ASGI message each: replaying them one by one would make
-    core pay for every one again."""
-    chunks, size, more, other = [], 0, True, None
-    while more and size <= limit:
-        message = await receive()
-        if message["type"] != "http.request":
-            other = message  # a disconnect: handed on after the body read so far
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        more = message.get("more_body", False)
-    body = b"".join(chunks)
-    pending = [{"type": "http.request", "body": body, "more_body": more or other is not None}]
-    if other is not None:
-        pending.append(other)
+# ---------------------------------------------------------------------------
+# Rate limits
+# ---------------------------------------------------------------------------
+# A leaked key is also a cost problem: a script looping on
+# /openai/chat/completions spends the owner's model budget at machine speed.
+# The valves api_key_rate_limit_admin / _user cap admitted API-key requests per
+# user, on every route the guard sees, in one or more windows.
 
-    async def replay():
-        return pending.pop(0) if pending else await receive()
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+RATE_LIMIT_FORM = (
+    "expected comma-separated N/second, N/minute, N/hour or N/day with N a positive integer "
+    "(e.g. '60/minute,1000/day'), or empty for no limit"
+)
+_RATE_ITEM = re.compile(r"([0-9]+)\s*/\s*([A-Za-z]+)")
 
-    return (body if size <= limit and other is None else None), replay
+# Where the counters live; sent as X-API-Key-Guard-Counters and shown by `install.py status`.
+COUNTERS_REDIS = "redis"  # shared by every worker and replica
+COUNTERS_PER_WORKER = "per-worker"  # no Redis configured: each process counts alone
+COUNTERS_DEGRADED = "degraded"  # Redis configured but failing: per process until it answers again
+
+# Longest the guard waits for Redis before counting in process instead. A stalled
+# Redis must not turn the limiter into an outage for admitted keys.
+REDIS_TIMEOUT_SECONDS = 0.5
+# After a failure, Redis is tried again at most this often (one probing request per
+# worker); every other request meanwhile counts in process at memory speed.
+REDIS_RETRY_SECONDS = 5.0
+DEGRADED_LOG_SECONDS = 60.0
+# Why the counters are degraded: a short code (sent as `degraded; cause=<code>` in the counters
+# header, named by `install.py status`), what happened and the fix (in the one ERROR line per cause).
+# A misconfiguration never clears by itself: without a name for it the limiter would count per
+# worker forever (N x workers x replicas) while looking like a passing Redis hiccup.
+REDIS_CAUSES = {
+    "cluster": (
+        "REDIS_URL points at a Redis Cluster node but REDIS_CLUSTER is not true (Redis answered MOVED/ASK): "
+        "only users whose slot lives on that node are counted in Redis",
+        "set REDIS_CLUSTER=true for Open WebUI",
+    ),
+    "noperm": (
+        "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
+        "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +zrem +get +incrby +expireat "
+        "+hmget +hget +hdel +hexists +hset +hincrby +del +pexpire and the keys "
+        "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
+    ),
+    "auth": (
+        "Redis refused the credentials (WRONGPASS/NOAUTH)",
+        "fix the user name and password in REDIS_URL",
+    ),
+    "readonly": (
+        "Redis answered READONLY: the guard's connection reached a replica (a demoted master)",
+        "none after a failover (the guard reconnects); otherwise point REDIS_URL at the master",
+    ),
+    "clusterdown": (
+        "the Redis Cluster answered CLUSTERDOWN (some slots have no master)",
+        "bring the failed master or its replica back",
+    ),
+    "sentinel": (
+        "no Sentinel named a master for the service (the host part of REDIS_URL)",
+        "check REDIS_SENTINEL_HOSTS, REDIS_SENTINEL_PORT and the service name",
+    ),
+    "timeout": (
+        f"Redis did not answer within {REDIS_TIMEOUT_SECONDS:g} s",
+        "look for a stalled or overloaded Redis node",
+    ),
+    "unreachable": (
+        "Redis refused or dropped the connection",
+        "check that Redis runs and that REDIS_URL (or REDIS_SENTINEL_HOSTS) reaches it",
+    ),
+    "error": ("Redis answered an error", "see the error in this line"),
+}
+# Users whose request times are kept per process; the least recently seen user is
+# forgotten first (its counters restart from zero if it comes back).
+RATE_MAX_USERS = 10_000
 
 
-def valves_problem(body: bytes) -> str | None:
-    """Why Open WebUI will refuse to save this valves form (None when it is valid), valve by valve."""
+# Memory per user and window is bounded either way (docs/usage.md, "Exact windows"): up to RATE_LOG_MAX a
+# window keeps the exact log (at most N times); above it, counts per 1/RATE_BUCKETS of the window (at most
+# RATE_BUCKETS + 2 buckets, their sum and the oldest's index), so `100000/day` holds ~60 small counters
+# instead of 100 000 entries (12 MB).
+RATE_LOG_MAX = 60
+RATE_BUCKETS = 60
+
+
+@dataclass(frozen=True)
+class Window:
+    limit: int
+    unit: str
+    seconds: int
+    text: str  # "5/minute", as written in the audit log
+    policy_item: str  # '"minute";q=5;w=60', one RateLimit-Policy item
+    buckets: int = 0  # 0: the exact log; else counts per `width` seconds
+
+    @property
+    def width_us(self) -> int:
+        """A bucket's width in µs (0 for the log); integral, so Redis and the workers agree on bucket bounds."""
+        return self.seconds * 1_000_000 // self.buckets if self.buckets else 0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The windows of one rate-limit valve, parsed once; no windows = unlimited."""
+
+    windows: tuple[Window, ...]
+    policy: str  # RateLimit-Policy header value
+    redis_args: str  # the script's ARGV[2]: limit, window in µs and bucket width in µs (0: log) per window
+    key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60" (buckets)
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def parse(cls, text: str) -> RateLimit:
+        windows: dict[str, Window] = {}
+        for item in split_list(text):
+            match = _RATE_ITEM.fullmatch(item)
+            unit = match.group(2).lower() if match else ""
+            if not match or unit not in RATE_UNITS or int(match.group(1)) < 1:
+                raise ValueError(f"{RATE_LIMIT_FORM}; got {item!r}")
+            if unit in windows:
+                raise ValueError(f"{RATE_LIMIT_FORM}, each unit at most once; got {unit!r} twice")
+            limit, seconds = int(match.group(1)), RATE_UNITS[unit]
+            buckets = 0 if limit <= RATE_LOG_MAX else RATE_BUCKETS
+            policy_item = f'"{unit}";q={limit};w={seconds}'
+            windows[unit] = Window(limit, unit, seconds, f"{limit}/{unit}", policy_item, buckets)
+        ordered = tuple(sorted(windows.values(), key=lambda w: w.seconds))
+        return cls(
+            ordered,
+            ", ".join(w.policy_item for w in ordered),
+            " ".join(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)),
+            tuple(f":{w.seconds}:b{w.buckets}" if w.buckets else f":{w.seconds}" for w in ordered),
+        )
+
+
+# ---------------------------------------------------------------------------
+# The algorithm
+# ---------------------------------------------------------------------------
+# A sliding window. Each window keeps what it admitted; a
+# request is admitted only if every window holds fewer than its limit after
+# dropping what is older than the window, and only then is it recorded
+# (denied requests are not: a client hammering while limited does not extend
+# its own ban). No interval of a window's length ever contains more than N
+# admitted requests. A fixed window (counter per calendar minute) admits 2N
+# around a boundary (N at :59, N at :00); GCRA / token bucket with burst N and
+# rate N/w admits the burst and then the refill, up to ~2N in one window.
+# - Up to RATE_LOG_MAX: a log of admission times, exact both ways (it never
+#   refuses what the limit allows either). Memory: at most N times.
+# - Above: counts per bucket of 1/RATE_BUCKETS of the window. A request counts
+#   until its whole bucket has left the window, i.e. up to one bucket width
+#   longer than its own time would: never more than N in any window, and a
+#   refusal comes at most one bucket width (1 s of a minute, 24 min of a day)
+#   early. Memory: at most RATE_BUCKETS + 2 buckets.
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    counters: str  # COUNTERS_*
+    window: Window | None = None  # denied: the violated window that frees up last
+    retry_after: float = 0.0  # denied: seconds until this request would be admitted
+    remaining: tuple[int, ...] = ()  # per window, after this request
+    reset: tuple[float, ...] = ()  # per window, seconds until its next counted request leaves
+
+
+def weigh(limit: RateLimit, now: float, counts: list[int], marks: list[float | None], counters: str) -> Verdict:
+    """The verdict from each window's count before this request and the time of
+    its entry that must leave first for the count to drop below the limit
+    (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
+    violated, retry, resets = None, 0.0, []  # one plain loop: this runs for every limited request
+    for window, count, mark in zip(limit.windows, counts, marks, strict=True):
+        reset = window.seconds if mark is None else mark + window.seconds - now
+        resets.append(reset)
+        if count >= window.limit and (violated is None or reset > retry):
+            violated, retry = window, reset
+    allowed = violated is None
+    remaining = tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True))
+    return Verdict(allowed, counters, violated, retry, remaining, tuple(resets))
+
+
+def log_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
+    """(count, mark) of a log: admission times. The mark is the time that must leave the window for the
+    count to drop below the limit (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
+    horizon = now - window.seconds
+    while entry and entry[0] <= horizon:
+        entry.popleft()
+    return len(entry), entry[max(len(entry) - window.limit, 0)] if entry else None
+
+
+def bucket_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
+    """(count, mark) of counts per bucket ([index, count] pairs, oldest first). A bucket counts while it
+    overlaps the window; it leaves when the window's start passes its end, so its mark is its end."""
+    width = window.width_us / 1e6
+    low = math.floor((now - window.seconds) / width)
+    while entry and entry[0][0] < low:
+        entry.popleft()
+    count = sum(n for _, n in entry)
+    need, seen = max(count - window.limit + 1, 1), 0
+    for index, n in entry:
+        seen += n
+        if seen >= need:
+            return count, (index + 1) * width
+    return count, None
+
+
+def record(window: Window, entry: collections.deque, now: float) -> None:
+    if not window.buckets:
+        entry.append(now)
+        return
+    index = math.floor(now / (window.width_us / 1e6))
+    if entry and entry[-1][0] == index:
+        entry[-1][1] += 1
+    else:
+        entry.append([index, 1])
+
+
+class MemoryCounters:
+    """Per-process counters: one deque per user and window, of admitted times (a log) or of
+    [bucket index, count] pairs, keyed by (window seconds, buckets) so the two never mix.
+
+    Thread-safe: on Open WebUI 0.6-0.8 the check runs in the threadpool that
+    serves sync dependencies, so two requests of one user can race here."""
+
+    def __init__(self, max_users: int = RATE_MAX_USERS, clock: Callable[[], float] = time.monotonic):
+        self.max_users = max_users
+        self.clock = clock
+        self._users: collections.OrderedDict[str, dict[tuple, collections.deque]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, user_id: str, limit: RateLimit, counters: str = COUNTERS_PER_WORKER) -> Verdict:
+        with self._lock:
+            now = self.clock()
+            logs = self._users.get(user_id)
+            if logs is None:
+                while len(self._users) >= self.max_users:
+                    self._users.popitem(last=False)
+                logs = self._users[user_id] = {}
+            else:
+                self._users.move_to_end(user_id)
+            entries = []
+            for window in limit.windows:
+                entry = logs.get((window.seconds, window.buckets))
+                if entry is None:
+                    entry = logs[(window.seconds, window.buckets)] = collections.deque()
+                entries.append(entry)
+            counts, marks = [], []
+            for window, entry in zip(limit.windows, entries, strict=True):
+                count, mark = (bucket_window if window.buckets else log_window)(window, entry, now)
+                counts.append(count)
+                marks.append(mark)
+            verdict = weigh(limit, now, counts, marks, counters)
+            if verdict.allowed:
+                for window, entry in zip(limit.windows, entries, strict=True):
+                    record(window, entry, now)
+            return verdict
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+# One round trip, atomic across all windows of a user. Times come from the Redis
+# server (TIME), not from the workers: replicas with skewed clocks would otherwise
+# expire each other's entries early or late. TIME before writes needs effects
+# replication: the default from Redis 5, the only mode from 7; replicate_commands()
+# switches it on for 3.2-4 and is a no-op later. Scores are integer µs (< 2^53).
+RATE_LIMIT_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local spec = {}
+for n in string.gmatch(ARGV[2], '%d+') do spec[#spec + 1] = tonumber(n) end
+local allowed, reply, buckets, fresh = 1, {}, {}, {}
+for i, key in ipairs(KEYS) do
+  local limit, span, width = spec[3 * i - 2], spec[3 * i - 1], spec[3 * i]
+  local count, mark = 0, -1
+  if width == 0 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
+    count = redis.call('ZCARD', key)
+    if count > 0 then
+      local index = math.max(count - limit, 0)
+      mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+    end
+  else
+    -- fields: bucket index -> count; n = the sum; lo = the oldest bucket with counts (absent when none)
+    local low, most = math.floor((now - span) / width), math.ceil(span / width) + 1
+    local meta = redis.call('HMGET', key, 'n', 'lo')
+    count = tonumber(meta[1]) or 0
+    local lo = tonumber(meta[2])
+    if lo and lo < low then  -- buckets left the window: each bucket once, so O(1) per request on average
+      for index = lo, math.min(low - 1, lo + most) do
+        local n = redis.call('HGET', key, index)
+        if n then count = count - tonumber(n); redis.call('HDEL', key, index) end
+      end
+      lo = nil
+      if count > 0 then
+        local index = low
+        while redis.call('HEXISTS', key, index) == 0 and index < low + most do index = index + 1 end
+        lo = index
+        redis.call('HSET', key, 'n', count, 'lo', lo)
+      else
+        redis.call('DEL', key)
+      end
+    end
+    if lo then
+      local need, index = count - limit + 1, lo
+      while need > 0 and index < lo + most do  -- past the oldest bucket only after a limit was lowered
+        need = need - tonumber(redis.call('HGET', key, index) or 0)
+        if need > 0 then index = index + 1 end
+      end
+      mark = (index + 1) * width
+    end
+    fresh[i] = lo == nil
+    buckets[i] = string.format('%.0f', math.floor(now / width))
+  end
+  if count >= limit then allowed = 0 end
+  reply[#reply + 1] = string.format('%d %.0f', count, mark)
+end
+if allowed == 1 then
+  local score = string.format('%.0f', now)
+  for i, key in ipairs(KEYS) do
+    local span, width = spec[3 * i - 1], spec[3 * i]
+    if width == 0 then
+      redis.call('ZADD', key, score, ARGV[1])
+      redis.call('PEXPIRE', key, math.ceil(span / 1000))
+    else
+      redis.call('HINCRBY', key, 'n', 1)
+      if fresh[i] then redis.call('HSET', key, 'lo', buckets[i]) end
+      if redis.call('HINCRBY', key, buckets[i], 1) == 1 then  -- a new newest bucket: the key lives as long
+        redis.call('PEXPIRE', key, math.ceil((span + width) / 1000))
+      end
+    end
+  end
+end
+-- one bulk string, "allowed now count mark ..." (µs, mark -1 for none): cheaper for a client to read than an array
+return string.format('%d %.0f ', allowed, now) .. table.concat(reply, ' ')
+"""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and the SHA1 Redis names it by."""
+
+    text: str
+
+    @functools.cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+
+RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
+# A member must be unique across workers and replicas: a random process nonce plus a counter.
+_MEMBER_NONCE = os.urandom(8).hex()
+_member_serial = itertools.count()
+
+
+def redis_key_base(prefix: str) -> str:
+    """Open WebUI's REDIS_KEY_PREFIX namespace; no leading ':' when it is empty (as core's session keys)."""
+    return f"{prefix}:api_key_guard:rl:" if prefix else "api_key_guard:rl:"
+
+
+def is_noscript(exc: BaseException) -> bool:
+    return type(exc).__name__ == "NoScriptError"
+
+
+def run_script(client: Any, script: Script, keys: list, args: tuple) -> Any:
+    """EVALSHA, or EVAL where the node has not loaded the script: scripts are not replicated, so a
+    promoted replica (and a restarted or flushed node) answers NOSCRIPT. An asyncio client's
+    awaitable goes through settle_script for the same."""
     try:
-        form = json.loads(body or b"{}")
-        Valves(**{k: v for k, v in form.items() if v is not None})
-    except ValidationError as exc:
-        return describe(exc).replace("Value error, ", "")
-    except Exception:  # not a form the guard can judge: Open WebUI answers it as it likes
-        return None
-    return None
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except Exception as exc:
+        if not is_noscript(exc):
+            raise
+        return client.eval(script.text, len(keys), *keys, *args)
 
 
+async def settle_script(client: Any, script: Script, pending: Awaitable, keys: list, args: tuple) -> Any:
+    try:
+        return await pending
+    except Exception as exc:
+        if not is_noscript(exc):
+            raise
+        return await client.eval(script.text, len(keys), *keys, *args)
+
+
+def retried_at_once(client: Any, exc: BaseException) -> bool:
+    """A Cluster client refreshes its slot map when a node refuses or drops a connection: once a replica
+    of a crashed master has been promoted, a second try reaches it (without it, counting came back in
+    Redis one retry interval later, 10 s after a kill -9 instead of 5). Refused connections fail in
+    microseconds; a timeout is not tried again (that would cost another full wait)."""
+    return hasattr(client, "nodes_manager") and redis_cause(exc) == "unreachable"
+
+
+def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
+    fields = [int(n) for n in reply.split()]  # allowed, now, then count and mark per window (µs; -1: none)
+    marks = [None if m < 0 else m / 1e6 for m in fields[3::2]]
+    return weigh(limit, fields[1] / 1e6, fields[2::2], marks, COUNTERS_REDIS)
+
+
+# Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
+# -> cause. First match wins: redis-py's AuthenticationError is a ConnectionError, MovedError a ResponseError.
+_CAUSE_BY_CLASS = (
+    ("AuthenticationError", "auth"),
+    ("AuthenticationWrongNumberOfArgsError", "auth"),
+    ("NoPermissionError", "noperm"),
+    ("MovedError", "cluster"),
+    ("AskError", "cluster"),
+    ("ClusterDownError", "clusterdown"),
+    ("MasterNotFoundError", "sentinel"),
+    ("ReadOnlyError", "readonly"),
+    ("TimeoutError", "timeout"),
+    ("ConnectionError", "unreachable"),
+)
+_CAUSE_BY_REPLY = (("WRONGPASS", "auth"), ("NOAUTH", "auth"), ("NOPERM", "noperm"), ("MOVED", "cluster"),
+                   ("ASK", "cluster"), ("CLUSTERDOWN", "clusterdown"), ("READONLY", "readonly"))  # fmt: skip
+
+
+def redis_cause(exc: BaseException) -> str:
+    """The REDIS_CAUSES code for a failure of the counters in Redis."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).lstrip()
+    for reply, cause in _CAUSE_BY_REPLY:  # redis-py strips the codes it maps to a class, not the others
+        if text.startswith(f"{reply} ") or f"-{reply} " in text:
+            return cause
+    if "user executing the script can't run" in text:  # an ACL refusal inside a script (Redis 7)
+        return "noperm"
+    return next((cause for name, cause in _CAUSE_BY_CLASS if name in names), "error")
+
+
+class RedisCounters:
+    """Shared counters in Redis, one key per user and window: a log is a sorted set
+    `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`, counts per bucket a
+    hash `...:<window seconds>:b<buckets>` with the fields n (their sum) and lo
+    (the oldest with counts); another name, so a guard of before never reads
+    the other type under its own key. The braces are a
+    Redis Cluster hash tag: all windows of a user live in one slot, so one
+    script can touch them atomically. Works with a sync or an asyncio client;
+    with an asyncio client check() returns an awaitable."""
+
+    def __init__(self, connect: Callable[[], Any], prefix: str):
+        self.connect = connect  # Open WebUI's client, resolved on first use and again after a failure to build it
+        self.base = redis_key_base(prefix)
+        self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
+        self._client = None
+
+    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
+        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", limit.redis_args)  # few arguments: cheaper to send
+        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
+
+    def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
+        return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]
+
+    def quota_used(self, user_id: str, quota: TokenQuota, now: float) -> Any:
+        keys = self.quota_keys(user_id, quota.windows, now)
+        return self.run(QUOTA_READ_SCRIPT, keys, (), lambda reply: [int(n) for n in reply])
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        # kept a minute past the window's end: a charge arriving late still lands in its window
+        ends = [str(w.bounds(now)[1] + 60) for w in windows]
+        return self.run(CHARGE_SCRIPT, self.quota_keys(user_id, windows, now), (str(tokens), *ends), bool)
+
+    def lease_key(self, user_id: str) -> str:
+        return f"{self.root}cc:{{{user_id}}}"
+
+    def acquire(self, lease: Lease, limit: int) -> Any:
+        args = (lease.member, str(limit), str(int(LEASE_SECONDS * 1000)))
+        return self.run(ACQUIRE_SCRIPT, [self.lease_key(lease.user_id)], args, int)
+
+    def renew(self, lease: Lease) -> Any:
+        args = (lease.member, str(int(LEASE_SECONDS * 1000)))
+        return self.run(RENEW_SCRIPT, [self.lease_key(lease.user_id)], args, bool)
+
+    def release(self, lease: Lease) -> Any:
+        return self.run(RELEASE_SCRIPT, [self.lease_key(lease.user_id)], (lease.member,), bool)
+
+    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
+        """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
+        client = self._client if self._client is not None else self._resolve()
+        try:
+            reply = run_script(client, script, keys, args)
+        except Exception as exc:
+            if not retried_at_once(client, exc):
+                raise
+            reply = run_script(client, script, keys, args)
+        if inspect.isawaitable(reply):
+            return self._settle(client, script, reply, keys, args, parse)
+        return parse(reply)
+
+    async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
+        try:
+            reply = await settle_script(client, script, pending, keys, args)
+        except Exception as exc:
+            if not retried_at_once(client, exc):
+                raise
+            reply = await settle_script(client, script, run_script(client, script, keys, args), keys, args)
+        return parse(reply)
+
+    def _resolve(self) -> Any:
+        client = self.connect()
+        if client is None:
+            raise ConnectionError("Open WebUI returned no Redis client")
+        self._client = client
+        return client
+
+
+class Limiter:
+    """Redis when configured; per process when not, or while Redis fails.
+
+    A limiter that can lock everybody out is worse than none: any Redis error
+    (refused, timeout, script error) makes this worker count in process and
+    report `degraded`. Redis is then skipped entirely until REDIS_RETRY_SECONDS
+    have passed; the first request after that probes it (the retry time is
+    claimed before the probe, so concurrent requests count in process instead
+    of queueing behind a dead Redis; unlocked, so two threads may rarely both probe)."""
+
+    def __init__(
+        self,
+        redis: RedisCounters | None,
+        memory: MemoryCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timeout: float = REDIS_TIMEOUT_SECONDS,
+        retry_seconds: float = REDIS_RETRY_SECONDS,
+    ):
+        self.redis = redis
+        self.memory = memory or MemoryCounters()
+        self.tallies = MemoryTallies()
+        self.clock = clock
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self._retry_at: float | None = None  # set while degraded
+        self._logged_at: float | None = None
+        self.cause: str | None = None  # REDIS_CAUSES code while degraded
+
+    @property
+    def counters(self) -> str:
+        """The X-API-Key-Guard-Counters value: redis, per-worker, or `degraded; cause=<code>`."""
+        if self.redis is None:
+            return COUNTERS_PER_WORKER
+        return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
+
+    def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
+        return self.shared(
+            lambda: self.redis.check(user_id, limit),
+            lambda counters: self.memory.check(user_id, limit, counters),
+        )
+
+    def quota_used(self, user_id: str, quota: TokenQuota, now: float) -> Any:
+        """Tokens used per window of `quota` (an awaitable of them with an asyncio client)."""
+        return self.shared(
+            lambda: self.redis.quota_used(user_id, quota, now),
+            lambda _: self.tallies.quota_used(user_id, quota, now),
+        )
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
+        return self.shared(
+            lambda: self.redis.charge(user_id, windows, tokens, now),
+            lambda _: self.tallies.charge(user_id, windows, tokens, now),
+        )
+
+    def acquire(self, lease: Lease, limit: int) -> Any:
+        """Requests in flight with this one; more than `limit`: not taken."""
+        return self.shared(lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit))
+
+    def renew(self, lease: Lease) -> Any:
+        return None if lease.local else self.shared(lambda: self.redis.renew(lease), lambda _: None)
+
+    def release(self, lease: Lease) -> Any:
+        """A lease goes back where it was taken; one taken in Redis while Redis fails expires there."""
+        if lease.local:
+            return self.tallies.release(lease)
+        return self.shared(lambda: self.redis.release(lease), lambda _: None)
+
+    def shared(self, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
+        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or it fails."""
+        if self.redis is None:
+            return local(COUNTERS_PER_WORKER)
+        if self._retry_at is not None:
+            now = self.clock()
+            if now < self._retry_at:
+                return local(COUNTERS_DEGRADED)
+            self._retry_at = now + self.retry_seconds
+        try:
+            result = remote()
+        except Exception as exc:
+            return self._fall_back(exc, local)
+        if inspect.isawaitable(result):
+            return self._bounded(result, local)
+        return self._recovered(result)
+
+    async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await pending
+        except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
+            return self._fall_back(exc, local)
+        return self._recovered(result)
+
+    def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:
+        now, cause = self.clock(), redis_cause(exc)
+        self._retry_at = now + self.retry_seconds
+        # One ERROR per cause: again only when the cause changes or a minute has passed.
+        if cause != self.cause or self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
+            self._logged_at = now
+            detail = " ".join(str(exc).split())[:200]
+            happened, fix = REDIS_CAUSES[cause]
+            log.error(
+                "api_key_guard rate-limit counters degraded (cause=%s): %s (%s); counting per worker, "
+                "retrying Redis every %.0f s. Fix: %s",
+                cause,
+                happened,
+                f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
+                self.retry_seconds,
+                fix,
+            )
+        self.cause = cause
+        return local(COUNTERS_DEGRADED)
+
+    def _recovered(self, result: Any) -> Any:
+        if self._retry_at is not None:
+            self._retry_at, self._logged_at, self.cause = None, None, None
+            log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Rate limit headers
+# ---------------------------------------------------------------------------
+# What a client is told: Retry-After, the IETF httpapi RateLimit-Policy and
+# RateLimit fields (draft-ietf-httpapi-ratelimit-headers-10/11: structured-field
+# lists, one item per window named by its unit, q = quota, w = window seconds,
+# r = remaining, t = seconds until the quota starts coming back), and where the
+# counters live. Chosen over X-RateLimit-*: that trio has no single definition
+# and cannot describe two windows at once.
+def whole_seconds(seconds: float) -> int:
+    """Round up to the next second (never 0): retrying earlier is denied again."""
+    return max(1, math.ceil(round(seconds, 6)))
+
+
+def ratelimit_value(limit: RateLimit, verdict: Verdict) -> str:
+    return ", ".join(
+        f'"{w.unit}";r={r};t={whole_seconds(t)}'
+        for w, r, t in zip(limit.windows, verdict.remaining, verdict.reset, strict=True)
+    )
+
+
+def rate_limit_headers(limit: RateLimit, verdict: Verdict) -> dict[str, str]:
+    headers = {"RateLimit-Policy": limit.policy, "RateLimit": ratelimit_value(limit, verdict)}
+    if not verdict.allowed:
+        headers["Retry-After"] = str(whole_seconds(verdict.retry_after))
+    return headers
+
+
+def rate_limited_fields(verdict: Verdict, role: str, valve: str) -> dict[str, Any]:
+    """The fields of the rate_limited reason text for a denied verdict."""
+    window = verdict.window
+    return {
+        "role": role,
+        "limit": window.limit,
+        "unit": window.unit,
+        "valve": valve,
+        "seconds": whole_seconds(verdict.retry_after),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Token quotas and requests in flight
+# ---------------------------------------------------------------------------
+# A quota is a budget of tokens per calendar window (QuotaWindow): read before a request is let in,
+# charged with what the answer cost once it is known, so requests already in flight when it runs out
+# finish (the overshoot is at most what they cost: one answer per request in flight). A concurrency
+# cap is a lease per request in flight, given back when its answer ends or its client goes away;
+# in Redis a lease also expires LEASE_SECONDS after it was last renewed, so a worker that dies
+# mid-request frees its places. Both live next to the request limits: in Redis when Open WebUI has
+# it, per process otherwise or while Redis fails (`degraded`, like the limits).
+LEASE_SECONDS = 60.0
+LEASE_RENEW_SECONDS = 20.0
+QUOTA_KEYS_KEPT = 4 * RATE_MAX_USERS
+
+
+@dataclass
+class Lease:
+    user_id: str
+    member: str  # unique across workers: process nonce + serial
+    local: bool = False  # taken in this process (no Redis, or Redis failing), given back here
+
+
+def quota_exceeded(quota: TokenQuota, used: list[int], now: float) -> tuple[QuotaWindow, float] | None:
+    """The spent window that starts again last, with the seconds until it does; None while all have room."""
+    spent = [(w, w.bounds(now)[1] - now) for w, n in zip(quota.windows, used, strict=True) if n >= w.limit]
+    return max(spent, key=lambda item: item[1]) if spent else None
+
+
+def quota_fields(quota: TokenQuota, used: list[int], now: float) -> dict[str, str]:
+    """RateLimit-Policy / RateLimit items for the token windows (`tokens-day`: q tokens per w seconds)."""
+    policy, state = [], []
+    for window, count in zip(quota.windows, used, strict=True):
+        start, end = window.bounds(now)
+        name = f'"tokens-{window.unit}"'
+        policy.append(f"{name};q={window.limit};w={end - start}")
+        state.append(f"{name};r={max(window.limit - count, 0)};t={whole_seconds(end - now)}")
+    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
+
+
+def concurrency_fields(limit: int, in_flight: int) -> dict[str, str]:
+    return {"RateLimit-Policy": f'"concurrent";q={limit}', "RateLimit": f'"concurrent";r={max(limit - in_flight, 0)}'}
+
+
+class MemoryTallies:
+    """Per-process token sums per user and calendar window, and each user's requests in flight."""
+
+    def __init__(self, max_keys: int = QUOTA_KEYS_KEPT):
+        self.max_keys = max_keys
+        self._tokens: collections.OrderedDict = collections.OrderedDict()  # (user, unit, start) -> tokens
+        self._leases: dict[str, set] = {}
+        self._lock = threading.Lock()
+
+    def quota_used(self, user_id: str, quota: TokenQuota, now: float) -> list[int]:
+        return [self._tokens.get((user_id, w.unit, w.bounds(now)[0]), 0) for w in quota.windows]
+
+    def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> None:
+        with self._lock:
+            for window in windows:
+                key = (user_id, window.unit, window.bounds(now)[0])
+                self._tokens[key] = self._tokens.get(key, 0) + tokens
+                self._tokens.move_to_end(key)
+            while len(self._tokens) > self.max_keys:
+                self._tokens.popitem(last=False)
+
+    def acquire(self, lease: Lease, limit: int) -> int:
+        """Requests in flight with this one; more than `limit` means it was not taken."""
+        with self._lock:
+            held = self._leases.setdefault(lease.user_id, set())
+            if len(held) >= limit:
+                return len(held) + 1
+            held.add(lease.member)
+            lease.local = True
+            return len(held)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            held = self._leases.get(lease.user_id)
+            if held is not None:
+                held.discard(lease.member)
+                if not held:
+                    del self._leases[lease.user_id]
+
+
+# Lease scores are expiry times from the Redis server's clock (µs, as the request limits).
+ACQUIRE_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[2]) then return count + 1 end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[3]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return count + 1
+"""
+RENEW_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2]) * 1000), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+QUOTA_READ_LUA = """
+local used = {}
+for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key) or '0') end
+return used
+"""
+CHARGE_LUA = """
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, ARGV[1])
+  redis.call('EXPIREAT', key, ARGV[i + 1])
+end
+return 1
+"""
+RELEASE_LUA = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+ACQUIRE_SCRIPT, RENEW_SCRIPT, RELEASE_SCRIPT = Script(ACQUIRE_LUA), Script(RENEW_LUA), Script(RELEASE_LUA)
+QUOTA_READ_SCRIPT, CHARGE_SCRIPT = Script(QUOTA_READ_LUA), Script(CHARGE_LUA)
+
+
+# ---------------------------------------------------------------------------
+# Open WebUI's Redis
+# ---------------------------------------------------------------------------
+# Reached through Open WebUI's own helpers (Sentinel, Cluster, URL,
+# credentials as the admin configured them); the guard never imports redis.
+def openwebui_env() -> Any:
+    env = sys.modules.get("open_webui.env")
+    if env is None:
+        raise LookupError("open_webui.env is not loaded")
+    return env
+
+
+def redis_configured() -> bool:
+    env = openwebui_env()
+    return bool(getattr(env, "REDIS_URL", "") or getattr(env, "REDIS_SENTINEL_HOSTS", ""))
+
+
+def openwebui_redis(asynchronous: bool) -> Any:
+    """A client of the guard's own, built by Open WebUI's helper from Open WebUI's settings (Sentinel,
+    Cluster, URL, credentials, TLS), asyncio on 0.9+ and sync on 0.6-0.8 (sync lookups in a threadpool).
+
+    Its own, because core's keeps redis-py's timeouts (none on 0.8.12's redis-py 7.4, 5 s later): a
+    stalled node would hold every key request that long. The socket timeouts ride in the URL's query,
+    which redis-py applies to every connection the client opens, also those a Cluster client opens
+    while it is built (0.6/0.8 build a new one per call, before anything could shorten it); the URL
+    also makes the helper's cache key differ from core's, so core's client is never touched."""
+    env = openwebui_env()
+    helpers = sys.modules["open_webui.utils.redis"]
+    client = helpers.get_redis_connection(
+        redis_url=with_timeouts(env.REDIS_URL, REDIS_TIMEOUT_SECONDS),
+        redis_sentinels=helpers.get_sentinels_from_env(env.REDIS_SENTINEL_HOSTS, env.REDIS_SENTINEL_PORT),
+        redis_cluster=env.REDIS_CLUSTER,
+        async_mode=asynchronous,
+        decode_responses=False,
+    )
+    if client is not None:
+        bound_waits(client, REDIS_TIMEOUT_SECONDS)
+    return client
+
+
+def with_timeouts(url: str, seconds: float) -> str:
+    """`url` with socket_timeout and socket_connect_timeout set in its query (replacing any given)."""
+    parts = urllib.parse.urlsplit(url)
+    ours = ("socket_timeout", "socket_connect_timeout")
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    query += [(name, f"{seconds:g}") for name in ours]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def bound_waits(client: Any, seconds: float) -> dict[str, int]:
+    """Bound what one command of this (the guard's own) client can wait, where the URL cannot reach.
+
+    - Sentinel: the helper reads only host, port, db and credentials from the URL, so the master's
+      connections get `seconds` here. The connections to the sentinels keep redis-py's defaults (no
+      timeout on 0.8.12, and 3 to 10 retries with backoff of up to 10 s each on every release): one
+      stalled sentinel held a master lookup 8 s, and 0.6-0.10 look the master up for every command.
+      They get a quarter of `seconds` and no retry: a lookup then moves on to the next sentinel, and
+      redis-py puts the sentinel that answered first for the next lookups.
+    - Cluster: redis-py retries a failed command on a fresh slot map, 3 times on 7.x and 10 on 8.x
+      with backoff, each try a full socket timeout (one stalled master held a sync check 2 s on 0.8.12
+      and the whole 3 s stall on 0.6.22). The guard's own retry is the degraded probe, and the failed
+      try has already refreshed the slot map for it: no retry here.
+    Each Retry object touched is this client's own (redis-py deep-copies it per client).
+    Returns how many connection settings and retry policies were changed."""
+    sentinel = vars(client).get("_sentinel")  # Open WebUI's SentinelRedisProxy; its __getattr__ asks the sentinels
+    cluster = sentinel is None and hasattr(client, "nodes_manager")
+    if sentinel is not None:
+        own = [getattr(sentinel, "connection_kwargs", None)]
+        lookups = [getattr(s.connection_pool, "connection_kwargs", None) for s in getattr(sentinel, "sentinels", ())]
+        retries = [k.get("retry") for k in lookups if isinstance(k, dict)]
+        lookups.append(getattr(sentinel, "sentinel_kwargs", None))
+    elif cluster:
+        own = [getattr(client.nodes_manager, "connection_kwargs", None)]
+        own += [n.redis_connection.connection_pool.connection_kwargs for n in client.get_nodes() if n.redis_connection]
+        lookups, retries = [], [getattr(client, "retry", None)]
+    else:
+        own, lookups, retries = [getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)], [], []
+    changed = {"timeouts": 0, "retries": 0}
+    for kwargs, timeout in [(k, seconds) for k in own] + [(k, seconds / 4) for k in lookups]:
+        if isinstance(kwargs, dict):
+            kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+            changed["timeouts"] += 1
+    for retry in retries:
+        if hasattr(retry, "update_retries"):
+            retry.update_retries(0)
+            changed["retries"] += 1
+    return changed
+
+
+def limiter() -> Limiter:
+    """This process's limiter, built on first use: Redis through Open WebUI when it has Redis."""
+    return process_wide("limiter", build_limiter)
+
+
+def build_limiter() -> Limiter:
+    try:
+        if not redis_configured():
+            return Limiter(None)
+        # Sync Open WebUI (0.6-0.8) judges keys in a threadpool without an event loop: sync client there.
+        asynchronous = inspect.iscoroutinefunction(openwebui_model("users", "Users").get_user_by_api_key)
+        prefix = str(getattr(openwebui_env(), "REDIS_KEY_PREFIX", "open-webui"))
+        return Limiter(RedisCounters(lambda: openwebui_redis(asynchronous), prefix))
+    except LookupError:  # not inside Open WebUI (tests, linters)
+        return Limiter(None)
+
+
+# ---------------------------------------------------------------------------
+# Process-wide state
+# ---------------------------------------------------------------------------
+# Open WebUI executes this file anew for every copy and every code update; counters kept in the
+# module would start again from zero whenever an admin clones the function. They live on the route
+# hooks instead, which exist once per process.
+_outside_openwebui: dict = {}
+
+
+def process_wide(name: str, build: Callable[[], Any]) -> Any:
+    """The one `name` object of this process (built on first use), shared by every loaded copy."""
+    hooks = getattr(getattr(sys.modules.get("open_webui.main"), "app", None), HOOKS_ATTR, None)
+    store = getattr(hooks, "shared", None) if hooks is not None else _outside_openwebui
+    if store is None:
+        store = hooks.shared = {}
+    found = store.get(name)
+    if found is None:
+        found = store[name] = build()
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Arming
+# ---------------------------------------------------------------------------
+# Loading this file installs the hooks (once per process) and registers this copy.
 def arm_route_guard(module_name: str) -> RouteHooks | None:
     """Install the hooks once per process, register this copy and hand the hooks this copy's code."""
     function_id = function_id_from_module_name(module_name)
