@@ -868,11 +868,12 @@ def test_documented_permissions_cover_quotas_and_leases(server, url):
     client = redis.Redis.from_url(f"redis://guard:right@127.0.0.1:{server.port}/0")
     limiter = Limiter(RedisCounters(lambda: client, "open-webui"))
     quota, lease = block.TokenQuota.parse("30/day"), block.Lease("u1", "m1")
-    limiter.charge("u1", quota.windows, 18, time.time())
+    now = time.time()
+    limiter.charge("u1", quota.windows, 18, now)
     taken = limiter.acquire(lease, 1)
     limiter.renew(lease)
     limiter.release(lease)
-    assert (limiter.quota_used("u1", quota, time.time()), taken, limiter.counters) == ([18], 1, "redis")
+    assert (limiter.quota_used("u1", quota, now), taken, limiter.counters) == ([18], 1, "redis")
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,7 @@ def judged(open_webui, monkeypatch):
     open_webui(Groups=Groups({"u-alice": ["interns"]}), Models=Models(), Users=Users({}))
     own = g.Limiter(None)
     monkeypatch.setattr(g, "limiter", lambda: own)
+    monkeypatch.setattr(g.time, "time", lambda: NOW)  # one day throughout, whatever the clock says
 
     def judge(valves: dict):
         v = g.Valves(api_key_roles="user", **valves)
@@ -324,7 +325,7 @@ def judged(open_webui, monkeypatch):
 
 def test_quota_refusal_names_the_quota_and_carries_the_fields(judged):
     first = judged({"api_key_token_quota_user": "30/day"})
-    judged.limiter.charge("u-alice", g.TokenQuota.parse("30/day").windows, 36, first.tier and g.time.time())
+    judged.limiter.charge("u-alice", g.TokenQuota.parse("30/day").windows, 36, NOW)
     second = judged({"api_key_token_quota_user": "30/day"})
     headers = dict(second.refusal.headers)
     assert (first.refusal, second.refusal.status, second.refusal.reason, sorted(headers)) == (
