@@ -734,9 +734,9 @@ class Valves(BaseModel):
         default=env_default("api_key_tiers", ""),
         title="Tiers for groups and users",
         description=(
-            'JSON {"group:<name>": {...}, "user:<email>": {...}} overriding the role\'s allowed_endpoints, '
-            "allowed_models, rate_limit, token_quota, max_key_age_days, max_concurrent. Per field: the user's "
-            "entry, else the first listed group. Admits nobody."
+            'JSON {"group:NAME": {...}, "user:EMAIL": {...}} giving a group or a user its own endpoints, models, '
+            "rate limit, token quota, key age or concurrency over the role's valves. Per field: the user's entry, "
+            "else the first listed group. Admits nobody."
         ),
     )
     route_guard: bool = Field(
