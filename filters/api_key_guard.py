@@ -1681,10 +1681,10 @@ class RequestState:
     started: float = 0.0
     audit_all: bool = False  # a copy's audit_log is "all": the answer's tokens get a line too
     judged_as: tuple | None = None  # (method, path) to judge instead of the scope's (usage read-outs)
-    leases: list = dataclasses.field(default_factory=list)  # places among its user's requests in flight
+    lease: Lease | None = None  # its place among its user's requests in flight (one per request)
     charge: tuple | None = None  # (user id, QuotaWindows): where the answer's tokens are charged
     loop: Any = None  # the event loop serving it: lease renewals run there
-    renewer: Any = None  # the task renewing its leases in Redis
+    renewer: Any = None  # the task renewing its lease in Redis
     finished: bool = False  # its answer ended: nothing is renewed any more
 
 
@@ -2042,7 +2042,7 @@ class RouteGuard:
             # An admin saving any copy's valves or state (UI or API) is in force in this worker at once.
             if method != "GET" and path.startswith(FUNCTIONS_PATH):
                 self.forget()
-            if state.leases or state.usage is not None or state.charge is not None:
+            if state.lease is not None or state.usage is not None or state.charge is not None:
                 await finish(state)
 
     def usage_report(self, path: str, method: str) -> str | None:
@@ -2242,8 +2242,8 @@ class RouteGuard:
             if quotas:
                 state.charge = (str(user.id), tuple(quotas.values()))
             if lease is not None:
-                state.leases = [lease]
-                state.loop.call_soon_threadsafe(keep_leases, state)
+                state.lease = lease
+                state.loop.call_soon_threadsafe(keep_lease, state)
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
             if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
@@ -2330,20 +2330,19 @@ async def explain(valves: Valves, user: str, method: str = "", path: str = "", m
 # After the answer
 # ---------------------------------------------------------------------------
 # Leases given back, tokens charged, usage recorded: once the answer is sent or its client left.
-def keep_leases(state: RequestState) -> None:
-    """Renew a running request's leases in Redis until it finishes (runs in its event loop)."""
-    if state.renewer is None and not state.finished and any(not lease.local for lease in state.leases):
-        state.renewer = asyncio.ensure_future(renew_leases(state))
+def keep_lease(state: RequestState) -> None:
+    """Renew a running request's lease in Redis until it finishes (runs in its event loop)."""
+    if state.renewer is None and not state.finished and not state.lease.local:
+        state.renewer = asyncio.ensure_future(renew_lease(state.lease))
 
 
-async def renew_leases(state: RequestState) -> None:
+async def renew_lease(lease: Lease) -> None:
     while True:
         await asyncio.sleep(LEASE_RENEW_SECONDS)
-        for lease in state.leases:
-            try:
-                await off_loop_counters(lambda lease=lease: limiter().renew(lease))
-            except Exception as exc:  # the lease then expires on its own: never an outage
-                log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
+        try:
+            await off_loop_counters(lambda: limiter().renew(lease))
+        except Exception as exc:  # the lease then expires on its own: never an outage
+            log.error("api_key_guard could not renew a concurrency lease: %s", log_field(describe(exc)))
 
 
 async def off_loop_counters(work: Callable[[], Any]) -> Any:
@@ -2360,9 +2359,9 @@ async def finish(state: RequestState) -> None:
     state.finished = True
     if state.renewer is not None:
         state.renewer.cancel()
-    for lease in state.leases:
+    if state.lease is not None:
         try:
-            await off_loop_counters(lambda lease=lease: limiter().release(lease))
+            await off_loop_counters(lambda: limiter().release(state.lease))
         except Exception as exc:
             log.error("api_key_guard could not give back a concurrency lease: %s", log_field(describe(exc)))
     usage = None
