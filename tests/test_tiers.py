@@ -4,6 +4,7 @@ the decision, the counters in memory and in a real Redis."""
 import asyncio
 import calendar
 import json
+import time
 
 import pytest
 import redis
@@ -20,6 +21,9 @@ ALICE = {"user_id": "u-alice", "email": "alice@example.com", "role": "user"}
 ROOT = {"user_id": "u-root", "email": "root@example.com", "role": "admin"}
 DAY = 86400
 NOW = calendar.timegm((2026, 12, 4, 21, 30, 0))
+# Redis expires a quota key at its window's end by its own clock: the rows against a real Redis
+# charge at 21:30 UTC tomorrow, whatever day CI runs on.
+LIVE_NOW = (int(time.time()) // DAY + 1) * DAY + 77400
 
 
 def facts(who: dict = ALICE, groups: tuple = (), path: str = "/api/chat/completions", **more):
@@ -412,14 +416,14 @@ QUOTA = g.TokenQuota.parse("30/day,1000/month")
 
 @pytest.mark.parametrize("run", CLIENTS)
 def test_redis_quota_charged_and_read(url, run):
-    used = run(url, lambda c: [c.charge("u1", QUOTA.windows, 18, NOW), c.charge("u1", QUOTA.windows, 18, NOW),
-                               c.quota_used("u1", QUOTA, NOW), c.quota_used("u2", QUOTA, NOW)])  # fmt: skip
+    used = run(url, lambda c: [c.charge("u1", QUOTA.windows, 18, LIVE_NOW), c.charge("u1", QUOTA.windows, 18, LIVE_NOW),
+                               c.quota_used("u1", QUOTA, LIVE_NOW), c.quota_used("u2", QUOTA, LIVE_NOW)])  # fmt: skip
     assert used[2:] == [[36, 36], [0, 0]]
 
 
 def test_redis_quota_keys_hash_tag_and_expiry(url, server):
-    run_sync(url, lambda c: c.charge("u1", QUOTA.windows, 5, NOW))
-    day_key = f"open-webui:api_key_guard:tq:{{u1}}:day:{NOW - 77400}"
+    run_sync(url, lambda c: c.charge("u1", QUOTA.windows, 5, LIVE_NOW))
+    day_key = f"open-webui:api_key_guard:tq:{{u1}}:day:{LIVE_NOW - 77400}"
     ttl = int(server.command("TTL", day_key))
     keys = server.command("KEYS", "*")
     assert (len(keys), day_key in keys, 0 < ttl) == (2, True, True)
@@ -458,8 +462,8 @@ def test_cluster_quota_and_leases_for_users_on_two_masters(cluster):
         cluster.slot(f"{{{first}}}")))  # fmt: skip
     try:
         for user in (first, other):
-            counters.charge(user, QUOTA.windows, 18, NOW)
-        result = {u: (counters.quota_used(u, QUOTA, NOW), [counters.acquire(g.Lease(u, f"{u}-{i}"), 1)
+            counters.charge(user, QUOTA.windows, 18, LIVE_NOW)
+        result = {u: (counters.quota_used(u, QUOTA, LIVE_NOW), [counters.acquire(g.Lease(u, f"{u}-{i}"), 1)
                                                            for i in range(2)]) for u in (first, other)}  # fmt: skip
     finally:
         client.close()
