@@ -9,6 +9,8 @@ Which release gets what, and why (this file may add at most ~8 minutes to CI):
 - Every pinned release's core supports both modes (open_webui/utils/redis.py get_redis_connection:
   Sentinel when REDIS_SENTINEL_HOSTS is set, else Cluster with REDIS_CLUSTER=true; main.py passes both),
   so exact N then 429 runs on Cluster and on Sentinel on all four.
+- The token quota and the concurrency cap of issue 20 (the same counters' keys, hash-tagged by user) run
+  on both stores on all four too, on the same servers: group tiers set in the valves they start with.
 - Failover while keys arrive (planned and kill -9): 0.8.12, the sync path (redis-py 7.4 RedisCluster and
   Sentinel, checks in a threadpool), and 0.12.4, the asyncio path (Sentinel master cached by core's
   proxy). 0.6.22 is the same sync path on redis-py 8.1 and 0.10.2 the same asyncio path with a master
@@ -21,6 +23,7 @@ Which release gets what, and why (this file may add at most ~8 minutes to CI):
   cannot use REDIS_URL as configured (their settings live in Redis); detection itself is unit-tested
   with sync and asyncio redis-py (tests/test_rate_limit.py)."""
 
+import http.client
 import itertools
 import json
 import os
@@ -36,7 +39,8 @@ import pytest
 
 from tests.guard_loader import load_guard
 
-from .conftest import start_deployment
+from .backend import CHAT_USAGE, HOLD
+from .conftest import start_deployment, wait_for
 from .provision import VERSIONS, venv_dir
 from .redis_probe import READY
 from .routes import CHAT_BODY
@@ -46,7 +50,10 @@ from .services import (
     Cluster,
     Redis,
     Sentinels,
+    accepting_worker,
     answers,
+    model_calls,
+    on_fresh_connection,
     ready_when,
     restart_on,
     start_cluster,
@@ -64,14 +71,23 @@ from .test_rate_limits import (
     outcome,
     refused_by_every_worker,
 )
+from .test_tiers import add_members
 
 GUARD = load_guard()
 LIMIT = 10
+# Issue 20's counters on the same stores: a token quota and a concurrency cap for the members of two groups
+# (each test puts its new users in one), so the request-limit rows above see the role's tier unchanged.
+TOKENS = CHAT_USAGE["total_tokens"]  # 18 per chat answer of the counting backend
+QUOTA = 30  # tokens per day: admits a first (0 used) and a second answer (18 used), refuses at 36
+DAY = 86400
+QUOTA_GROUP, SINGLE_GROUP = "topology-quota", "topology-single"
+TIERS = {f"group:{QUOTA_GROUP}": {"token_quota": f"{QUOTA}/day"}, f"group:{SINGLE_GROUP}": {"max_concurrent": 1}}
 LIMITS = {
     "api_key_roles": "admin,user",
     "api_key_allowed_endpoints_user": ROUTE,
     "api_key_rate_limit_user": f"{LIMIT}/minute",
     "api_key_rate_limit_admin": "",  # status uses the admin's key: never limited here
+    "api_key_tiers": json.dumps(TIERS),
 }
 WINDOW_SECONDS = 60
 # Counting is back in Redis within: promotion (node timeout / down-after 1 s plus the election, 2-3 s
@@ -267,6 +283,151 @@ def test_two_users_each_get_exactly_their_limit_then_429_across_workers(stage):
         "counters": ["redis"],
         "entries in Redis": [LIMIT, LIMIT],
         "masters holding them": 2 if isinstance(store.redis, Cluster) else 1,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Exact token quotas and concurrency caps (issue 20) on the same stores: across workers, on each master
+# ---------------------------------------------------------------------------
+GROUP_IDS = {}  # (release, group name) -> id: its database, and so the group, stays across the restarts
+
+
+def in_group(topology, name: str, accounts: list) -> list:
+    """`accounts` made members of the group `name`, created on the first test of the release that needs it."""
+    deployment = topology.deployment
+    group_id = GROUP_IDS.get((version_of(topology), name))
+    if group_id is None:
+        body = {"name": name, "description": "issue 21: tiers on Cluster and Sentinel"}
+        group = deployment.server.ok("POST", "/api/v1/groups/create", deployment.people.admin.jwt, json=body)
+        group_id = GROUP_IDS[(version_of(topology), name)] = group["id"]
+    add_members(deployment, group_id, [a.id for a in accounts])
+    return accounts
+
+
+def quota_key(topology, user_id: str, now: float) -> str:
+    return f"{prefix(version_of(topology))}:api_key_guard:tq:{{{user_id}}}:day:{int(now // DAY * DAY)}"
+
+
+def lease_key(topology, user_id: str) -> str:
+    return f"{prefix(version_of(topology))}:api_key_guard:cc:{{{user_id}}}"
+
+
+def charged(topology, account) -> int:
+    """Tokens charged today, read on the master that holds them (the hash tag places every key of a user)."""
+    return int(master_of(topology, account.id).command("GET", quota_key(topology, account.id, time.time())) or 0)
+
+
+def spend(topology, account, avoid=()) -> tuple:
+    """One chat answer on a worker not avoided, and the tokens charged once its answer ended."""
+    before = charged(topology, account)
+    served = on_fresh_connection(topology.deployment.server, "POST", ROUTE, account.api_key, CHAT_BODY, avoid=avoid)
+    if served.status == 200:  # charged when the answer has ended: after the client read it, so wait
+        wait_for(lambda: charged(topology, account) > before, f"tokens of {account.email} charged in Redis")
+    return served, charged(topology, account)
+
+
+def limited(answers: list) -> bool:
+    return any(s.status == 429 for s in answers)
+
+
+@pytest.mark.parametrize("stage", EVERY_STORE, indirect=True)
+def test_two_users_each_get_exactly_their_token_quota_then_429_across_workers(stage):
+    """30/day, 18 tokens an answer: 18 on one worker, 36 on the other, then 429 from every worker."""
+    store = stage
+    backend, calls = store.deployment.backend, model_calls(store.deployment.backend)
+    users = in_group(store, QUOTA_GROUP, accounts_on(store, "quota", 2, apart=isinstance(store.redis, Cluster)))
+    runs = []
+    for user in users:
+        first, after_first = spend(store, user)
+        second, after_second = spend(store, user, avoid={first.worker})  # the other worker
+        then = until_every_worker(store.deployment.server, user.api_key, [("POST", ROUTE, CHAT_BODY)], limited)
+        runs.append((first, after_first, second, after_second, then))
+    assert {
+        "admitted, tokens used after each": [(f.status, used_f, s.status, used_s) for f, used_f, s, used_s, _ in runs],
+        "admitted by both workers": [f.worker != s.worker for f, _, s, _, _ in runs],
+        "then": [sorted({s.status for s in then}) for *_, then in runs],
+        "refused by every worker": [refused_by_every_worker(then) for *_, then in runs],
+        "refused for the quota": {'"tokens-day";r=0' in s.headers.get("ratelimit", "") for *_, t in runs for s in t},
+        "counters": sorted({h for f, _, s, _, t in runs for h in headers_of([f, s, *t])}),
+        "model calls": model_calls(backend) - calls,
+        "tokens in Redis": [charged(store, u) for u in users],
+        "masters holding them": len({master_of(store, u.id).address for u in users}),
+    } == {
+        "admitted, tokens used after each": [(200, TOKENS, 200, 2 * TOKENS)] * 2,
+        "admitted by both workers": [True, True],
+        "then": [[429]] * 2,
+        "refused by every worker": [True, True],
+        "refused for the quota": {True},
+        "counters": ["redis"],
+        "model calls": 4,
+        "tokens in Redis": [2 * TOKENS] * 2,  # the second answer was admitted with 18 of 30 used: 6 over
+        "masters holding them": 2 if isinstance(store.redis, Cluster) else 1,
+    }
+
+
+@dataclass
+class HeldStream:
+    """A stream the backend holds after its first chunk (backend.HOLD): a request in flight on `worker`."""
+
+    connection: http.client.HTTPConnection
+    response: http.client.HTTPResponse
+    worker: int | None
+    first_chunk: bytes
+
+    def finish(self) -> bytes:
+        try:
+            return self.response.read()
+        finally:
+            self.connection.close()
+
+
+HELD = {**CHAT_BODY, "messages": [{"role": "user", "content": HOLD}], "stream": True}
+
+
+def held_stream(server, token: str) -> HeldStream:
+    """A HOLD stream on a new connection, and the worker that accepted it (as test_tiers.held_stream)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.connect()
+    worker = accepting_worker(server, connection.sock.getsockname()[1])
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection.request("POST", ROUTE, body=json.dumps(HELD), headers=headers)
+    response = connection.getresponse()
+    return HeldStream(connection, response, worker, response.read1(65536))  # then the backend holds it
+
+
+@pytest.mark.parametrize("stage", EVERY_STORE, indirect=True)
+def test_a_concurrency_cap_of_1_refuses_a_second_stream_on_the_other_worker_until_the_first_ends(stage):
+    store = stage
+    server, backend = store.deployment.server, store.deployment.backend
+    user = in_group(store, SINGLE_GROUP, accounts_on(store, "single", 1, apart=False))[0]
+    leases = lambda: master_of(store, user.id).command("ZCARD", lease_key(store, user.id))  # noqa: E731
+    gate = backend.hold()
+    try:
+        first = held_stream(server, user.api_key)
+        in_flight, calls = leases(), model_calls(backend)
+        second = on_fresh_connection(server, "POST", ROUTE, user.api_key, HELD, avoid={first.worker})
+        second_calls = model_calls(backend) - calls
+    finally:
+        gate.set()
+    rest = first.finish()
+    given_back = wait_for(lambda: leases() == 0, "the lease given back once the first stream ended")
+    again = on_fresh_connection(server, "POST", ROUTE, user.api_key, CHAT_BODY, avoid={first.worker})
+    assert {
+        "first": (first.response.status, b"data:" in first.first_chunk, b"[DONE]" in rest),
+        "leases while it streamed": in_flight,
+        "second": (second.status, second.worker != first.worker, second_calls),
+        "second refused for the cap": '"concurrent";r=0' in second.headers.get("ratelimit", "").split(", "),
+        "counters": headers_of([second, again]),
+        "leases after": given_back,
+        "then on the other worker": (again.status, again.worker != first.worker),
+    } == {
+        "first": (200, True, True),
+        "leases while it streamed": 1,
+        "second": (429, True, 0),
+        "second refused for the cap": True,
+        "counters": ["redis"],
+        "leases after": True,
+        "then on the other worker": (200, True),
     }
 
 
