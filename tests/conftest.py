@@ -1,7 +1,8 @@
 """What the unit tests share: stand-ins for the Open WebUI modules the guard imports, the fixture that puts
-them in place for one test, await-if-needed, an injected clock, an ASGI receive, and the one poll-until
-helper. Test files import the helpers from here (`from tests.conftest import ...`: pytest loads this file
-as that module, so there is one copy of each). tests/e2e/conftest.py adds the real servers on top."""
+them in place for one test, await-if-needed, an injected clock, an ASGI receive, the one poll-until helper,
+and a real redis-server and Redis Cluster. Test files import the helpers from here (`from tests.conftest
+import ...`: pytest loads this file as that module, so there is one copy of each). tests/e2e/conftest.py
+adds the real servers on top."""
 
 import inspect
 import logging
@@ -65,6 +66,40 @@ def receiver(messages: list[dict]) -> Callable:
         return queue.pop(0) if queue else {"type": "http.disconnect"}
 
     return receive
+
+
+# ---------------------------------------------------------------------------
+# A real redis-server and a real Redis Cluster, the harness's own, one per test module
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from tests.e2e.services import Redis
+
+    started = Redis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The server's URL, emptied (and started again if a test stopped it)."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    from tests.e2e.services import Cluster
+
+    started = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started.start()
+    finally:
+        started.stop()
 
 
 # ---------------------------------------------------------------------------

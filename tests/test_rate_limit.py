@@ -14,7 +14,6 @@ import redis
 import redis.asyncio as aredis
 
 from tests.conftest import Clock, error_lines, settle, wait_for
-from tests.e2e.services import Cluster, Redis  # the harness's real redis-server and Redis Cluster
 from tests.guard_loader import load_guard
 
 block = load_guard()
@@ -372,32 +371,14 @@ def test_redis_key_base(prefix, base):
 # ---------------------------------------------------------------------------
 # A real Redis on 127.0.0.1, started and stopped here
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Redis(tmp_path_factory.mktemp("redis"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def url(server):
-    if not server.running:
-        server.start()
-    server.command("FLUSHALL")
-    return server.url
-
-
-def sync_checks(url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
-    counters = RedisCounters(lambda: redis.Redis.from_url(url, decode_responses=decode), prefix)
+def sync_checks(redis_url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
+    counters = RedisCounters(lambda: redis.Redis.from_url(redis_url, decode_responses=decode), prefix)
     return [counters.check(user, RateLimit.parse(text)) for _ in range(n)]
 
 
-def async_checks(url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
+def async_checks(redis_url: str, user: str, text: str, n: int, prefix: str = "t", decode: bool = True) -> list[Verdict]:
     async def run():
-        client = aredis.from_url(url, decode_responses=decode)
+        client = aredis.from_url(redis_url, decode_responses=decode)
         counters = RedisCounters(lambda: client, prefix)
         try:
             return [await counters.check(user, RateLimit.parse(text)) for _ in range(n)]
@@ -416,8 +397,8 @@ CLIENTS = [
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
-def test_redis_admits_exactly_n(url, checks, decode):
-    verdicts = checks(url, "u1", "5/minute,1000/day", 7, decode=decode)
+def test_redis_admits_exactly_n(redis_url, checks, decode):
+    verdicts = checks(redis_url, "u1", "5/minute,1000/day", 7, decode=decode)
     assert [(v.allowed, v.remaining, v.counters) for v in verdicts] == [
         (True, (4, 999), "redis"),
         (True, (3, 998), "redis"),
@@ -430,62 +411,62 @@ def test_redis_admits_exactly_n(url, checks, decode):
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
-def test_redis_denial_names_window_and_wait(url, checks, decode):
-    denied = checks(url, "u1", "2/minute,10/day", 3, decode=decode)[-1]
+def test_redis_denial_names_window_and_wait(redis_url, checks, decode):
+    denied = checks(redis_url, "u1", "2/minute,10/day", 3, decode=decode)[-1]
     assert denied.window.text == "2/minute"
     assert 59 < denied.retry_after <= 60, "retry when the minute's first entry leaves"
     assert 86399 < denied.reset[1] <= 86400, "the day's window resets a day after its first entry"
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
-def test_redis_keys_ttl_and_hash_tag(url, checks, decode):
-    checks(url, "user-1", "1/minute,1/hour", 1, prefix="open-webui", decode=decode)
-    client = redis.Redis.from_url(url, decode_responses=True)
+def test_redis_keys_ttl_and_hash_tag(redis_url, checks, decode):
+    checks(redis_url, "user-1", "1/minute,1/hour", 1, prefix="open-webui", decode=decode)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     ttls = {key: client.pttl(key) for key in client.keys("*")}
     assert sorted(ttls) == ["open-webui:api_key_guard:rl:{user-1}:3600", "open-webui:api_key_guard:rl:{user-1}:60"]
     outside = {key: ms for key, ms in ttls.items() if not 0 < ms <= int(key.rsplit(":", 1)[1]) * 1000}
     assert outside == {}, "each key expires within its window (ms)"
 
 
-def test_redis_counts_are_shared_between_clients(url):
+def test_redis_counts_are_shared_between_clients(redis_url):
     """Two clients stand for two workers or replicas."""
-    first = sync_checks(url, "u1", "5/minute", 3)
-    second = async_checks(url, "u1", "5/minute", 3)
+    first = sync_checks(redis_url, "u1", "5/minute", 3)
+    second = async_checks(redis_url, "u1", "5/minute", 3)
     assert [v.allowed for v in first + second] == [True, True, True, True, True, False]
 
 
-def test_redis_window_slides_on_server_time(url):
-    verdicts = sync_checks(url, "u1", "2/second", 3)
+def test_redis_window_slides_on_server_time(redis_url):
+    verdicts = sync_checks(redis_url, "u1", "2/second", 3)
     started = time.monotonic()
-    counters = RedisCounters(lambda: redis.Redis.from_url(url), "t")
+    counters = RedisCounters(lambda: redis.Redis.from_url(redis_url), "t")
     wait_for(lambda: counters.check("u1", RateLimit.parse("2/second")).allowed, "a free slot in 2/second", timeout=3)
     waited = time.monotonic() - started
     assert not verdicts[-1].allowed, "the third request within a second is refused"
     assert waited <= verdicts[-1].retry_after + 0.2, "a slot frees when Retry-After said it would"
 
 
-def test_redis_lowered_limit_waits_for_enough_entries_to_leave(url):
-    sync_checks(url, "u1", "3/minute", 3)
-    denied = sync_checks(url, "u1", "1/minute", 1)[0]
+def test_redis_lowered_limit_waits_for_enough_entries_to_leave(redis_url):
+    sync_checks(redis_url, "u1", "3/minute", 3)
+    denied = sync_checks(redis_url, "u1", "1/minute", 1)[0]
     assert {"allowed": denied.allowed, "remaining": denied.remaining} == {"allowed": False, "remaining": (0,)}
     assert 59 < denied.retry_after <= 60, "all three entries must leave, the first of them a minute on"
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
-def test_redis_reloads_a_flushed_script(url, checks, decode):
-    checks(url, "u1", "5/minute", 1, decode=decode)
-    redis.Redis.from_url(url).script_flush()
-    assert [v.allowed for v in checks(url, "u1", "5/minute", 5, decode=decode)] == [True] * 4 + [False]
+def test_redis_reloads_a_flushed_script(redis_url, checks, decode):
+    checks(redis_url, "u1", "5/minute", 1, decode=decode)
+    redis.Redis.from_url(redis_url).script_flush()
+    assert [v.allowed for v in checks(redis_url, "u1", "5/minute", 5, decode=decode)] == [True] * 4 + [False]
 
 
-def test_redis_member_is_unique_per_request(url):
-    sync_checks(url, "u1", "60/minute", 50)  # 60: the largest limit that keeps the log
-    assert redis.Redis.from_url(url).zcard("t:api_key_guard:rl:{u1}:60") == 50
+def test_redis_member_is_unique_per_request(redis_url):
+    sync_checks(redis_url, "u1", "60/minute", 50)  # 60: the largest limit that keeps the log
+    assert redis.Redis.from_url(redis_url).zcard("t:api_key_guard:rl:{u1}:60") == 50
 
 
 @pytest.mark.parametrize(("checks", "decode"), CLIENTS)
-def test_redis_buckets_admit_exactly_n(url, checks, decode):
-    verdicts = checks(url, "u1", "100/minute,1000/day", 102, decode=decode)
+def test_redis_buckets_admit_exactly_n(redis_url, checks, decode):
+    verdicts = checks(redis_url, "u1", "100/minute,1000/day", 102, decode=decode)
     assert [(v.allowed, v.remaining) for v in verdicts[98:]] == [
         (True, (1, 901)),
         (True, (0, 900)),
@@ -494,9 +475,9 @@ def test_redis_buckets_admit_exactly_n(url, checks, decode):
     ]
 
 
-def test_redis_buckets_are_hashes_with_bounded_fields_and_ttl(url):
-    sync_checks(url, "u1", "1000/minute,100000/day", 20, prefix="open-webui")
-    client = redis.Redis.from_url(url, decode_responses=True)
+def test_redis_buckets_are_hashes_with_bounded_fields_and_ttl(redis_url):
+    sync_checks(redis_url, "u1", "1000/minute,100000/day", 20, prefix="open-webui")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = sorted(client.keys("*"))
     shapes = {k: (client.type(k), client.hlen(k) <= block.RATE_BUCKETS + 2, 0 < client.pttl(k)) for k in keys}
     assert shapes == {
@@ -509,10 +490,10 @@ SLIDES = 2  # the window slid past full this often: admitted > SLIDES * N
 SLIDE_DEADLINE_SECONDS = 30.0  # a bound for a loaded machine; an unloaded one needs about SLIDES seconds
 
 
-def test_redis_buckets_slide_and_keep_their_sum(url):
+def test_redis_buckets_slide_and_keep_their_sum(redis_url):
     """61/second: buckets of 16.7 ms leave the window while checks keep arriving, until more than twice
     the limit was admitted (the buckets slid); never more than N in any second meanwhile."""
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     counters, limit = RedisCounters(lambda: client, "t"), RateLimit.parse("61/second")
     started, admitted = time.monotonic(), 0
     while admitted <= SLIDES * 61 and time.monotonic() - started < SLIDE_DEADLINE_SECONDS:
@@ -530,9 +511,9 @@ def test_redis_buckets_slide_and_keep_their_sum(url):
     } == dict.fromkeys(("slid", "at most N per second", "n is the sum", "lo is the oldest", "buckets kept"), True)
 
 
-def test_redis_buckets_and_log_windows_share_one_script(url):
+def test_redis_buckets_and_log_windows_share_one_script(redis_url):
     """5/second keeps the log, 100/minute buckets; both in one atomic check."""
-    verdicts = sync_checks(url, "u1", "5/second,100/minute", 7)
+    verdicts = sync_checks(redis_url, "u1", "5/second,100/minute", 7)
     assert [v.allowed for v in verdicts] == [True] * 5 + [False, False]
 
 
@@ -542,13 +523,13 @@ def test_redis_buckets_and_log_windows_share_one_script(url):
 class Probe:
     """A Limiter over a real Redis with an injected clock for the retry and log timing."""
 
-    def __init__(self, url: str, asynchronous: bool, timeout: float = block.REDIS_TIMEOUT_SECONDS):
+    def __init__(self, redis_url: str, asynchronous: bool, timeout: float = block.REDIS_TIMEOUT_SECONDS):
         self.asynchronous = asynchronous
         self.clock = Clock()
         self.runner = asyncio.Runner() if asynchronous else None
         # the guard's own client, as openwebui_redis builds it: timeouts in the URL, then bound_waits
         module = aredis if asynchronous else redis
-        client = module.Redis.from_url(block.with_timeouts(url, timeout))
+        client = module.Redis.from_url(block.with_timeouts(redis_url, timeout))
         block.bound_waits(client, timeout)
         self.limiter = Limiter(RedisCounters(lambda: client, "t"), clock=self.clock, timeout=timeout)
 
@@ -567,23 +548,23 @@ def errors(caplog) -> int:
 
 
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
-def test_degraded_when_redis_stops_and_back_when_it_returns(server, url, caplog, asynchronous):
+def test_degraded_when_redis_stops_and_back_when_it_returns(redis_server, redis_url, caplog, asynchronous):
     caplog.set_level(logging.INFO, logger="api_key_guard")
-    probe = Probe(url, asynchronous)
+    probe = Probe(redis_url, asynchronous)
 
     def seen(verdicts: list) -> dict:
         return {"verdicts": [v.counters for v in verdicts], "limiter": probe.limiter.counters, "errors": errors(caplog)}
 
     try:
         steps = {"redis up": seen([probe.check()])}
-        server.stop()
+        redis_server.stop()
         served = [probe.check() for _ in range(4)]
         steps["redis stopped"] = seen(served)
         probe.clock.now += block.REDIS_RETRY_SECONDS
         steps["the retry fails: no second error yet"] = seen([probe.check()])
         probe.clock.now += block.DEGRADED_LOG_SECONDS
         steps["a minute later: one more error"] = seen([probe.check()])
-        server.start()
+        redis_server.start()
         steps["redis back, within the retry interval"] = seen([probe.check()])
         probe.clock.now += block.REDIS_RETRY_SECONDS
         steps["the next retry"] = seen([probe.check()])
@@ -602,11 +583,11 @@ def test_degraded_when_redis_stops_and_back_when_it_returns(server, url, caplog,
 
 
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
-def test_stalled_redis_costs_one_bounded_wait_per_interval(server, url, asynchronous):
-    probe = Probe(url, asynchronous, timeout=0.3)
+def test_stalled_redis_costs_one_bounded_wait_per_interval(redis_server, redis_url, asynchronous):
+    probe = Probe(redis_url, asynchronous, timeout=0.3)
     try:
         probe.check()
-        server.process.send_signal(signal.SIGSTOP)
+        redis_server.process.send_signal(signal.SIGSTOP)
         started = time.monotonic()
         first = probe.check()
         first_wait = time.monotonic() - started
@@ -614,7 +595,7 @@ def test_stalled_redis_costs_one_bounded_wait_per_interval(server, url, asynchro
         rest = [probe.check() for _ in range(20)]
         rest_wait = time.monotonic() - started
     finally:
-        server.process.send_signal(signal.SIGCONT)
+        redis_server.process.send_signal(signal.SIGCONT)
         probe.close()
     assert {"first": first.counters, "rest": {v.counters for v in rest}} == {"first": "degraded", "rest": {"degraded"}}
     assert first_wait < 1.5, "the first check waits out one bounded timeout"
@@ -643,9 +624,9 @@ def test_connect_failure_is_degraded_not_fatal(caplog):
     }
 
 
-def test_the_guards_own_client_has_bounded_timeouts_core_keeps_its_own(url):
-    own = redis.Redis.from_url(block.with_timeouts(url, 0.5))
-    shared = redis.Redis.from_url(url, decode_responses=True)
+def test_the_guards_own_client_has_bounded_timeouts_core_keeps_its_own(redis_url):
+    own = redis.Redis.from_url(block.with_timeouts(redis_url, 0.5))
+    shared = redis.Redis.from_url(redis_url, decode_responses=True)
     kwargs = own.connection_pool.connection_kwargs, shared.connection_pool.connection_kwargs
     assert (kwargs[0]["socket_timeout"], kwargs[0]["socket_connect_timeout"], "socket_timeout" in kwargs[1]) == (
         0.5,
@@ -654,9 +635,9 @@ def test_the_guards_own_client_has_bounded_timeouts_core_keeps_its_own(url):
     )
 
 
-def test_log_line_never_names_the_user(server, url, caplog):
-    probe = Probe(url, asynchronous=False)
-    server.stop()
+def test_log_line_never_names_the_user(redis_server, redis_url, caplog):
+    probe = Probe(redis_url, asynchronous=False)
+    redis_server.stop()
     probe.limiter.check("user-secret-id", RateLimit.parse("1/minute"))
     assert [r for r in caplog.records if "user-secret-id" in r.getMessage()] == []
 
@@ -716,7 +697,7 @@ SCRIPT_READONLY = (
         ),
         pytest.param(E.MovedError("3999 127.0.0.1:6381"), "cluster", id="moved"),
         pytest.param(E.AskError("3999 127.0.0.1:6381"), "cluster", id="ask"),
-        pytest.param(E.ClusterDownError("The cluster is down"), "clusterdown", id="clusterdown"),
+        pytest.param(E.ClusterDownError("The redis_cluster is down"), "clusterdown", id="clusterdown"),
         pytest.param(redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"), "sentinel", id="no-master"),
         pytest.param(E.ReadOnlyError("You can't write against a read only replica."), "readonly", id="readonly"),
         pytest.param(E.ResponseError(SCRIPT_READONLY), "readonly", id="readonly-in-old-script-error"),
@@ -780,25 +761,16 @@ def test_bound_waits_on_a_standalone_client_changes_its_pool_only():
     )
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    started = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        yield started.start()
-    finally:
-        started.stop()
-
-
-def two_users_on_two_masters(cluster) -> tuple[str, str]:
+def two_users_on_two_masters(redis_cluster) -> tuple[str, str]:
     """Two user ids whose counters live on different masters."""
     users = [f"user-{n}" for n in range(50)]
     first = users[0]
-    master = cluster.master_of(cluster.slot(f"{{{first}}}"))
-    return first, next(u for u in users if cluster.master_of(cluster.slot(f"{{{u}}}")) is not master)
+    master = redis_cluster.master_of(redis_cluster.slot(f"{{{first}}}"))
+    return first, next(u for u in users if redis_cluster.master_of(redis_cluster.slot(f"{{{u}}}")) is not master)
 
 
-def test_bound_waits_on_a_cluster_client_drops_its_retries(cluster):
-    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(cluster.url, 0.5))
+def test_bound_waits_on_a_cluster_client_drops_its_retries(redis_cluster):
+    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(redis_cluster.url, 0.5))
     try:
         changed = block.bound_waits(client, 0.5)
         nodes = {n.redis_connection.connection_pool.connection_kwargs["socket_timeout"] for n in client.get_nodes()}
@@ -807,13 +779,13 @@ def test_bound_waits_on_a_cluster_client_drops_its_retries(cluster):
         client.close()
 
 
-def test_cluster_counts_two_users_on_two_masters_exactly(cluster):
-    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(cluster.url, 0.5))
+def test_cluster_counts_two_users_on_two_masters_exactly(redis_cluster):
+    client = redis.cluster.RedisCluster.from_url(block.with_timeouts(redis_cluster.url, 0.5))
     counters = RedisCounters(lambda: client, "exact")
     try:
         verdicts = {
             u: [counters.check(u, RateLimit.parse("3/minute")).allowed for _ in range(4)]
-            for u in two_users_on_two_masters(cluster)
+            for u in two_users_on_two_masters(redis_cluster)
         }
     finally:
         client.close()
@@ -828,10 +800,10 @@ def degraded_by(client, user: str = "u1", asynchronous: bool = False, text: str 
     return limiter.counters, verdict.allowed
 
 
-def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting(cluster):
-    """REDIS_URL at a cluster node without REDIS_CLUSTER=true: users on other masters get MOVED."""
-    on_first, on_other = two_users_on_two_masters(cluster)
-    node = cluster.master_of(cluster.slot(f"{{{on_first}}}"))
+def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting(redis_cluster):
+    """REDIS_URL at a redis_cluster node without REDIS_CLUSTER=true: users on other masters get MOVED."""
+    on_first, on_other = two_users_on_two_masters(redis_cluster)
+    node = redis_cluster.master_of(redis_cluster.slot(f"{{{on_first}}}"))
     client = redis.Redis.from_url(node.url)
     assert (degraded_by(client, on_first), degraded_by(client, on_other)) == (
         ("redis", True),
@@ -863,9 +835,9 @@ def test_the_noperm_fix_names_every_documented_permission():
     assert " ".join(ACL_GUARD) in " ".join(block.REDIS_CAUSES["noperm"][1].split())
 
 
-def test_documented_permissions_cover_quotas_and_leases(server, url):
-    server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", "~open-webui:api_key_guard:*", *ACL_GUARD)
-    client = redis.Redis.from_url(f"redis://guard:right@127.0.0.1:{server.port}/0")
+def test_documented_permissions_cover_quotas_and_leases(redis_server, redis_url):
+    redis_server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", "~open-webui:api_key_guard:*", *ACL_GUARD)
+    client = redis.Redis.from_url(f"redis://guard:right@127.0.0.1:{redis_server.port}/0")
     limiter = Limiter(RedisCounters(lambda: client, "open-webui"))
     quota, lease = block.TokenQuota.parse("30/day"), block.Lease("u1", "m1")
     now = time.time()
@@ -895,10 +867,10 @@ def test_documented_permissions_cover_quotas_and_leases(server, url):
     "text", [pytest.param("1/minute", id="log"), pytest.param("100/minute,1000/day", id="buckets")]
 )
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
-def test_acl_users(server, url, rules, password, counters, text, asynchronous):
-    server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", *rules)
+def test_acl_users(redis_server, redis_url, rules, password, counters, text, asynchronous):
+    redis_server.command("ACL", "SETUSER", "guard", "reset", "on", ">right", *rules)
     module = aredis if asynchronous else redis
-    client = module.Redis.from_url(f"redis://guard:{password}@127.0.0.1:{server.port}/0")
+    client = module.Redis.from_url(f"redis://guard:{password}@127.0.0.1:{redis_server.port}/0")
     assert degraded_by(client, asynchronous=asynchronous, text=text) == (counters, True)
 
 

@@ -12,7 +12,6 @@ import redis.asyncio as aredis
 from pydantic import ValidationError
 
 from tests.conftest import Groups, Models, Users, settle, wait_for
-from tests.e2e.services import Cluster, Redis
 from tests.guard_loader import load_guard
 
 g = load_guard()
@@ -374,29 +373,13 @@ def test_monitor_mode_serves_what_it_would_limit(judged, caplog):
 # ---------------------------------------------------------------------------
 # A real Redis: quotas and leases shared, one script per operation
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Redis(tmp_path_factory.mktemp("redis"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def run_sync(redis_url, work):
+    return work(g.RedisCounters(lambda: redis.Redis.from_url(redis_url), "open-webui"))
 
 
-@pytest.fixture
-def url(server):
-    server.command("FLUSHALL")
-    return server.url
-
-
-def run_sync(url, work):
-    return work(g.RedisCounters(lambda: redis.Redis.from_url(url), "open-webui"))
-
-
-def run_async(url, work):
+def run_async(redis_url, work):
     async def run():
-        client = aredis.from_url(url)
+        client = aredis.from_url(redis_url)
         try:
             counters = g.RedisCounters(lambda: client, "open-webui")
             return await settle_all(work(counters))
@@ -415,51 +398,44 @@ QUOTA = g.TokenQuota.parse("30/day,1000/month")
 
 
 @pytest.mark.parametrize("run", CLIENTS)
-def test_redis_quota_charged_and_read(url, run):
-    used = run(url, lambda c: [c.charge("u1", QUOTA.windows, 18, LIVE_NOW), c.charge("u1", QUOTA.windows, 18, LIVE_NOW),
-                               c.quota_used("u1", QUOTA, LIVE_NOW), c.quota_used("u2", QUOTA, LIVE_NOW)])  # fmt: skip
+def test_redis_quota_charged_and_read(redis_url, run):
+    used = run(redis_url, lambda c: [c.charge("u1", QUOTA.windows, 18, LIVE_NOW),
+                                     c.charge("u1", QUOTA.windows, 18, LIVE_NOW),
+                                     c.quota_used("u1", QUOTA, LIVE_NOW),
+                                     c.quota_used("u2", QUOTA, LIVE_NOW)])  # fmt: skip
     assert used[2:] == [[36, 36], [0, 0]]
 
 
-def test_redis_quota_keys_hash_tag_and_expiry(url, server):
-    run_sync(url, lambda c: c.charge("u1", QUOTA.windows, 5, LIVE_NOW))
+def test_redis_quota_keys_hash_tag_and_expiry(redis_url, redis_server):
+    run_sync(redis_url, lambda c: c.charge("u1", QUOTA.windows, 5, LIVE_NOW))
     day_key = f"open-webui:api_key_guard:tq:{{u1}}:day:{LIVE_NOW - 77400}"
-    ttl = int(server.command("TTL", day_key))
-    keys = server.command("KEYS", "*")
+    ttl = int(redis_server.command("TTL", day_key))
+    keys = redis_server.command("KEYS", "*")
     assert (len(keys), day_key in keys, 0 < ttl) == (2, True, True)
 
 
 @pytest.mark.parametrize("run", CLIENTS)
-def test_redis_leases_cap_release_and_expire(url, run):
+def test_redis_leases_cap_release_and_expire(redis_url, run):
     leases = [g.Lease("u1", f"m{i}") for i in range(3)]
-    counts = run(url, lambda c: [c.acquire(leases[0], 2), c.acquire(leases[1], 2), c.acquire(leases[2], 2),
+    counts = run(redis_url, lambda c: [c.acquire(leases[0], 2), c.acquire(leases[1], 2), c.acquire(leases[2], 2),
                                  c.release(leases[0]), c.acquire(leases[2], 2), c.renew(leases[2])])  # fmt: skip
     assert counts[:3] + counts[4:5] == [1, 2, 3, 2]
 
 
-def test_redis_lease_of_a_dead_worker_expires(url, monkeypatch):
+def test_redis_lease_of_a_dead_worker_expires(redis_url, monkeypatch):
     monkeypatch.setattr(g, "LEASE_SECONDS", 0.05)
-    run_sync(url, lambda c: c.acquire(g.Lease("u1", "dead"), 1))  # never given back
-    wait_for(lambda: run_sync(url, lambda c: c.acquire(g.Lease("u1", "alive"), 1)) == 1, "the lease expires")
+    run_sync(redis_url, lambda c: c.acquire(g.Lease("u1", "dead"), 1))  # never given back
+    wait_for(lambda: run_sync(redis_url, lambda c: c.acquire(g.Lease("u1", "alive"), 1)) == 1, "the lease expires")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-def test_cluster_quota_and_leases_for_users_on_two_masters(cluster):
-    client = redis.cluster.RedisCluster.from_url(g.with_timeouts(cluster.url, 0.5))
+def test_cluster_quota_and_leases_for_users_on_two_masters(redis_cluster):
+    client = redis.cluster.RedisCluster.from_url(g.with_timeouts(redis_cluster.url, 0.5))
     counters = g.RedisCounters(lambda: client, "tiers")
     users = [u for u in (f"user-{i}" for i in range(50))]
     first = users[0]
-    other = next(u for u in users if cluster.master_of(cluster.slot(f"{{{u}}}")) is not cluster.master_of(
-        cluster.slot(f"{{{first}}}")))  # fmt: skip
+    master = redis_cluster.master_of
+    other = next(u for u in users if master(redis_cluster.slot(f"{{{u}}}")) is not master(
+        redis_cluster.slot(f"{{{first}}}")))  # fmt: skip
     try:
         for user in (first, other):
             counters.charge(user, QUOTA.windows, 18, LIVE_NOW)

@@ -585,6 +585,38 @@ def on_fresh_connection(
         connection.close()
 
 
+@dataclass
+class HeldStream:
+    """A stream the backend holds after its first chunk (backend.HOLD): a request in flight on `worker`."""
+
+    connection: http.client.HTTPConnection
+    response: http.client.HTTPResponse
+    worker: int | None
+    first_chunk: bytes
+
+    def finish(self) -> bytes:
+        """The rest of the answer, once the test opened the backend's gate."""
+        try:
+            return self.response.read()
+        finally:
+            self.connection.close()
+
+
+def held_stream(server, path: str, token: str, body: dict, avoid: Collection[int] = ()) -> HeldStream:
+    """POST a HOLD stream `body` on a new connection, steered away from `avoid` (as on_fresh_connection), and
+    read its first chunk: the backend holds the rest until the test opens the gate."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    with stopped(avoid):
+        connection.connect()
+        client_port = connection.sock.getsockname()[1]
+        worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
+    worker = worker or accepting_worker(server, client_port)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection.request("POST", path, body=json.dumps(body), headers=headers)
+    response = connection.getresponse()
+    return HeldStream(connection, response, worker, response.read1(65536))
+
+
 def until_every_worker(
     server,
     token: str,

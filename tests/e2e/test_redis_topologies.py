@@ -23,7 +23,6 @@ Which release gets what, and why (this file may add at most ~8 minutes to CI):
   cannot use REDIS_URL as configured (their settings live in Redis); detection itself is unit-tested
   with sync and asyncio redis-py (tests/test_rate_limit.py)."""
 
-import http.client
 import itertools
 import json
 import os
@@ -50,8 +49,8 @@ from .services import (
     Cluster,
     Redis,
     Sentinels,
-    accepting_worker,
     answers,
+    held_stream,
     model_calls,
     on_fresh_connection,
     ready_when,
@@ -365,34 +364,7 @@ def test_two_users_each_get_exactly_their_token_quota_then_429_across_workers(st
     }
 
 
-@dataclass
-class HeldStream:
-    """A stream the backend holds after its first chunk (backend.HOLD): a request in flight on `worker`."""
-
-    connection: http.client.HTTPConnection
-    response: http.client.HTTPResponse
-    worker: int | None
-    first_chunk: bytes
-
-    def finish(self) -> bytes:
-        try:
-            return self.response.read()
-        finally:
-            self.connection.close()
-
-
 HELD = {**CHAT_BODY, "messages": [{"role": "user", "content": HOLD}], "stream": True}
-
-
-def held_stream(server, token: str) -> HeldStream:
-    """A HOLD stream on a new connection, and the worker that accepted it (as test_tiers.held_stream)."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    connection.connect()
-    worker = accepting_worker(server, connection.sock.getsockname()[1])
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    connection.request("POST", ROUTE, body=json.dumps(HELD), headers=headers)
-    response = connection.getresponse()
-    return HeldStream(connection, response, worker, response.read1(65536))  # then the backend holds it
 
 
 @pytest.mark.parametrize("stage", EVERY_STORE, indirect=True)
@@ -403,7 +375,7 @@ def test_a_concurrency_cap_of_1_refuses_a_second_stream_on_the_other_worker_unti
     leases = lambda: master_of(store, user.id).command("ZCARD", lease_key(store, user.id))  # noqa: E731
     gate = backend.hold()
     try:
-        first = held_stream(server, user.api_key)
+        first = held_stream(server, ROUTE, user.api_key, HELD)
         in_flight, calls = leases(), model_calls(backend)
         second = on_fresh_connection(server, "POST", ROUTE, user.api_key, HELD, avoid={first.worker})
         second_calls = model_calls(backend) - calls

@@ -5,7 +5,6 @@ the concurrency cap must hold across workers), SQLite (the key-age test ages a k
 people, groups and one set of valves are made once; each test has users of its own, so no counter
 of one test is seen by another. The counting backend reports 18 tokens per chat answer."""
 
-import http.client
 import json
 import time
 from dataclasses import dataclass
@@ -20,16 +19,15 @@ from .conftest import FUNCTION_ID, start_deployment, wait_for
 from .provision import VERSIONS
 from .services import (
     STATE_TTL_SECONDS,
-    STEER_SECONDS,
     WORKERS,
+    HeldStream,
     Redis,
     Served,
-    accepting_worker,
+    held_stream,
     model_calls,
     on_fresh_connection,
     per_worker,
     start_redis,
-    stopped,
     until_every_worker,
     wait_until_every_worker_answers,
 )
@@ -378,8 +376,8 @@ def test_the_overshoot_is_one_answer_per_request_in_flight_when_the_quota_runs_o
     key = quota_key(tiered, "overshooter", time.time())
     gate = backend.hold()
     try:
-        first = held_stream(tiered, "overshooter")
-        second = held_stream(tiered, "overshooter", avoid={first.worker})
+        first = hold(tiered, "overshooter")
+        second = hold(tiered, "overshooter", avoid={first.worker})
     finally:
         gate.set()
     answers = [(s.response.status, b"[DONE]" in s.finish()) for s in (first, second)]
@@ -489,38 +487,12 @@ def test_without_key_creation_times_a_maximum_key_age_is_refused_on_save(tiered,
 
 
 # --- 5. a concurrency cap of 1 ---------------------------------------------------------------------
-@dataclass
-class HeldStream:
-    """A stream the backend holds after its first chunk (backend.HOLD): a request in flight on `worker`."""
-
-    connection: http.client.HTTPConnection
-    response: http.client.HTTPResponse
-    worker: int | None
-    first_chunk: bytes
-
-    def finish(self) -> bytes:
-        """The rest of the answer, once the test opened the backend's gate."""
-        try:
-            return self.response.read()
-        finally:
-            self.connection.close()
-
-
 HELD = {"model": "test-model", "messages": [{"role": "user", "content": HOLD}], "stream": True}
 
 
-def held_stream(tiered: Tiered, who: str, avoid=()) -> HeldStream:
-    """Open a HOLD stream on a new connection, steered (as on_fresh_connection) away from `avoid`."""
-    server = tiered.server
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    with stopped(avoid):
-        connection.connect()
-        worker = accepting_worker(server, connection.sock.getsockname()[1], STEER_SECONDS) if avoid else None
-    worker = worker or accepting_worker(server, connection.sock.getsockname()[1])
-    headers = {"Authorization": f"Bearer {tiered.people[who].api_key}", "Content-Type": "application/json"}
-    connection.request("POST", DIRECT, body=json.dumps(HELD), headers=headers)
-    response = connection.getresponse()
-    return HeldStream(connection, response, worker, response.read1(65536))  # then the backend holds it
+def hold(tiered: Tiered, who: str, avoid=()) -> HeldStream:
+    """A HOLD stream of `who` on DIRECT, on a worker not in `avoid`."""
+    return held_stream(tiered.server, DIRECT, tiered.people[who].api_key, HELD, avoid)
 
 
 def test_a_concurrency_cap_of_1_refuses_a_second_stream_on_the_other_worker_until_the_first_ends(tiered):
@@ -529,7 +501,7 @@ def test_a_concurrency_cap_of_1_refuses_a_second_stream_on_the_other_worker_unti
     lease_key = f"open-webui:api_key_guard:cc:{{{tiered.people[who].id}}}"
     gate = backend.hold()
     try:
-        first = held_stream(tiered, who)
+        first = hold(tiered, who)
         in_flight = tiered.redis.command("ZCARD", lease_key)
         calls = model_calls(backend)
         second = on_fresh_connection(server, "POST", DIRECT, token, {**HELD, "messages": chat()["messages"]},
