@@ -850,7 +850,7 @@ class Valves(BaseModel):
 # The one evaluation path
 # ---------------------------------------------------------------------------
 # Both adapters (the inlet filter and the route guard) hand over what they know and get back None or
-# a Refusal; `_reject` is the one place a decision becomes an audit line and a refusal.
+# a Refusal; `conclude` is the one place a decision becomes an audit line and a refusal.
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -1221,12 +1221,19 @@ def openwebui_model(module: str, name: str) -> Any:
 _group_cache = TTLCache(GROUPS_TTL_SECONDS)
 
 
+# Core's group ids are UUIDs. A group *named* like another group's id would otherwise take that group's
+# tier or admission (group names can come from an identity provider's claims).
+GROUP_ID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
 async def user_groups(user_id: str) -> tuple[frozenset, frozenset]:
-    """(ids, names) of the groups the user is a direct member of."""
+    """(ids, names) of the groups the user is a direct member of; a name shaped like an id is no name,
+    and a name is matched without the spaces around it."""
     cached = _group_cache.get(user_id)
     if cached is None:
         groups = await settle(openwebui_model("groups", "Groups").get_groups_by_member_id(user_id))
-        cached = (frozenset(g.id for g in groups), frozenset(g.name for g in groups))
+        names = {str(g.name or "").strip() for g in groups}
+        cached = (frozenset(g.id for g in groups), frozenset(n for n in names if n and not GROUP_ID_SHAPE.fullmatch(n)))
         _group_cache.put(user_id, cached)
     return cached
 
@@ -1381,11 +1388,18 @@ def fan_out_targets(message_ids: Any) -> tuple[list[str], str, int]:
     return entries, "", calls
 
 
+PROXY_LATER = "the /openai proxy forwards any path, and a provider may answer after it (batches, background)"
+
+
 def proxied_model(body: Any) -> ModelRequest:
-    """The provider proxy: the model may be in the forwarded path, which the guard cannot know."""
+    """The provider proxy: the model may be in the forwarded path, which the guard cannot know, and a
+    forwarded job (a batch, a background response) spends tokens after the request has ended."""
     asked = model_of(body)
     return ModelRequest(
-        asked.model, "the /openai proxy forwards any path, and a provider may take the model from it", asked.calls
+        asked.model,
+        "the /openai proxy forwards any path, and a provider may take the model from it",
+        asked.calls,
+        background=PROXY_LATER if isinstance(body, dict) else "",
     )
 
 
@@ -1423,15 +1437,23 @@ def model_of(body: Any) -> ModelRequest:
     if len(model) > MAX_MODEL_ID_CHARS:
         return ModelRequest(problem=f"the model id is longer than {MAX_MODEL_ID_CHARS} characters")
     targets, problem, calls = fan_out_targets(body.get("message_ids"))
-    # With both, core answers at once with a task id and calls the model in a task of its own.
-    background = "session_id and chat_id: core answers later in a task" if background_chat(body) else ""
+    background = answered_later(body)
     if problem:
         return ModelRequest(model=model, problem=problem, calls=calls, background=background)
     return ModelRequest(model=model, targets=tuple(targets), calls=calls, background=background)
 
 
-def background_chat(body: dict) -> bool:
-    return bool(body.get("session_id")) and bool(body.get("chat_id"))
+def answered_later(body: dict) -> str:
+    """How a model body makes a model answer after its request ended (nothing to charge or hold), or ''."""
+    # session_id with chat_id, or with parent_id null (0.10+ then makes a new chat): core answers at once
+    # with a task id and calls the model in a task of its own.
+    if body.get("session_id"):
+        return "session_id: core answers at once and calls the model later, in a task"
+    if body.get("background"):  # /openai/responses passes it on: the provider answers later
+        return "background: the provider answers after the request"
+    if body.get("background_tasks"):  # title, tags, follow-ups: model calls after the answer
+        return "background_tasks: core calls a model again after the answer"
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -2247,7 +2269,8 @@ class RouteGuard:
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
             if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
-                state.meter = UsageMeter(len(state.body) if state.body is not None else 0)
+                # a body past the read limit is at least that large
+                state.meter = UsageMeter(len(state.body) if state.body is not None else MAX_MODEL_BODY_BYTES + 1)
         return refusal
 
     async def start_usage(
@@ -2377,6 +2400,8 @@ async def finish(state: RequestState) -> None:
         except Exception as exc:
             log.error("api_key_guard could not charge tokens to a quota: %s", log_field(describe(exc)))
     if state.usage is not None:
+        if state.meter is not None and state.meter.status >= 400:  # core refused: the model is the caller's word
+            state.usage = (state.usage[0], "-", *state.usage[2:])
         record_usage(state, usage)
 
 
@@ -2421,6 +2446,9 @@ MAX_USAGE_LINE_BYTES = 2**20  # one SSE/NDJSON line; a longer one is skipped, no
 MAX_USAGE_JSON_BYTES = 4 * 2**20  # a JSON answer is kept up to this to find its usage
 MAX_REPORTED_TOKENS = 10_000_000  # more in one answer is absurd: refused as data
 CHARS_PER_TOKEN = 4  # the estimate: 4 bytes of request or answer per token, one token per streamed chunk
+# A streamed chunk's framing (id, model, object, choices...): what a chunk carries beyond it is text, so a
+# provider sending a few large chunks is charged for their text, not one token each.
+STREAM_FRAME_BYTES = 512
 ROUTE_CLASSES = (
     ("/api/chat/", "chat"),
     ("/api/v1/chat/", "chat"),
@@ -2552,7 +2580,11 @@ class UsageMeter:
             inp, out = found.get("input", 0), found.get("output", 0)
             return Usage(inp, out, max(found.get("total", 0), inp + out), False)
         inp = math.ceil(self.request_bytes / CHARS_PER_TOKEN)
-        out = self.chunks if self.kind != "json" else math.ceil(self.answer_bytes / CHARS_PER_TOKEN)
+        if self.kind == "json":
+            out = math.ceil(self.answer_bytes / CHARS_PER_TOKEN)
+        else:  # a token a chunk, unless the chunks carry more text than their framing explains
+            text_bytes = self.answer_bytes - self.chunks * STREAM_FRAME_BYTES
+            out = max(self.chunks, math.ceil(text_bytes / CHARS_PER_TOKEN))
         return Usage(inp, out, inp + out, True)
 
 

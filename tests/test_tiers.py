@@ -466,12 +466,46 @@ def test_a_model_answering_after_the_request_is_refused_where_tokens_or_places_a
     ("body", "background"),
     [
         pytest.param({"model": "m", "session_id": "s", "chat_id": "c"}, True, id="async-chat"),
-        pytest.param({"model": "m", "session_id": "s"}, False, id="session-only"),
+        pytest.param({"model": "m", "session_id": "s", "parent_id": None}, True, id="async-new-chat"),
         pytest.param({"model": "m", "chat_id": "c", "session_id": ""}, False, id="empty-session"),
+        pytest.param({"model": "m", "background": True}, True, id="provider-background-response"),
+        pytest.param({"model": "m", "background_tasks": {"title_generation": True}}, True, id="title-after-answer"),
+        pytest.param({"model": "m", "background_tasks": {}}, False, id="no-background-tasks"),
+        pytest.param({"model": "m", "stream": True}, False, id="plain-stream"),
     ],
 )
-def test_async_chat_is_a_background_request(body, background):
+def test_a_model_answering_after_the_request_is_seen_in_the_body(body, background):
     assert bool(g.model_of(body).background) is background
+
+
+@pytest.mark.parametrize(
+    ("body", "background"),
+    [
+        pytest.param({"input_file_id": "f", "endpoint": "/v1/chat/completions"}, True, id="batch"),
+        pytest.param({"model": "m"}, True, id="any-json-object"),
+        pytest.param(None, False, id="no-body"),
+    ],
+)
+def test_a_json_body_through_the_proxy_may_answer_after_the_request(body, background):
+    assert bool(g.proxied_model(body).background) is background
+
+
+@pytest.mark.parametrize(
+    ("names", "tier"),
+    [
+        pytest.param(["automation"], "api_key_tiers group:automation allowed_endpoints", id="by-name"),
+        pytest.param([" automation "], "api_key_tiers group:automation allowed_endpoints", id="name-with-spaces"),
+        pytest.param(["9b2f6c1e-1d2a-4c3b-8e7f-0a1b2c3d4e5f"], "api_key_allowed_endpoints_user", id="named-like-an-id"),
+    ],
+)
+def test_a_group_named_like_another_groups_id_never_takes_its_tier(open_webui, names, tier):
+    open_webui(Groups=Groups({"u-alice": names}))
+    g._group_cache.clear()
+    _, found = asyncio.run(g.user_groups("u-alice"))
+    tiers = {"group:automation": {"allowed_endpoints": "*"}, "group:9b2f6c1e-1d2a-4c3b-8e7f-0a1b2c3d4e5f": {
+        "allowed_endpoints": "*"}}  # fmt: skip
+    chosen = policy(tiers).tier_for(facts(groups=found))
+    assert chosen.valve("allowed_endpoints") == tier
 
 
 def test_mentions_and_automations_answer_in_the_background():

@@ -29,6 +29,7 @@ def metered(content_type: bytes, chunks: list[bytes], request_bytes: int = 40):
 JSON, SSE, NDJSON = b"application/json", b"text/event-stream; charset=utf-8", b"application/x-ndjson"
 OPENAI = {"usage": {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}}
 DELTA = {"choices": [{"delta": {"content": "po"}}]}
+LARGE = {"choices": [{"delta": {"content": "x" * 4000}}]}  # a provider's one chunk of 4000 characters
 ANSWERS = [
     pytest.param(JSON, [json.dumps(OPENAI).encode()], g.Usage(7, 11, 18, False), id="openai-json"),
     pytest.param(
@@ -69,7 +70,9 @@ ANSWERS = [
     pytest.param(JSON, [b'{"usage": {"prompt_tokens": true}}'], g.Usage(10, 9, 19, True), id="bool-refused"),
     pytest.param(JSON, [b'{"usage": {"prompt_tokens": 99999999999}}'], g.Usage(10, 11, 21, True), id="absurd-refused"),
     pytest.param(JSON, [b"not json at all"], g.Usage(10, 4, 14, True), id="junk"),
-    pytest.param(SSE, [b"data: {" + b"[" * 100_000 + b"usage\n\n"], g.Usage(10, 1, 11, True), id="deep-junk"),
+    # one chunk of 100 014 bytes: its text beyond 512 bytes of framing, at 4 bytes a token
+    pytest.param(SSE, [b"data: {" + b"[" * 100_000 + b"usage\n\n"], g.Usage(10, 24876, 24886, True), id="deep-junk"),
+    pytest.param(SSE, sse(LARGE, done=False), g.Usage(10, 885, 895, True), id="a-few-large-chunks-by-their-bytes"),
 ]
 
 
@@ -178,6 +181,20 @@ def test_openmetrics_parses_with_a_real_parser():
 )
 def test_route_class(path, klass):
     assert g.route_class(path) == klass
+
+
+@pytest.mark.parametrize(
+    ("status", "model"),
+    [pytest.param(200, "gpt-x", id="answered"), pytest.param(404, "-", id="core-refused-the-callers-model-word")],
+)
+def test_an_answer_core_refused_is_recorded_under_no_model(monkeypatch, status, model):
+    book = g.UsageBook(engine=lambda: None, seconds=3600)
+    book._thread = True  # no flusher: the pending row is the point here
+    monkeypatch.setattr(g, "usage_book", lambda: book)
+    meter = g.UsageMeter(40)
+    meter.start({"status": status, "headers": [(b"content-type", JSON)]})
+    asyncio.run(g.finish(g.RequestState(usage=("u1", "gpt-x", "openai", "allow"), meter=meter)))
+    assert [key[2] for key in book._rows] == [model]
 
 
 def test_an_admitted_requests_audit_line_carries_its_tokens(caplog, monkeypatch):

@@ -426,8 +426,8 @@ def test_an_asynchronous_chat_is_refused_where_tokens_are_counted_and_reaches_no
     assert (served.status, detail(served), model_calls(backend) - calls) == (
         403,
         PREFIX + "API keys of role 'user' have their tokens or requests in flight counted (api_key_token_quota_user), "
-        "and this request makes a model answer after it ends (session_id and chat_id: core answers later in a "
-        "task), where the guard can count neither",
+        "and this request makes a model answer after it ends (session_id: core answers at once and calls the "
+        "model later, in a task), where the guard can count neither",
         0,
     )
 
