@@ -10,15 +10,16 @@ lint: deps
 	$(PYTHON) -m ruff format --check .
 
 # Everything CI runs, cheapest first so a mistake fails in seconds: lint, unit and installer tests,
-# then provisioning (constraints-pinned, cached) and the end-to-end suite on every pinned Open WebUI.
+# then provisioning (constraints-pinned, cached) and the end-to-end suite on every pinned Open WebUI,
+# as two pytest sessions at once split by release (tests/e2e/streams.py).
 test: lint
 	$(PYTHON) -m pytest -m "not e2e"
 	$(PYTHON) -m tests.e2e.provision
-	$(PYTHON) -m pytest -m e2e
+	$(PYTHON) -m tests.e2e.streams
 
 e2e: deps
 	$(PYTHON) -m tests.e2e.provision
-	$(PYTHON) -m pytest -m e2e
+	$(PYTHON) -m tests.e2e.streams
 
 unit: deps
 	$(PYTHON) -m pytest -m "not e2e"
