@@ -559,6 +559,21 @@ class Served:
         return json.loads(self.body or b"null")
 
 
+def steered_connection(server, avoid: Collection[int] = ()) -> tuple[http.client.HTTPConnection, int | None]:
+    """A new connection to `server` accepted by a worker not in `avoid` (as on_fresh_connection explains),
+    and that worker."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        with stopped(avoid):
+            connection.connect()
+            client_port = connection.sock.getsockname()[1]
+            worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
+        return connection, worker or accepting_worker(server, client_port)
+    except BaseException:
+        connection.close()
+        raise
+
+
 def on_fresh_connection(
     server, method: str, path: str, token: str, body: dict | None = None, avoid: Collection[int] = ()
 ) -> Served:
@@ -567,13 +582,8 @@ def on_fresh_connection(
     Workers in `avoid` are stopped (SIGSTOP) from before the connection is made until another worker has
     accepted it, STEER_SECONDS at most, and continued before the request is sent: the kernel can then only
     hand the connection to a worker not avoided, as long as one is accepting."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection, worker = steered_connection(server, avoid)
     try:
-        with stopped(avoid):
-            connection.connect()
-            client_port = connection.sock.getsockname()[1]
-            worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
-        worker = worker or accepting_worker(server, client_port)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         sent = time.monotonic()
         connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
@@ -605,12 +615,7 @@ class HeldStream:
 def held_stream(server, path: str, token: str, body: dict, avoid: Collection[int] = ()) -> HeldStream:
     """POST a HOLD stream `body` on a new connection, steered away from `avoid` (as on_fresh_connection), and
     read its first chunk: the backend holds the rest until the test opens the gate."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    with stopped(avoid):
-        connection.connect()
-        client_port = connection.sock.getsockname()[1]
-        worker = accepting_worker(server, client_port, STEER_SECONDS) if avoid else None
-    worker = worker or accepting_worker(server, client_port)
+    connection, worker = steered_connection(server, avoid)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     connection.request("POST", path, body=json.dumps(body), headers=headers)
     response = connection.getresponse()
