@@ -1449,7 +1449,7 @@ def answered_later(body: dict) -> str:
     # with a task id and calls the model in a task of its own.
     if body.get("session_id"):
         return "session_id: core answers at once and calls the model later, in a task"
-    if body.get("background"):  # /openai/responses passes it on: the provider answers later
+    if body.get("background") is True:  # a Responses request: the provider answers later (an image edit's is a word)
         return "background: the provider answers after the request"
     if body.get("background_tasks"):  # title, tags, follow-ups: model calls after the answer
         return "background_tasks: core calls a model again after the answer"
@@ -1694,6 +1694,7 @@ class RequestState:
 
     body: bytes | None = None  # read before core, parsed only once core accepted the key; None past the limit
     body_read: bool = False
+    body_bytes: int = 0  # how much of the body the guard read (all of it, or a little past the limit)
     judged: bool = False  # the lookup judged (and counted) it; a second lookup of the same request reuses that
     refusal: Refusal | None = None
     marks: tuple = ()  # response headers, (bytes, bytes)
@@ -2139,7 +2140,13 @@ class RouteGuard:
             return receive
         if not any(needs_body(c.valves) for c in copies):
             return receive
-        state.body, replay = await buffered(receive, MAX_MODEL_BODY_BYTES)
+
+        async def counted() -> dict:  # a body past the limit is not kept, yet its input is estimated
+            message = await receive()
+            state.body_bytes += len(message.get("body", b""))
+            return message
+
+        state.body, replay = await buffered(counted, MAX_MODEL_BODY_BYTES)
         state.body_read = True
         return replay
 
@@ -2269,8 +2276,7 @@ class RouteGuard:
             if any(c.valves.usage_accounting for c in copies) and (refusal is not None or kind in MODEL_READERS):
                 await self.start_usage(state, copies, user, path or "", asked, kind, refusal)
             if refusal is None and kind in MODEL_READERS and (state.usage is not None or state.charge is not None):
-                # a body past the read limit is at least that large
-                state.meter = UsageMeter(len(state.body) if state.body is not None else MAX_MODEL_BODY_BYTES + 1)
+                state.meter = UsageMeter(state.body_bytes)
         return refusal
 
     async def start_usage(

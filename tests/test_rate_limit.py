@@ -697,7 +697,7 @@ SCRIPT_READONLY = (
         ),
         pytest.param(E.MovedError("3999 127.0.0.1:6381"), "cluster", id="moved"),
         pytest.param(E.AskError("3999 127.0.0.1:6381"), "cluster", id="ask"),
-        pytest.param(E.ClusterDownError("The redis_cluster is down"), "clusterdown", id="clusterdown"),
+        pytest.param(E.ClusterDownError("The cluster is down"), "clusterdown", id="clusterdown"),
         pytest.param(redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"), "sentinel", id="no-master"),
         pytest.param(E.ReadOnlyError("You can't write against a read only replica."), "readonly", id="readonly"),
         pytest.param(E.ResponseError(SCRIPT_READONLY), "readonly", id="readonly-in-old-script-error"),
@@ -801,7 +801,7 @@ def degraded_by(client, user: str = "u1", asynchronous: bool = False, text: str 
 
 
 def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting(redis_cluster):
-    """REDIS_URL at a redis_cluster node without REDIS_CLUSTER=true: users on other masters get MOVED."""
+    """REDIS_URL at a cluster node without REDIS_CLUSTER=true: users on other masters get MOVED."""
     on_first, on_other = two_users_on_two_masters(redis_cluster)
     node = redis_cluster.master_of(redis_cluster.slot(f"{{{on_first}}}"))
     client = redis.Redis.from_url(node.url)

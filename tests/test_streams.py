@@ -1,5 +1,7 @@
 """The e2e runner's read-out of its two pytest sessions (tests/e2e/streams.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from tests.e2e import streams
@@ -38,3 +40,20 @@ def test_the_adversarial_lines_add_up():
 def test_the_sessions_split_every_release_once():
     first, rest = (selection for _, selection in streams.STREAMS)
     assert (first, rest) == ("owui-0.12.4 or owui-0.6.22", "not (owui-0.12.4 or owui-0.6.22)")
+
+
+@pytest.mark.parametrize(
+    ("code", "output", "failures"),
+    [
+        pytest.param(0, "== 3 passed in 1s ==", 0, id="passed"),
+        pytest.param(1, "== 1 failed, 2 passed in 1s ==", 1, id="failed"),
+        pytest.param(-9, "tests/e2e/test_x.py ..", 1, id="killed-without-a-closing-line"),
+        pytest.param(5, "== 2542 deselected in 1s ==", 1, id="collected-nothing"),
+    ],
+)
+def test_a_session_that_ended_without_its_closing_line_counts_as_a_failure(tmp_path, code, output, failures):
+    log = tmp_path / "s.log"
+    log.write_text(output + "\n")
+    stream = streams.Stream("s", "", log, SimpleNamespace(returncode=code), 0.0)
+    counts = streams.session_outcomes(stream)
+    assert counts["failed"] + counts["errors"] == failures

@@ -467,8 +467,10 @@ def test_a_model_answering_after_the_request_is_refused_where_tokens_or_places_a
     [
         pytest.param({"model": "m", "session_id": "s", "chat_id": "c"}, True, id="async-chat"),
         pytest.param({"model": "m", "session_id": "s", "parent_id": None}, True, id="async-new-chat"),
+        pytest.param({"model": "m", "session_id": "s"}, True, id="session-only-refused-as-a-precaution"),
         pytest.param({"model": "m", "chat_id": "c", "session_id": ""}, False, id="empty-session"),
         pytest.param({"model": "m", "background": True}, True, id="provider-background-response"),
+        pytest.param({"model": "m", "background": "transparent"}, False, id="image-edit-background-colour"),
         pytest.param({"model": "m", "background_tasks": {"title_generation": True}}, True, id="title-after-answer"),
         pytest.param({"model": "m", "background_tasks": {}}, False, id="no-background-tasks"),
         pytest.param({"model": "m", "stream": True}, False, id="plain-stream"),

@@ -2,12 +2,13 @@
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from tests.conftest import error_lines
+from tests.conftest import error_lines, receiver
 from tests.guard_loader import load_guard
 
 g = load_guard()
@@ -209,3 +210,24 @@ def test_an_admitted_requests_audit_line_carries_its_tokens(caplog, monkeypatch)
     asyncio.run(g.finish(state))
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("api_key_guard usage user=u1 model=m route=openai status=200 input=7 output=11 total=18")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "kept", "counted"),
+    [
+        pytest.param([b"x" * 8], b"x" * 8, 8, id="within-the-limit"),
+        pytest.param([b"x" * 8, b"y" * 8], None, 16, id="past-the-limit-still-counted"),
+    ],
+)
+def test_the_body_read_is_counted_for_the_estimate_also_past_the_limit(monkeypatch, chunks, kept, counted):
+    guard = g.RouteGuard.__new__(g.RouteGuard)  # only read_body: no app, no hooks
+
+    async def active_copies():
+        return [SimpleNamespace(valves=g.Valves(usage_accounting=True))]
+
+    guard.active_copies = active_copies
+    monkeypatch.setattr(g, "MAX_MODEL_BODY_BYTES", 10)
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    state = g.RequestState()
+    asyncio.run(guard.read_body(state, receiver(messages)))
+    assert (state.body, state.body_bytes) == (kept, counted)

@@ -1,17 +1,21 @@
 """The end-to-end suite as two pytest sessions at once, split by release:
 
-    python -m tests.e2e.streams [more pytest arguments]
+    python -m tests.e2e.streams
 
 The suite waits on servers more than it computes: as one session it kept one of the machine's two
 cores busy (97% of one core over 42 minutes, measured on the project machine), so two sessions, one
 for the newest and the oldest release and one for the others (and the rows of no release), finish in
 a little more than half the time. Each session starts its own servers and stores on free ports, in a
---basetemp of its own; nothing is shared between them. Each one's output goes to a log, printed whole
-once it ends. The exit code is non-zero when either session failed; the last lines add both up.
+--basetemp of its own under a new /tmp/api-key-guard-e2e-*; nothing is shared between them. Each
+one's output goes to a log, printed whole once it ends. The exit code is non-zero when either session
+failed; the last lines add both up (a session that ended without pytest's closing line counts as one
+failure).
 
-To run one release or one module, call pytest itself (CONTRIBUTING.md)."""
+It takes no arguments (a -k or -q of yours would undo the split or its read-out): to run one release or
+one module, call pytest itself (CONTRIBUTING.md)."""
 
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,7 @@ ADVERSARIAL = re.compile(
     r"^adversarial: (\d+) cases run, (\d+) passed, bypasses found = (\d+)[^;]*; per release passed/run: ([^;]*)"
     r"(?:; per class: (.*))?$"
 )
+STOP_SECONDS = 120.0  # a session's teardown after an interrupt: it stops every server it started
 PASSED_OF_RUN = re.compile(r"([\w.]+):? (\d+)/(\d+)")
 
 
@@ -47,9 +52,9 @@ class Stream:
         return self.log.read_text(errors="replace")
 
 
-def start(name: str, selection: str, root: Path, extra: list[str]) -> Stream:
+def start(name: str, selection: str, root: Path) -> Stream:
     log = root / f"{name}.log"
-    argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-k", selection, f"--basetemp={root / name}", *extra]
+    argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-k", selection, f"--basetemp={root / name}"]
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return Stream(name, selection, log, process, time.monotonic())
@@ -89,22 +94,43 @@ def adversarial_line(outputs: list[str]) -> str | None:
     )
 
 
+def session_outcomes(stream: Stream) -> Counter:
+    counts = outcomes(stream.output)
+    if stream.process.returncode != 0 and not (counts["failed"] or counts["errors"]):
+        counts["errors"] += 1  # ended without saying what failed: crashed, killed, or collected nothing
+    return counts
+
+
 def main(argv: list[str]) -> int:
-    root = Path(tempfile.gettempdir()) / "api-key-guard-e2e"
-    root.mkdir(parents=True, exist_ok=True)
-    streams = [start(name, selection, root, argv) for name, selection in STREAMS]
-    print(f"e2e: {len(streams)} pytest sessions at once, logs in {root}", flush=True)
-    waiting = list(streams)
-    while waiting:
-        for stream in list(waiting):
-            if stream.process.poll() is not None:
-                stream.seconds = time.monotonic() - stream.started
-                waiting.remove(stream)
-                print(f"\n===== e2e session {stream.name} (-k {stream.selection!r}) =====", flush=True)
-                sys.stdout.write(stream.output)
-                print(f"===== {stream.name}: exit {stream.process.returncode} after {stream.seconds:.0f} s", flush=True)
-        time.sleep(1.0)
-    total = sum((outcomes(s.output) for s in streams), Counter())
+    if argv:
+        print("usage: python -m tests.e2e.streams (no arguments; for a part of the suite run pytest itself)")
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="api-key-guard-e2e-"))
+    streams: list[Stream] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # ended from outside: end the sessions too
+    try:
+        streams = [start(name, selection, root) for name, selection in STREAMS]
+        print(f"e2e: {len(streams)} pytest sessions at once, logs in {root}", flush=True)
+        waiting = list(streams)
+        while waiting:
+            for stream in list(waiting):
+                if stream.process.poll() is not None:
+                    stream.seconds = time.monotonic() - stream.started
+                    waiting.remove(stream)
+                    print(f"\n===== e2e session {stream.name} (-k {stream.selection!r}) =====", flush=True)
+                    sys.stdout.write(stream.output)
+                    print(f"===== {stream.name}: exit {stream.process.returncode} after {stream.seconds:.0f} s")
+            time.sleep(1.0)
+    finally:
+        for stream in streams:
+            if stream.process.poll() is None:
+                stream.process.send_signal(signal.SIGINT)  # pytest stops on it and tears its servers down
+                try:
+                    stream.process.wait(timeout=STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    stream.process.kill()
+                    stream.process.wait()
+    total = sum((session_outcomes(s) for s in streams), Counter())
     if (line := adversarial_line([s.output for s in streams])) is not None:
         print(line)
     print(

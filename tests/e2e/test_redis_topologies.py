@@ -5,23 +5,23 @@ Scripts are not replicated (a promoted replica answers NOSCRIPT), a demoted mast
 cluster node redirects (MOVED), a stalled node hangs a client without timeouts, and a misconfiguration
 that half-works looks like a passing hiccup while every worker counts on its own, forever.
 
-Which release gets what, and why (this file may add at most ~8 minutes to CI):
+Which release gets what, and why:
 - Every pinned release's core supports both modes (open_webui/utils/redis.py get_redis_connection:
   Sentinel when REDIS_SENTINEL_HOSTS is set, else Cluster with REDIS_CLUSTER=true; main.py passes both),
   so exact N then 429 runs on Cluster and on Sentinel on all four.
 - The token quota and the concurrency cap of issue 20 (the same counters' keys, hash-tagged by user) run
   on both stores on all four too, on the same servers: group tiers set in the valves they start with.
-- Failover while keys arrive (planned and kill -9): 0.8.12, the sync path (redis-py 7.4 RedisCluster and
-  Sentinel, checks in a threadpool), and 0.12.4, the asyncio path (Sentinel master cached by core's
-  proxy). 0.6.22 is the same sync path on redis-py 8.1 and 0.10.2 the same asyncio path with a master
-  lookup per command; their clients are proven bounded below, at client level.
+- Failover while keys arrive (planned and kill -9): on all four, both stores: the sync path (0.6.22,
+  0.8.12: redis-py RedisCluster and Sentinel, checks in a threadpool) and the asyncio path (0.10.2 with a
+  master lookup per command, 0.12.4 with the Sentinel master cached by core's proxy).
 - A stalled node through HTTP: 0.10.2 and 0.12.4. On 0.6/0.8 core itself reads every setting from Redis
   on each access with its own client (5 s timeout on 0.6.22, none on 0.8.12), so a stalled node holds
   requests in core before the guard runs. The guard's own client is proven bounded on every release by
   redis_probe.py, run by the release's venv against the same stalled nodes.
 - Misconfigurations named by `install.py status`: 0.12.4. 0.6/0.8 answer 500 to every request when core
-  cannot use REDIS_URL as configured (their settings live in Redis); detection itself is unit-tested
-  with sync and asyncio redis-py (tests/test_rate_limit.py)."""
+  cannot use REDIS_URL as configured (their settings live in Redis); 0.10.2 checks every session token's
+  revocation in Redis and answers 500 on MOVED before any guard (seen: the harness could not set up).
+  Detection itself is unit-tested with sync and asyncio redis-py (tests/test_rate_limit.py)."""
 
 import itertools
 import json
