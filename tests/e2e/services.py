@@ -362,18 +362,28 @@ class Sentinels:
         return next(filter(None, map(named_master, self.sentinels)), None)
 
     def master(self) -> Redis:
-        return next(n for n in self.data if n.address == self.master_address())
+        """The node the sentinels name as master; waited for while none is named (a sentinel that does not
+        answer within its 1 s timeout on a loaded machine, a switch in progress)."""
+        named: list[Redis] = []
+        ready_when(lambda: named.extend(self.named_node(self.master_address())) or named, "a master named")
+        return named[0]
+
+    def named_node(self, address: str | None) -> list[Redis]:
+        return [n for n in self.data if n.address == address]
 
     def replica(self) -> Redis:
-        return next(n for n in self.data if n.address != self.master_address())
+        master = self.master()
+        return next(n for n in self.data if n is not master)
 
     def healthy(self) -> bool:
         """All sentinels agree on a master that has its replica in sync, and each sees the quorum."""
         named = set(map(named_master, self.sentinels))
         if len(named) != 1 or None in named or not all(n.running for n in self.data):
             return False
-        master = self.master()
-        replica = next(n for n in self.data if n is not master)
+        masters = self.named_node(named.pop())  # asked once: a second question may get another answer
+        if not masters:
+            return False
+        master, replica = masters[0], next(n for n in self.data if n is not masters[0])
         quorum = [answers(s, "SENTINEL", "CKQUORUM", SENTINEL_SERVICE) or "" for s in self.sentinels]
         replicas = [answers(s, "SENTINEL", "REPLICAS", SENTINEL_SERVICE) or [] for s in self.sentinels]
         in_sync = [sum("s_down" not in dict(zip(r[::2], r[1::2], strict=True)).get("flags", "") for r in rs)
