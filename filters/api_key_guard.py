@@ -67,7 +67,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -2873,7 +2873,7 @@ REDIS_CAUSES = {
     "noperm": (
         "the Redis ACL user may not run the guard's script or touch its keys (NOPERM)",
         "grant it +evalsha +eval +time +zremrangebyscore +zcard +zrange +zadd +zrem +get +incrby +expireat "
-        "+hmget +hget +hdel +hexists +hset +hincrby +del +pexpire and the keys "
+        "+hmget +hget +hdel +hexists +hset +del +pexpire and the keys "
         "~<REDIS_KEY_PREFIX>:api_key_guard:* (README, Redis permissions)",
     ),
     "auth": (
@@ -2936,7 +2936,7 @@ class RateLimit:
 
     windows: tuple[Window, ...]
     policy: str  # RateLimit-Policy header value
-    redis_args: str  # the script's ARGV[2]: limit, window in µs and bucket width in µs (0: log) per window
+    redis_args: str  # the script's ARGV[1], a JSON array: limit, window and bucket width (0: log) in µs per window
     key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60" (buckets)
 
     @classmethod
@@ -2958,7 +2958,7 @@ class RateLimit:
         return cls(
             ordered,
             ", ".join(w.policy_item for w in ordered),
-            " ".join(str(n) for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)),
+            json.dumps([n for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)]).replace(" ", ""),
             tuple(f":{w.seconds}:b{w.buckets}" if w.buckets else f":{w.seconds}" for w in ordered),
         )
 
@@ -2981,8 +2981,7 @@ class RateLimit:
 #   longer than its own time would: never more than N in any window, and a
 #   refusal comes at most one bucket width (1 s of a minute, 24 min of a day)
 #   early. Memory: at most RATE_BUCKETS + 2 buckets.
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):  # a tuple: built for every limited request, in a third of a dataclass's time
     allowed: bool
     counters: str  # COUNTERS_*
     window: Window | None = None  # denied: the violated window that frees up last
@@ -2995,15 +2994,15 @@ def weigh(limit: RateLimit, now: float, counts: list[int], marks: list[float | N
     """The verdict from each window's count before this request and the time of
     its entry that must leave first for the count to drop below the limit
     (the oldest, or the (count-limit+1)th oldest after a limit was lowered)."""
-    violated, retry, resets = None, 0.0, []  # one plain loop: this runs for every limited request
+    violated, retry, resets = None, 0.0, []  # plain loops: this runs for every limited request
     for window, count, mark in zip(limit.windows, counts, marks, strict=True):
         reset = window.seconds if mark is None else mark + window.seconds - now
         resets.append(reset)
         if count >= window.limit and (violated is None or reset > retry):
             violated, retry = window, reset
-    allowed = violated is None
-    remaining = tuple(max(w.limit - c - allowed, 0) for w, c in zip(limit.windows, counts, strict=True))
-    return Verdict(allowed, counters, violated, retry, remaining, tuple(resets))
+    taken = violated is None
+    remaining = tuple([max(w.limit - c - taken, 0) for w, c in zip(limit.windows, counts, strict=True)])
+    return Verdict(taken, counters, violated, retry, remaining, tuple(resets))
 
 
 def log_window(window: Window, entry: collections.deque, now: float) -> tuple[int, float | None]:
@@ -3090,19 +3089,22 @@ class MemoryCounters:
 # server (TIME), not from the workers: replicas with skewed clocks would otherwise
 # expire each other's entries early or late. TIME before writes needs effects
 # replication: the default from Redis 5, the only mode from 7; replicate_commands()
-# switches it on for 3.2-4 and is a no-op later. Scores are integer µs (< 2^53).
+# switches it on for 3.2-4 and is a no-op later. Scores are integer µs (< 2^53):
+# Redis writes a number argument of redis.call with 17 digits, exactly. The script's
+# time is added to every limited request's wait (docs/performance.md): the windows
+# come as one JSON array (cjson parses it in C), numbers are not formatted, and the
+# reply carries only what the verdict needs.
 RATE_LIMIT_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local spec = {}
-for n in string.gmatch(ARGV[2], '%d+') do spec[#spec + 1] = tonumber(n) end
-local allowed, reply, buckets, fresh = 1, {}, {}, {}
+local now = time[1] * 1000000 + time[2]
+local spec = cjson.decode(ARGV[1])
+local allowed, reply, buckets = 1, {}, {}
 for i, key in ipairs(KEYS) do
   local limit, span, width = spec[3 * i - 2], spec[3 * i - 1], spec[3 * i]
-  local count, mark = 0, -1
+  local count, mark = 0, now
   if width == 0 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - span))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - span)
     count = redis.call('ZCARD', key)
     if count > 0 then
       local index = math.max(count - limit, 0)
@@ -3110,8 +3112,8 @@ for i, key in ipairs(KEYS) do
     end
   else
     -- fields: bucket index -> count; n = the sum; lo = the oldest bucket with counts (absent when none)
-    local low, most = math.floor((now - span) / width), math.ceil(span / width) + 1
-    local meta = redis.call('HMGET', key, 'n', 'lo')
+    local low, most, newest = math.floor((now - span) / width), math.ceil(span / width) + 1, math.floor(now / width)
+    local meta = redis.call('HMGET', key, 'n', 'lo', newest)
     count = tonumber(meta[1]) or 0
     local lo = tonumber(meta[2])
     if lo and lo < low then  -- buckets left the window: each bucket once, so O(1) per request on average
@@ -3137,30 +3139,35 @@ for i, key in ipairs(KEYS) do
       end
       mark = (index + 1) * width
     end
-    fresh[i] = lo == nil
-    buckets[i] = string.format('%.0f', math.floor(now / width))
+    -- the write below: the sum, the newest bucket (never below low: cleaning left it) and lo for a fresh key
+    buckets[i] = {count + 1, newest, lo and tonumber(meta[3]) or 0, lo == nil}
   end
   if count >= limit then allowed = 0 end
-  reply[#reply + 1] = string.format('%d %.0f', count, mark)
+  reply[2 * i - 1], reply[2 * i] = count, mark - now
 end
 if allowed == 1 then
-  local score = string.format('%.0f', now)
   for i, key in ipairs(KEYS) do
-    local span, width = spec[3 * i - 1], spec[3 * i]
+    local span, width, write = spec[3 * i - 1], spec[3 * i], buckets[i]
     if width == 0 then
-      redis.call('ZADD', key, score, ARGV[1])
+      -- a member unique in its key: scripts run one at a time, so two in one µs see different counts
+      redis.call('ZADD', key, now, time[1] .. ' ' .. time[2] .. ' ' .. reply[2 * i - 1])
       redis.call('PEXPIRE', key, math.ceil(span / 1000))
     else
-      redis.call('HINCRBY', key, 'n', 1)
-      if fresh[i] then redis.call('HSET', key, 'lo', buckets[i]) end
-      if redis.call('HINCRBY', key, buckets[i], 1) == 1 then  -- a new newest bucket: the key lives as long
+      local sum, newest, counted, fresh = write[1], write[2], write[3], write[4]
+      if fresh then
+        redis.call('HSET', key, 'n', sum, newest, counted + 1, 'lo', newest)
+      else
+        redis.call('HSET', key, 'n', sum, newest, counted + 1)
+      end
+      if counted == 0 then  -- a new newest bucket: the key lives as long
         redis.call('PEXPIRE', key, math.ceil((span + width) / 1000))
       end
     end
   end
 end
--- one bulk string, "allowed now count mark ..." (µs, mark -1 for none): cheaper for a client to read than an array
-return string.format('%d %.0f ', allowed, now) .. table.concat(reply, ' ')
+-- one bulk string, "count mark count mark ..." per window, the mark in µs from now (0 for none, the count
+-- being 0; under 10^11, which Lua writes exactly): cheaper for a client to read than an array
+return table.concat(reply, ' ')
 """
 
 
@@ -3176,7 +3183,7 @@ class Script:
 
 
 RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
-# A member must be unique across workers and replicas: a random process nonce plus a counter.
+# A lease must be named uniquely across workers and replicas: a random process nonce plus a counter.
 _MEMBER_NONCE = os.urandom(8).hex()
 _member_serial = itertools.count()
 
@@ -3220,9 +3227,8 @@ def retried_at_once(client: Any, exc: BaseException) -> bool:
 
 
 def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
-    fields = [int(n) for n in reply.split()]  # allowed, now, then count and mark per window (µs; -1: none)
-    marks = [None if m < 0 else m / 1e6 for m in fields[3::2]]
-    return weigh(limit, fields[1] / 1e6, fields[2::2], marks, COUNTERS_REDIS)
+    fields = reply.split()  # count and mark per window, the mark in µs from the script's now
+    return weigh(limit, 0.0, [int(n) for n in fields[::2]], [int(m) / 1e6 for m in fields[1::2]], COUNTERS_REDIS)
 
 
 # Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
@@ -3272,9 +3278,8 @@ class RedisCounters:
         self._client = None
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
-        args = (f"{_MEMBER_NONCE}:{next(_member_serial)}", limit.redis_args)  # few arguments: cheaper to send
-        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
+        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]  # few arguments: cheaper to send
+        return self.run(RATE_LIMIT_SCRIPT, keys, (limit.redis_args,), lambda reply: verdict_from_reply(limit, reply))
 
     def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
         return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]
@@ -3316,8 +3321,13 @@ class RedisCounters:
         return parse(reply)
 
     async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
-        try:
-            reply = await settle_script(client, script, pending, keys, args)
+        try:  # run()'s two tries in one coroutine: each level of awaiting is paid again at every wake-up
+            try:
+                reply = await pending
+            except Exception as exc:
+                if not is_noscript(exc):
+                    raise
+                reply = await client.eval(script.text, len(keys), *keys, *args)
         except Exception as exc:
             if not retried_at_once(client, exc):
                 raise
@@ -3330,6 +3340,51 @@ class RedisCounters:
             raise ConnectionError("Open WebUI returned no Redis client")
         self._client = client
         return client
+
+
+class Deadlines:
+    """Bounds the awaits of the counters on one event loop: past `seconds`, the awaiting task is
+    cancelled and the await raises TimeoutError, whatever redis-py waits for (sockets, a Sentinel
+    lookup, a Cluster's slot map).
+
+    As asyncio.timeout does, but it made and cancelled a timer per await, a tenth of a check's cost
+    (docs/performance.md). Every await here is as long, so deadlines fall in the order they were
+    set: one timer, for the oldest await still pending."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
+        self.loop, self.seconds = loop, seconds
+        self.pending: dict[asyncio.Task, tuple[float, int]] = {}  # task -> (deadline, its cancels before), oldest first
+        self.expired: dict[asyncio.Task, int] = {}  # cancelled here -> its cancels before
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self) -> asyncio.Task | None:
+        """The awaiting task, cancelled if it is still watched `seconds` from now."""
+        task = asyncio.current_task(self.loop)
+        if task is None:
+            return None
+        deadline = self.loop.time() + self.seconds
+        self.pending[task] = (deadline, task.cancelling())
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self.expire)
+        return task
+
+    def settle(self, task: asyncio.Task) -> bool:
+        """Forget `task`; True when the deadline cancelled it and nothing else did."""
+        self.pending.pop(task, None)
+        before = self.expired.pop(task, None)
+        return before is not None and task.uncancel() <= before
+
+    def expire(self) -> None:
+        self.timer, now = None, self.loop.time()
+        while self.pending:
+            task = next(iter(self.pending))
+            deadline, before = self.pending[task]
+            if deadline > now:
+                self.timer = self.loop.call_at(deadline, self.expire)
+                return
+            del self.pending[task]
+            self.expired[task] = before
+            task.cancel()
 
 
 class Limiter:
@@ -3357,6 +3412,7 @@ class Limiter:
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self._retry_at: float | None = None  # set while degraded
+        self._deadlines: Deadlines | None = None  # those of the event loop that awaited last
         self._logged_at: float | None = None
         self.cause: str | None = None  # REDIS_CAUSES code while degraded
 
@@ -3417,11 +3473,22 @@ class Limiter:
         return self._recovered(result)
 
     async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
+        loop, deadlines = asyncio.get_running_loop(), self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = Deadlines(loop, self.timeout)
+        task = deadlines.watch()
+        if task is None:  # awaited outside a task: nothing to cancel but the await itself
+            pending = asyncio.wait_for(pending, self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await pending
-        except Exception as exc:  # TimeoutError included; a cancelled request (BaseException) propagates
+            result = await pending
+        except asyncio.CancelledError:
+            if not deadlines.settle(task):
+                raise  # a cancelled request (the client left) propagates
+            return self._fall_back(TimeoutError(f"no answer within {self.timeout:g} s"), local)
+        except Exception as exc:
             return self._fall_back(exc, local)
+        finally:
+            deadlines.settle(task)
         return self._recovered(result)
 
     def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:

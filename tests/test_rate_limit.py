@@ -101,11 +101,11 @@ def test_parse_is_cached():
 @pytest.mark.parametrize(
     ("text", "args"),
     [
-        pytest.param("2/second,3/minute", "2 1000000 0 3 60000000 0", id="logs"),
-        pytest.param("60/minute", "60 60000000 0", id="log-up-to-60"),
-        pytest.param("61/minute", "61 60000000 1000000", id="buckets-above-60"),
-        pytest.param("100000/day", "100000 86400000000 1440000000", id="day-in-24-minute-buckets"),
-        pytest.param("1000/second", "1000 1000000 16666", id="second-in-integral-microseconds"),
+        pytest.param("2/second,3/minute", "[2,1000000,0,3,60000000,0]", id="logs"),
+        pytest.param("60/minute", "[60,60000000,0]", id="log-up-to-60"),
+        pytest.param("61/minute", "[61,60000000,1000000]", id="buckets-above-60"),
+        pytest.param("100000/day", "[100000,86400000000,1440000000]", id="day-in-24-minute-buckets"),
+        pytest.param("1000/second", "[1000,1000000,16666]", id="second-in-integral-microseconds"),
     ],
 )
 def test_redis_args_are_limit_window_and_bucket_width_in_microseconds(text, args):
@@ -602,6 +602,102 @@ def test_stalled_redis_costs_one_bounded_wait_per_interval(redis_server, redis_u
     assert rest_wait < 0.1, "the 20 checks within the retry interval wait for nothing"
 
 
+# Deadlines: one timer per event loop bounds every await of the counters (asyncio.timeout made one per await)
+class Answering:
+    """An asyncio client whose script answers user `name` after waits[name] seconds (None: never)."""
+
+    def __init__(self, waits: dict):
+        self.waits = waits
+
+    def evalsha(self, sha, numkeys, key, *args):
+        wait = self.waits[key.split("{")[1].split("}")[0]]
+        return asyncio.sleep(wait, result="0 0") if wait is not None else asyncio.Event().wait()
+
+
+async def deadline_outcomes(seconds: float, waits: dict, cancel: tuple = (), expire_too: bool = False) -> dict:
+    """A check per user at once through one limiter. `cancel`: cancelled from outside as soon as they
+    wait, with `expire_too` while their deadline cancels them as well. What each task saw, whether it
+    was left cancelling afterwards, and what the deadlines still hold."""
+    limiter = Limiter(RedisCounters(lambda: Answering(waits), "t"), timeout=seconds)
+
+    async def one(name: str) -> str:
+        seen = (await limiter.check(name, RateLimit.parse("3/minute"))).counters
+        await asyncio.sleep(0)  # still usable: not left cancelled
+        return f"{seen}, cancelling={asyncio.current_task().cancelling()}"
+
+    tasks = {name: asyncio.ensure_future(one(name)) for name in waits}
+    await asyncio.sleep(0)  # every task now waits
+    for name in cancel:
+        tasks[name].cancel()
+    if expire_too:
+        limiter._deadlines.expire()  # their timer, firing before the tasks see the cancel
+    outcomes = {}
+    for name, task in tasks.items():
+        try:
+            outcomes[name] = await task
+        except asyncio.CancelledError:
+            outcomes[name] = "cancelled"
+    return outcomes | {"left": (len(limiter._deadlines.pending), len(limiter._deadlines.expired))}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "waits", "cancel", "expire_too", "outcomes"),
+    [
+        pytest.param(0.05, {"a": 0}, (), False, {"a": "redis, cancelling=0"}, id="answered"),
+        pytest.param(0.05, {"a": None}, (), False, {"a": "degraded, cancelling=0"}, id="stalled"),
+        pytest.param(
+            0.05,
+            {"a": None, "b": 0, "c": None, "d": 0.01},
+            (),
+            False,
+            {
+                "a": "degraded, cancelling=0",
+                "b": "redis, cancelling=0",
+                "c": "degraded, cancelling=0",
+                "d": "redis, cancelling=0",
+            },
+            id="each-await-its-own",
+        ),
+        pytest.param(
+            30,
+            {"a": None, "b": 0},
+            ("a",),
+            False,
+            {"a": "cancelled", "b": "redis, cancelling=0"},
+            id="their-cancel-is-theirs",
+        ),
+        pytest.param(
+            0,
+            {"a": None, "b": None},
+            ("a",),
+            True,
+            {"a": "cancelled", "b": "degraded, cancelling=0"},
+            id="theirs-and-the-deadline-at-once-is-theirs",
+        ),
+    ],
+)
+def test_deadlines_bound_each_await_and_leave_other_cancels_alone(seconds, waits, cancel, expire_too, outcomes):
+    assert asyncio.run(deadline_outcomes(seconds, waits, cancel, expire_too)) == outcomes | {"left": (0, 0)}
+
+
+def test_deadlines_follow_the_event_loop():
+    """A limiter awaited from a second event loop (asyncio.run again) is bounded there too."""
+
+    class Stalled:  # an asyncio client whose scripts never answer
+        def evalsha(self, *args):
+            return asyncio.Event().wait()
+
+    clock = Clock()
+    limiter = Limiter(RedisCounters(Stalled, "t"), MemoryCounters(clock=clock), clock=clock, timeout=0.05)
+
+    def stalled_check() -> str:
+        clock.now += block.REDIS_RETRY_SECONDS  # Redis is asked again
+        checked = asyncio.wait_for(settle(limiter.check("u1", RateLimit.parse("3/minute"))), 5)
+        return asyncio.run(checked).counters
+
+    assert [stalled_check() for _ in range(2)] == ["degraded", "degraded"]
+
+
 def test_redis_not_configured_counts_per_worker():
     limiter = Limiter(None, MemoryCounters(clock=Clock()))
     verdict = limiter.check("u1", RateLimit.parse("1/minute"))
@@ -813,7 +909,7 @@ def test_a_standalone_client_at_a_cluster_node_names_the_missing_cluster_setting
 
 # docs/topology.md (Permissions) and the noperm fix; pexpire last (the no-pexpire row leaves it out)
 ACL_GUARD = ("+evalsha", "+eval", "+time", "+zremrangebyscore", "+zcard", "+zrange", "+zadd", "+zrem", "+get",
-             "+incrby", "+expireat", "+hmget", "+hget", "+hdel", "+hexists", "+hset", "+hincrby", "+del",
+             "+incrby", "+expireat", "+hmget", "+hget", "+hdel", "+hexists", "+hset", "+del",
              "+pexpire")  # fmt: skip
 TOPOLOGY_DOC = Path(__file__).resolve().parents[1] / "docs" / "topology.md"
 
