@@ -179,9 +179,15 @@ def guard_clients(g, redis_url: str):
 def round_trip_figures(g, suffix: str, sync_client, async_client, loop, limit, user) -> dict:
     """us per check and per bare PING of the same client, sync and asyncio, measured in alternating
     batches (loopback latency here moves with the machine's load by 4x: figures taken apart mislead),
-    and the median of the per-batch ratios."""
+    and the median of the per-batch ratios. Where the difference goes: the same script called bare
+    (the round trip without the guard's Python) and the script's own time inside Redis."""
     sync = g.Limiter(g.RedisCounters(lambda: sync_client, "bench"))
     asynchronous = g.Limiter(g.RedisCounters(lambda: async_client, "bench"))
+    bare = g.RedisCounters(lambda: None, "bench")
+
+    def script_call(client):
+        keys = [f"{bare.base}{{{user()}}}{key_suffix}" for key_suffix in limit.key_suffixes]
+        return client.evalsha(g.RATE_LIMIT_SCRIPT.sha, len(keys), *keys, limit.redis_args)
 
     async def checks(n: int):
         for _ in range(n):
@@ -191,20 +197,38 @@ def round_trip_figures(g, suffix: str, sync_client, async_client, loop, limit, u
         for _ in range(n):
             await async_client.ping()
 
+    async def scripts(n: int):
+        for _ in range(n):
+            await script_call(async_client)
+
     def sync_batch(fn):
         return lambda n: [fn() for _ in range(n)]
 
     arms = {
-        "sync": (sync_batch(lambda: sync.check(user(), limit)), sync_batch(sync_client.ping)),
-        "async": (lambda n: loop.run_until_complete(checks(n)), lambda n: loop.run_until_complete(pings(n))),
+        "sync": (
+            sync_batch(lambda: sync.check(user(), limit)),
+            sync_batch(sync_client.ping),
+            sync_batch(lambda: script_call(sync_client)),
+        ),
+        "async": (
+            lambda n: loop.run_until_complete(checks(n)),
+            lambda n: loop.run_until_complete(pings(n)),
+            lambda n: loop.run_until_complete(scripts(n)),
+        ),
     }
     figures = {}
-    for mode, (check, ping) in arms.items():
-        check(100), ping(100)  # warm the connection and the script cache
-        paired = [(timed_us(check, 50), timed_us(ping, 50)) for _ in range(BATCHES)]
-        figures[f"ratelimit_redis_{mode}{suffix}"] = spread([c for c, _ in paired])
-        figures[f"redis_ping_{mode}{suffix}"] = spread([p for _, p in paired])
-        figures[f"ratelimit_ratio_{mode}{suffix}"] = statistics.median(c / p for c, p in paired)
+    sync_client.script_load(g.RATE_LIMIT_LUA)
+    for mode, (check, ping, script) in arms.items():
+        check(100), ping(100), script(100)  # warm the connection and the script cache
+        sync_client.config_resetstat()
+        batches = [(timed_us(check, 50), timed_us(ping, 50), timed_us(script, 50)) for _ in range(BATCHES)]
+        figures[f"ratelimit_redis_{mode}{suffix}"] = spread([c for c, _, _ in batches])
+        figures[f"redis_ping_{mode}{suffix}"] = spread([p for _, p, _ in batches])
+        figures[f"ratelimit_ratio_{mode}{suffix}"] = statistics.median(c / p for c, p, _ in batches)
+        figures[f"script_ratio_{mode}{suffix}"] = statistics.median(s / p for _, p, s in batches)
+        figures[f"script_in_redis_us_{mode}{suffix}"] = sync_client.info("commandstats")["cmdstat_evalsha"][
+            "usec_per_call"
+        ]
     assert sync.counters == asynchronous.counters == "redis", "Redis failed during the benchmark"
     return figures
 
@@ -227,14 +251,15 @@ def server_now_us(client) -> int:
 
 def full_windows(g, writer, limit, user: str, now: int) -> list[str]:
     """Write a user's counters as a day of steady traffic leaves them: every bucket of both windows holds
-    counts adding up to the limit (the most fields the script keeps). `writer` may be a pipeline."""
+    counts adding up to the limit (the most fields the script keeps), laid out as the script lays them
+    out (n, lo, hi and c first, then the older buckets). `writer` may be a pipeline."""
     keys = []
-    for window in limit.windows:
-        key = f"{g.redis_key_base('bench')}{{{user}}}:{window.seconds}:b{window.buckets}"
+    for window, key_suffix in zip(limit.windows, limit.key_suffixes, strict=True):
+        key = f"{g.redis_key_base('bench')}{{{user}}}{key_suffix}"
         low, high = (now - window.seconds * 1_000_000) // window.width_us, now // window.width_us
         per_bucket = max(window.limit // (high - low + 1), 1)
-        fields = {str(index): per_bucket for index in range(low, high + 1)}
-        writer.hset(key, mapping=fields | {"n": per_bucket * len(fields), "lo": low})
+        front = {"n": per_bucket * (high - low + 1), "lo": low, "hi": high, "c": per_bucket}
+        writer.hset(key, mapping=front | {str(index): per_bucket for index in range(low, high)})
         writer.pexpire(key, window.seconds * 1000 + window.width_us // 1000)
         keys.append(key)
     return keys

@@ -2909,8 +2909,8 @@ RATE_MAX_USERS = 10_000
 
 # Memory per user and window is bounded either way (docs/usage.md, "Exact windows"): up to RATE_LOG_MAX a
 # window keeps the exact log (at most N times); above it, counts per 1/RATE_BUCKETS of the window (at most
-# RATE_BUCKETS + 2 buckets, their sum and the oldest's index), so `100000/day` holds ~60 small counters
-# instead of 100 000 entries (12 MB).
+# RATE_BUCKETS + 2 buckets, their sum, the oldest and the newest index), so `100000/day` holds ~60 small
+# counters instead of 100 000 entries (12 MB).
 RATE_LOG_MAX = 60
 RATE_BUCKETS = 60
 
@@ -2937,7 +2937,8 @@ class RateLimit:
     windows: tuple[Window, ...]
     policy: str  # RateLimit-Policy header value
     redis_args: str  # the script's ARGV[1], a JSON array: limit, window and bucket width (0: log) in µs per window
-    key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60" (buckets)
+    key_suffixes: tuple[str, ...] = ()  # per window, after the user's hash tag: ":60" (log), ":86400:b60v2" (buckets)
+    logs: bool = False  # a window keeps the log (its entries need unique names)
 
     @classmethod
     @functools.lru_cache(maxsize=64)
@@ -2959,7 +2960,8 @@ class RateLimit:
             ordered,
             ", ".join(w.policy_item for w in ordered),
             json.dumps([n for w in ordered for n in (w.limit, w.seconds * 1_000_000, w.width_us)]).replace(" ", ""),
-            tuple(f":{w.seconds}:b{w.buckets}" if w.buckets else f":{w.seconds}" for w in ordered),
+            tuple(f":{w.seconds}:b{w.buckets}v2" if w.buckets else f":{w.seconds}" for w in ordered),
+            any(not w.buckets for w in ordered),
         )
 
 
@@ -3111,36 +3113,34 @@ for i, key in ipairs(KEYS) do
       mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
     end
   else
-    -- fields: bucket index -> count; n = the sum; lo = the oldest bucket with counts (absent when none)
+    -- fields n (the sum), lo (the oldest bucket with counts), hi and c (the newest bucket and its
+    -- count), then index -> count for the buckets before hi; none when empty. A hash this small is
+    -- a list Redis searches from its head: what every request reads and writes is kept first.
     local low, most, newest = math.floor((now - span) / width), math.ceil(span / width) + 1, math.floor(now / width)
-    local meta = redis.call('HMGET', key, 'n', 'lo', newest)
+    local meta = redis.call('HMGET', key, 'n', 'lo', 'hi', 'c')
     count = tonumber(meta[1]) or 0
-    local lo = tonumber(meta[2])
-    if lo and lo < low then  -- buckets left the window: each bucket once, so O(1) per request on average
+    local lo, hi, c = tonumber(meta[2]), tonumber(meta[3]), tonumber(meta[4]) or 0
+    if hi == nil or hi < low then  -- empty, or every bucket left the window
+      if meta[1] then redis.call('DEL', key) end
+      count, lo, hi, c = 0, nil, nil, 0
+    elseif (lo or low) < low then  -- older buckets left: each bucket once, so O(1) per request on average
       for index = lo, math.min(low - 1, lo + most) do
         local n = redis.call('HGET', key, index)
         if n then count = count - tonumber(n); redis.call('HDEL', key, index) end
       end
-      lo = nil
-      if count > 0 then
-        local index = low
-        while redis.call('HEXISTS', key, index) == 0 and index < low + most do index = index + 1 end
-        lo = index
-        redis.call('HSET', key, 'n', count, 'lo', lo)
-      else
-        redis.call('DEL', key)
-      end
+      lo = low
+      while lo < hi and redis.call('HEXISTS', key, lo) == 0 do lo = lo + 1 end
+      redis.call('HSET', key, 'n', count, 'lo', lo)
     end
     if lo then
       local need, index = count - limit + 1, lo
-      while need > 0 and index < lo + most do  -- past the oldest bucket only after a limit was lowered
+      while need > 0 and index < hi do  -- past the oldest bucket only after a limit was lowered
         need = need - tonumber(redis.call('HGET', key, index) or 0)
         if need > 0 then index = index + 1 end
       end
       mark = (index + 1) * width
     end
-    -- the write below: the sum, the newest bucket (never below low: cleaning left it) and lo for a fresh key
-    buckets[i] = {count + 1, newest, lo and tonumber(meta[3]) or 0, lo == nil}
+    buckets[i] = {count + 1, newest, hi, c}
   end
   if count >= limit then allowed = 0 end
   reply[2 * i - 1], reply[2 * i] = count, mark - now
@@ -3149,17 +3149,18 @@ if allowed == 1 then
   for i, key in ipairs(KEYS) do
     local span, width, write = spec[3 * i - 1], spec[3 * i], buckets[i]
     if width == 0 then
-      -- a member unique in its key: scripts run one at a time, so two in one µs see different counts
-      redis.call('ZADD', key, now, time[1] .. ' ' .. time[2] .. ' ' .. reply[2 * i - 1])
+      redis.call('ZADD', key, now, ARGV[2])
       redis.call('PEXPIRE', key, math.ceil(span / 1000))
     else
-      local sum, newest, counted, fresh = write[1], write[2], write[3], write[4]
-      if fresh then
-        redis.call('HSET', key, 'n', sum, newest, counted + 1, 'lo', newest)
-      else
-        redis.call('HSET', key, 'n', sum, newest, counted + 1)
-      end
-      if counted == 0 then  -- a new newest bucket: the key lives as long
+      local sum, newest, hi, c = write[1], write[2], write[3], write[4]
+      if hi and newest <= hi then  -- the newest bucket (or, were the clock set back, the newest there is)
+        redis.call('HSET', key, 'n', sum, 'c', c + 1)
+      else  -- a new newest bucket: the last one gets a field of its own, the key lives as long as it
+        if hi then
+          redis.call('HSET', key, 'n', sum, 'hi', newest, 'c', 1, hi, c)
+        else
+          redis.call('HSET', key, 'n', sum, 'lo', newest, 'hi', newest, 'c', 1)
+        end
         redis.call('PEXPIRE', key, math.ceil((span + width) / 1000))
       end
     end
@@ -3183,7 +3184,7 @@ class Script:
 
 
 RATE_LIMIT_SCRIPT = Script(RATE_LIMIT_LUA)
-# A lease must be named uniquely across workers and replicas: a random process nonce plus a counter.
+# Log entries and leases are named uniquely across workers and replicas: a random process nonce plus a counter.
 _MEMBER_NONCE = os.urandom(8).hex()
 _member_serial = itertools.count()
 
@@ -3264,9 +3265,10 @@ def redis_cause(exc: BaseException) -> str:
 class RedisCounters:
     """Shared counters in Redis, one key per user and window: a log is a sorted set
     `{prefix}:api_key_guard:rl:{<user id>}:<window seconds>`, counts per bucket a
-    hash `...:<window seconds>:b<buckets>` with the fields n (their sum) and lo
-    (the oldest with counts); another name, so a guard of before never reads
-    the other type under its own key. The braces are a
+    hash `...:<window seconds>:b<buckets>v2` (fields in RATE_LIMIT_LUA); other names,
+    so a guard of before never reads another type or layout under its own key
+    (`...:b<buckets>` kept the newest bucket last, where Redis searched for it
+    on every request). The braces are a
     Redis Cluster hash tag: all windows of a user live in one slot, so one
     script can touch them atomically. Works with a sync or an asyncio client;
     with an asyncio client check() returns an awaitable."""
@@ -3278,8 +3280,10 @@ class RedisCounters:
         self._client = None
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
-        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]  # few arguments: cheaper to send
-        return self.run(RATE_LIMIT_SCRIPT, keys, (limit.redis_args,), lambda reply: verdict_from_reply(limit, reply))
+        keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
+        # few arguments, each costs the client to send: a member name only where a log keeps one
+        args = (limit.redis_args, f"{_MEMBER_NONCE}:{next(_member_serial)}") if limit.logs else (limit.redis_args,)
+        return self.run(RATE_LIMIT_SCRIPT, keys, args, lambda reply: verdict_from_reply(limit, reply))
 
     def quota_keys(self, user_id: str, windows: tuple, now: float) -> list[str]:
         return [f"{self.root}tq:{{{user_id}}}:{w.unit}:{w.bounds(now)[0]}" for w in windows]

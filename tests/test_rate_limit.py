@@ -475,14 +475,33 @@ def test_redis_buckets_admit_exactly_n(redis_url, checks, decode):
     ]
 
 
+def test_redis_buckets_lowered_limit_waits_for_enough_buckets_to_leave(redis_url):
+    sync_checks(redis_url, "u1", "100/minute", 100)
+    denied = sync_checks(redis_url, "u1", "61/minute", 1)[0]
+    assert {"allowed": denied.allowed, "remaining": denied.remaining} == {"allowed": False, "remaining": (0,)}
+    assert 55 < denied.retry_after <= 61, "40 of the 100 must leave: a minute after their bucket (1 s) ends"
+
+
+def test_redis_buckets_start_over_once_every_bucket_left(redis_url):
+    full = sync_checks(redis_url, "u1", "61/second", 62)
+    time.sleep(1.1)  # the window (1 s) and its last bucket (17 ms) have passed
+    again = sync_checks(redis_url, "u1", "61/second", 1)[0]
+    fields = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("t:api_key_guard:rl:{u1}:1:b60v2")
+    assert {"full": full[-1].allowed, "again": (again.allowed, again.remaining), "fields": sorted(fields)} == {
+        "full": False,
+        "again": (True, (60,)),
+        "fields": ["c", "hi", "lo", "n"],
+    }
+
+
 def test_redis_buckets_are_hashes_with_bounded_fields_and_ttl(redis_url):
     sync_checks(redis_url, "u1", "1000/minute,100000/day", 20, prefix="open-webui")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = sorted(client.keys("*"))
     shapes = {k: (client.type(k), client.hlen(k) <= block.RATE_BUCKETS + 2, 0 < client.pttl(k)) for k in keys}
     assert shapes == {
-        "open-webui:api_key_guard:rl:{u1}:60:b60": ("hash", True, True),
-        "open-webui:api_key_guard:rl:{u1}:86400:b60": ("hash", True, True),
+        "open-webui:api_key_guard:rl:{u1}:60:b60v2": ("hash", True, True),
+        "open-webui:api_key_guard:rl:{u1}:86400:b60v2": ("hash", True, True),
     }
 
 
@@ -500,8 +519,9 @@ def test_redis_buckets_slide_and_keep_their_sum(redis_url):
         admitted += counters.check("u1", limit).allowed
         time.sleep(0.002)  # pacing: checks spread over many buckets
     elapsed = time.monotonic() - started
-    fields = client.hgetall("t:api_key_guard:rl:{u1}:1:b60")
-    buckets = {k: int(v) for k, v in fields.items() if k not in ("n", "lo")}
+    fields = client.hgetall("t:api_key_guard:rl:{u1}:1:b60v2")
+    older = {k: int(v) for k, v in fields.items() if k not in ("n", "lo", "hi", "c")}
+    buckets = older | {fields["hi"]: int(fields["c"])}  # the newest bucket's count is c
     assert {
         "slid": admitted > SLIDES * 61,
         "at most N per second": admitted <= 61 * (math.ceil(elapsed) + 1),
