@@ -3111,6 +3111,11 @@ for i, key in ipairs(KEYS) do
     if count > 0 then
       local index = math.max(count - limit, 0)
       mark = tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+      if mark > now + 1000000 then  -- the clock went back (a failover to a replica behind): waiting for
+        -- entries of the future could refuse this user for as long; they are dropped, admitting more instead
+        redis.call('ZREMRANGEBYSCORE', key, string.format('(%.0f', now), '+inf')
+        count, mark = redis.call('ZCARD', key), now
+      end
     end
   else
     -- fields n (the sum), lo (the oldest bucket with counts), hi and c (the newest bucket and its
@@ -3120,7 +3125,8 @@ for i, key in ipairs(KEYS) do
     local meta = redis.call('HMGET', key, 'n', 'lo', 'hi', 'c')
     count = tonumber(meta[1]) or 0
     local lo, hi, c = tonumber(meta[2]), tonumber(meta[3]), tonumber(meta[4]) or 0
-    if hi == nil or hi < low then  -- empty, or every bucket left the window
+    -- empty, every bucket left the window, or the clock went back (as for a log: dropped, not waited for)
+    if hi == nil or hi < low or hi > newest + 1 then
       if meta[1] then redis.call('DEL', key) end
       count, lo, hi, c = 0, nil, nil, 0
     elseif (lo or low) < low then  -- older buckets left: each bucket once, so O(1) per request on average
@@ -3167,7 +3173,7 @@ if allowed == 1 then
   end
 end
 -- one bulk string, "count mark count mark ..." per window, the mark in µs from now (0 for none, the count
--- being 0; under 10^11, which Lua writes exactly): cheaper for a client to read than an array
+-- being 0; Lua writes 14 digits, exact below 10^14 µs, three years): cheaper for a client to read than an array
 return table.concat(reply, ' ')
 """
 
@@ -3228,8 +3234,8 @@ def retried_at_once(client: Any, exc: BaseException) -> bool:
 
 
 def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
-    fields = reply.split()  # count and mark per window, the mark in µs from the script's now
-    return weigh(limit, 0.0, [int(n) for n in fields[::2]], [int(m) / 1e6 for m in fields[1::2]], COUNTERS_REDIS)
+    fields = reply.split()  # count and mark per window, the mark in µs from the script's now (2e+14 past 10^14)
+    return weigh(limit, 0.0, [int(n) for n in fields[::2]], [float(m) / 1e6 for m in fields[1::2]], COUNTERS_REDIS)
 
 
 # Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
@@ -3348,8 +3354,8 @@ class RedisCounters:
 
 class Deadlines:
     """Bounds the awaits of the counters on one event loop: past `seconds`, the awaiting task is
-    cancelled and the await raises TimeoutError, whatever redis-py waits for (sockets, a Sentinel
-    lookup, a Cluster's slot map).
+    cancelled (Limiter._bounded counts that as a timeout), whatever redis-py waits for (sockets, a
+    Sentinel lookup, a Cluster's slot map).
 
     As asyncio.timeout does, but it made and cancelled a timer per await, a tenth of a check's cost
     (docs/performance.md). Every await here is as long, so deadlines fall in the order they were
@@ -3361,11 +3367,11 @@ class Deadlines:
         self.expired: dict[asyncio.Task, int] = {}  # cancelled here -> its cancels before
         self.timer: asyncio.TimerHandle | None = None
 
-    def watch(self) -> asyncio.Task | None:
+    def watch(self) -> asyncio.Task:
         """The awaiting task, cancelled if it is still watched `seconds` from now."""
         task = asyncio.current_task(self.loop)
         if task is None:
-            return None
+            raise RuntimeError("the counters were awaited outside an asyncio task: nothing bounds the wait")
         deadline = self.loop.time() + self.seconds
         self.pending[task] = (deadline, task.cancelling())
         if self.timer is None:
@@ -3379,15 +3385,18 @@ class Deadlines:
         return before is not None and task.uncancel() <= before
 
     def expire(self) -> None:
-        self.timer, now = None, self.loop.time()
+        now, overdue = self.loop.time(), []
         while self.pending:
             task = next(iter(self.pending))
             deadline, before = self.pending[task]
             if deadline > now:
-                self.timer = self.loop.call_at(deadline, self.expire)
-                return
+                break
             del self.pending[task]
             self.expired[task] = before
+            overdue.append(task)
+        # the next timer first: nothing below can leave later awaits without one
+        self.timer = self.loop.call_at(deadline, self.expire) if self.pending else None
+        for task in overdue:
             task.cancel()
 
 
@@ -3477,22 +3486,24 @@ class Limiter:
         return self._recovered(result)
 
     async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
-        loop, deadlines = asyncio.get_running_loop(), self._deadlines
-        if deadlines is None or deadlines.loop is not loop:
-            deadlines = self._deadlines = Deadlines(loop, self.timeout)
-        task = deadlines.watch()
-        if task is None:  # awaited outside a task: nothing to cancel but the await itself
-            pending = asyncio.wait_for(pending, self.timeout)
+        deadlines = task = None
         try:
+            loop, deadlines = asyncio.get_running_loop(), self._deadlines
+            if deadlines is None or deadlines.loop is not loop:
+                deadlines = self._deadlines = Deadlines(loop, self.timeout)
+            task = deadlines.watch()  # raises outside a task: nothing could bound the wait
             result = await pending
         except asyncio.CancelledError:
-            if not deadlines.settle(task):
+            if deadlines is None or not deadlines.settle(task):
                 raise  # a cancelled request (the client left) propagates
             return self._fall_back(TimeoutError(f"no answer within {self.timeout:g} s"), local)
         except Exception as exc:
+            if inspect.iscoroutine(pending) and task is None:
+                pending.close()  # never awaited
             return self._fall_back(exc, local)
         finally:
-            deadlines.settle(task)
+            if task is not None:
+                deadlines.settle(task)
         return self._recovered(result)
 
     def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:

@@ -494,6 +494,40 @@ def test_redis_buckets_start_over_once_every_bucket_left(redis_url):
     }
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "ahead"),
+    [
+        pytest.param("3/minute", "t:api_key_guard:rl:{u1}:60", "log", id="log"),
+        pytest.param("100/minute", "t:api_key_guard:rl:{u1}:60:b60v2", "buckets", id="buckets"),
+    ],
+)
+def test_redis_counts_from_the_clock_going_back_do_not_lock_out(redis_url, text, key, ahead):
+    """A failover to a replica whose clock is an hour behind: what was counted 'in the future' is
+    dropped (admitting more), not waited for an hour."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    seconds, micros = client.time()
+    later = (seconds + 3600) * 1_000_000 + micros
+    if ahead == "log":
+        client.zadd(key, {f"m{n}": later + n for n in range(3)})
+    else:
+        newest = later // 1_000_000
+        client.hset(key, mapping={"n": 100, "lo": newest, "hi": newest, "c": 100})
+    verdict = sync_checks(redis_url, "u1", text, 1)[0]
+    assert {"allowed": verdict.allowed, "remaining": verdict.remaining} == {
+        "allowed": True,
+        "remaining": (RateLimit.parse(text).windows[0].limit - 1,),
+    }
+
+
+def test_a_mark_years_away_still_parses():
+    """Lua writes numbers of 15 digits and more with an exponent; a mark that far is still a verdict."""
+    verdict = block.verdict_from_reply(RateLimit.parse("3/minute"), b"3 2e+14")
+    assert {"allowed": verdict.allowed, "retry_after": verdict.retry_after} == {
+        "allowed": False,
+        "retry_after": 2e8 + 60,
+    }
+
+
 def test_redis_buckets_are_hashes_with_bounded_fields_and_ttl(redis_url):
     sync_checks(redis_url, "u1", "1000/minute,100000/day", 20, prefix="open-webui")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -698,6 +732,23 @@ async def deadline_outcomes(seconds: float, waits: dict, cancel: tuple = (), exp
 )
 def test_deadlines_bound_each_await_and_leave_other_cancels_alone(seconds, waits, cancel, expire_too, outcomes):
     assert asyncio.run(deadline_outcomes(seconds, waits, cancel, expire_too)) == outcomes | {"left": (0, 0)}
+
+
+def test_counters_awaited_outside_a_task_count_per_worker(caplog):
+    """Nothing could bound such a wait (Open WebUI never does it): degraded, not an error, not a hang."""
+
+    class Never:  # an asyncio client's pending answer, awaitable, never answering
+        def evalsha(self, *args):
+            return self
+
+        def __await__(self):
+            yield
+
+    limiter = Limiter(RedisCounters(Never, "t"), timeout=0.05)
+    awaiting = limiter.check("u1", RateLimit.parse("3/minute"))
+    with pytest.raises(StopIteration) as done:
+        awaiting.send(None)  # driven by hand: no event loop, no task
+    assert {"counters": done.value.value.counters, "errors": errors(caplog)} == {"counters": "degraded", "errors": 1}
 
 
 def test_deadlines_follow_the_event_loop():
