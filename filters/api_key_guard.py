@@ -2262,7 +2262,8 @@ class RouteGuard:
             failed = refusal is not None and refusal.reason == REASON_GUARD_ERROR
             mode = "fail-closed" if failed else "enforce" if enforcing else "monitor"
             policy_id = ",".join(c.policy_id for c in copies)
-            marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, limiter().counters)]
+            counters = limiter().counters_for(str(user.id))
+            marks = [(GUARD_HEADER, mode), (POLICY_HEADER, policy_id), (COUNTERS_HEADER, counters)]
             if refusal is None:  # a refusal carries its own RateLimit headers
                 marks += limits
             state.marks = tuple((name.lower().encode(), value.encode("latin-1")) for name, value in marks)
@@ -2347,7 +2348,7 @@ async def explain(valves: Valves, user: str, method: str = "", path: str = "", m
             "age_days": round((facts.now - created) / 86400, 1) if created is not None else None,
         },
         "tokens_used": used,
-        "counters": limiter().counters,
+        "counters": limiter().counters_for(facts.user_id),
         "request": {"method": method, "path": path, "model": model or None} if path else None,
         "decision": None
         if decision is None
@@ -3284,6 +3285,28 @@ class RedisCounters:
         self.base = redis_key_base(prefix)
         self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
         self._client = None
+        self._cluster = False  # the client is a Cluster's: a user's counters live on one of its masters
+
+    def shard(self, user_id: str) -> str:
+        """Where `user_id`'s counters live, to keep one failing part of Redis from degrading the rest:
+        the address of the Cluster master serving the user's slot, or "" (one Redis, Sentinel's master,
+        a Cluster whose slot map is being rebuilt: every user together). Read from the client's slot
+        map, no round trip."""
+        if not self._cluster:
+            return ""
+        try:
+            return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(f"{{{user_id}}}")).name
+        except Exception:
+            return ""
+
+    def shards(self) -> set[str] | None:
+        """The Cluster masters serving slots now ("" too), from the client's slot map; None: not a Cluster."""
+        if not self._cluster:
+            return None
+        try:
+            return {""} | {nodes[0].name for nodes in self._client.nodes_manager.slots_cache.values() if nodes}
+        except Exception:
+            return None
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
         keys = [f"{self.base}{{{user_id}}}{suffix}" for suffix in limit.key_suffixes]
@@ -3349,6 +3372,8 @@ class RedisCounters:
         if client is None:
             raise ConnectionError("Open WebUI returned no Redis client")
         self._client = client
+        # Open WebUI's Sentinel proxy asks the sentinels for any attribute it lacks: not asked here
+        self._cluster = "_sentinel" not in getattr(client, "__dict__", {}) and hasattr(client, "nodes_manager")
         return client
 
 
@@ -3400,15 +3425,26 @@ class Deadlines:
             task.cancel()
 
 
+@dataclass
+class Outage:
+    """A part of Redis this worker stopped asking: until `retry_at`, for `cause`."""
+
+    retry_at: float
+    cause: str
+    logged_at: float | None = None
+
+
 class Limiter:
     """Redis when configured; per process when not, or while Redis fails.
 
     A limiter that can lock everybody out is worse than none: any Redis error
     (refused, timeout, script error) makes this worker count in process and
-    report `degraded`. Redis is then skipped entirely until REDIS_RETRY_SECONDS
-    have passed; the first request after that probes it (the retry time is
-    claimed before the probe, so concurrent requests count in process instead
-    of queueing behind a dead Redis; unlocked, so two threads may rarely both probe)."""
+    report `degraded` for the users whose counters live there: on a Cluster the
+    failing master's, elsewhere all. That part of Redis is then skipped entirely
+    until REDIS_RETRY_SECONDS have passed; the first request after that probes it
+    (the retry time is claimed before the probe, so concurrent requests count in
+    process instead of queueing behind a dead Redis; unlocked, so two threads may
+    rarely both probe)."""
 
     def __init__(
         self,
@@ -3424,20 +3460,32 @@ class Limiter:
         self.clock = clock
         self.timeout = timeout
         self.retry_seconds = retry_seconds
-        self._retry_at: float | None = None  # set while degraded
+        self.outages: dict[str, Outage] = {}  # RedisCounters.shard -> why it is skipped, until when
         self._deadlines: Deadlines | None = None  # those of the event loop that awaited last
-        self._logged_at: float | None = None
-        self.cause: str | None = None  # REDIS_CAUSES code while degraded
 
     @property
     def counters(self) -> str:
-        """The X-API-Key-Guard-Counters value: redis, per-worker, or `degraded; cause=<code>`."""
+        """This worker's state for status: redis, per-worker, or `degraded; cause=<code>` while any part
+        of Redis still serving users is skipped."""
         if self.redis is None:
             return COUNTERS_PER_WORKER
-        return COUNTERS_REDIS if self._retry_at is None else f"{COUNTERS_DEGRADED}; cause={self.cause}"
+        serving = self.redis.shards()
+        for shard in list(self.outages):  # a snapshot: on 0.6/0.8 other threads add and drop outages
+            if serving is not None and shard not in serving:
+                self.outages.pop(shard, None)  # a master that left the Cluster's slot map serves nobody
+        outage = next(iter(list(self.outages.values())), None)
+        return COUNTERS_REDIS if outage is None else f"{COUNTERS_DEGRADED}; cause={outage.cause}"
+
+    def counters_for(self, user_id: str) -> str:
+        """The X-API-Key-Guard-Counters value for a user's request."""
+        if self.redis is None:
+            return COUNTERS_PER_WORKER
+        outage = self.outages.get(self.redis.shard(user_id))
+        return COUNTERS_REDIS if outage is None else f"{COUNTERS_DEGRADED}; cause={outage.cause}"
 
     def check(self, user_id: str, limit: RateLimit) -> Verdict | Awaitable[Verdict]:
         return self.shared(
+            user_id,
             lambda: self.redis.check(user_id, limit),
             lambda counters: self.memory.check(user_id, limit, counters),
         )
@@ -3445,47 +3493,54 @@ class Limiter:
     def quota_used(self, user_id: str, quota: TokenQuota, now: float) -> Any:
         """Tokens used per window of `quota` (an awaitable of them with an asyncio client)."""
         return self.shared(
+            user_id,
             lambda: self.redis.quota_used(user_id, quota, now),
             lambda _: self.tallies.quota_used(user_id, quota, now),
         )
 
     def charge(self, user_id: str, windows: tuple, tokens: int, now: float) -> Any:
         return self.shared(
+            user_id,
             lambda: self.redis.charge(user_id, windows, tokens, now),
             lambda _: self.tallies.charge(user_id, windows, tokens, now),
         )
 
     def acquire(self, lease: Lease, limit: int) -> Any:
         """Requests in flight with this one; more than `limit`: not taken."""
-        return self.shared(lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit))
+        return self.shared(
+            lease.user_id, lambda: self.redis.acquire(lease, limit), lambda _: self.tallies.acquire(lease, limit)
+        )
 
     def renew(self, lease: Lease) -> Any:
-        return None if lease.local else self.shared(lambda: self.redis.renew(lease), lambda _: None)
+        return None if lease.local else self.shared(lease.user_id, lambda: self.redis.renew(lease), lambda _: None)
 
     def release(self, lease: Lease) -> Any:
         """A lease goes back where it was taken; one taken in Redis while Redis fails expires there."""
         if lease.local:
             return self.tallies.release(lease)
-        return self.shared(lambda: self.redis.release(lease), lambda _: None)
+        return self.shared(lease.user_id, lambda: self.redis.release(lease), lambda _: None)
 
-    def shared(self, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
-        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or it fails."""
+    def shared(self, user_id: str, remote: Callable[[], Any], local: Callable[[str], Any]) -> Any:
+        """`remote()` in Redis, or `local(counters)` in this process when there is no Redis or the part
+        of it that keeps `user_id`'s counters fails."""
         if self.redis is None:
             return local(COUNTERS_PER_WORKER)
-        if self._retry_at is not None:
+        shard = self.redis.shard(user_id)
+        outage = self.outages.get(shard)
+        if outage is not None:
             now = self.clock()
-            if now < self._retry_at:
+            if now < outage.retry_at:
                 return local(COUNTERS_DEGRADED)
-            self._retry_at = now + self.retry_seconds
+            outage.retry_at = now + self.retry_seconds
         try:
             result = remote()
         except Exception as exc:
-            return self._fall_back(exc, local)
+            return self._fall_back(shard, exc, local)
         if inspect.isawaitable(result):
-            return self._bounded(result, local)
-        return self._recovered(result)
+            return self._bounded(shard, result, local)
+        return self._recovered(shard, result)
 
-    async def _bounded(self, pending: Awaitable, local: Callable[[str], Any]) -> Any:
+    async def _bounded(self, shard: str, pending: Awaitable, local: Callable[[str], Any]) -> Any:
         deadlines = task = None
         try:
             loop, deadlines = asyncio.get_running_loop(), self._deadlines
@@ -3496,40 +3551,42 @@ class Limiter:
         except asyncio.CancelledError:
             if deadlines is None or not deadlines.settle(task):
                 raise  # a cancelled request (the client left) propagates
-            return self._fall_back(TimeoutError(f"no answer within {self.timeout:g} s"), local)
+            return self._fall_back(shard, TimeoutError(f"no answer within {self.timeout:g} s"), local)
         except Exception as exc:
             if inspect.iscoroutine(pending) and task is None:
                 pending.close()  # never awaited
-            return self._fall_back(exc, local)
+            return self._fall_back(shard, exc, local)
         finally:
             if task is not None:
                 deadlines.settle(task)
-        return self._recovered(result)
+        return self._recovered(shard, result)
 
-    def _fall_back(self, exc: Exception, local: Callable[[str], Any]) -> Any:
+    def _fall_back(self, shard: str, exc: Exception, local: Callable[[str], Any]) -> Any:
         now, cause = self.clock(), redis_cause(exc)
-        self._retry_at = now + self.retry_seconds
-        # One ERROR per cause: again only when the cause changes or a minute has passed.
-        if cause != self.cause or self._logged_at is None or now - self._logged_at >= DEGRADED_LOG_SECONDS:
-            self._logged_at = now
+        outage = self.outages.setdefault(shard, Outage(now, cause))
+        outage.retry_at = now + self.retry_seconds
+        # One ERROR per part of Redis and cause: again only when the cause changes or a minute has passed.
+        if cause != outage.cause or outage.logged_at is None or now - outage.logged_at >= DEGRADED_LOG_SECONDS:
+            outage.logged_at = now
             detail = " ".join(str(exc).split())[:200]
             happened, fix = REDIS_CAUSES[cause]
             log.error(
-                "api_key_guard rate-limit counters degraded (cause=%s): %s (%s); counting per worker, "
+                "api_key_guard rate-limit counters degraded (cause=%s%s): %s (%s); counting per worker, "
                 "retrying Redis every %.0f s. Fix: %s",
                 cause,
+                f", Cluster master {log_field(shard, quote=False)}" if shard else "",
                 happened,
                 f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
                 self.retry_seconds,
                 fix,
             )
-        self.cause = cause
+        outage.cause = cause
         return local(COUNTERS_DEGRADED)
 
-    def _recovered(self, result: Any) -> Any:
-        if self._retry_at is not None:
-            self._retry_at, self._logged_at, self.cause = None, None, None
-            log.warning("api_key_guard rate-limit counters: Redis answers again; counting in Redis")
+    def _recovered(self, shard: str, result: Any) -> Any:
+        if self.outages.pop(shard, None) is not None:
+            where = f" (Cluster master {log_field(shard, quote=False)})" if shard else ""
+            log.warning("api_key_guard rate-limit counters: Redis answers again%s; counting in Redis", where)
         return result
 
 

@@ -959,6 +959,47 @@ def test_cluster_counts_two_users_on_two_masters_exactly(redis_cluster):
     assert list(verdicts.values()) == [[True, True, True, False]] * 2
 
 
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_a_stalled_cluster_master_degrades_only_its_users(redis_cluster, asynchronous):
+    """A master stalled (shorter than the Cluster's node timeout: no failover) degrades the users whose
+    counters it keeps; a user on another master keeps counting in Redis, in the same worker."""
+    stalled_user, other_user = two_users_on_two_masters(redis_cluster)
+    master = redis_cluster.master_of(redis_cluster.slot(f"{{{stalled_user}}}"))
+    module = redis.asyncio.cluster if asynchronous else redis.cluster
+    runner = asyncio.Runner() if asynchronous else None
+    client = module.RedisCluster.from_url(block.with_timeouts(redis_cluster.url, 0.2))
+    block.bound_waits(client, 0.2)
+    clock = Clock()
+    limiter = Limiter(RedisCounters(lambda: client, "shards"), MemoryCounters(clock=clock), clock=clock, timeout=0.2)
+
+    def check(user: str) -> str:
+        verdict = limiter.check(user, RateLimit.parse("5/minute"))
+        return (runner.run(settle(verdict)) if asynchronous else verdict).counters
+
+    try:
+        before = [check(stalled_user), check(other_user)]
+        master.stall()
+        try:
+            during = [check(stalled_user), check(other_user)]
+        finally:
+            master.resume()
+        states = {"stalled user": limiter.counters_for(stalled_user), "other": limiter.counters_for(other_user),
+                  "worker": limiter.counters}  # fmt: skip
+        clock.now += block.REDIS_RETRY_SECONDS
+        after = [check(stalled_user), check(other_user)]
+    finally:
+        runner.run(client.aclose()) if asynchronous else client.close()
+        if runner:
+            runner.close()
+    assert {"before": before, "during": during, "states": states, "after": after, "worker": limiter.counters} == {
+        "before": ["redis", "redis"],
+        "during": ["degraded", "redis"],
+        "states": {"stalled user": "degraded; cause=timeout", "other": "redis", "worker": "degraded; cause=timeout"},
+        "after": ["redis", "redis"],
+        "worker": "redis",
+    }
+
+
 def degraded_by(client, user: str = "u1", asynchronous: bool = False, text: str = "1/minute") -> tuple[str, bool]:
     """(the counters header value, admitted) for one check through a limiter over `client`."""
     limiter = Limiter(RedisCounters(lambda: client, "open-webui"), MemoryCounters(clock=Clock()), clock=Clock())
