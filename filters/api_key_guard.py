@@ -3295,7 +3295,8 @@ class RedisCounters:
         if not self._cluster:
             return ""
         try:
-            return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(f"{{{user_id}}}")).name
+            # the slot of a key it writes: REDIS_KEY_PREFIX may hold the hash tag ("{owui}" keeps all in one)
+            return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(self.lease_key(user_id))).name
         except Exception:
             return ""
 
@@ -3431,7 +3432,6 @@ class Outage:
 
     retry_at: float
     cause: str
-    logged_at: float | None = None
 
 
 class Limiter:
@@ -3461,6 +3461,7 @@ class Limiter:
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.outages: dict[str, Outage] = {}  # RedisCounters.shard -> why it is skipped, until when
+        self._logged: dict[str, float] = {}  # cause -> when its ERROR was last written
         self._deadlines: Deadlines | None = None  # those of the event loop that awaited last
 
     @property
@@ -3525,8 +3526,8 @@ class Limiter:
         of it that keeps `user_id`'s counters fails."""
         if self.redis is None:
             return local(COUNTERS_PER_WORKER)
-        shard = self.redis.shard(user_id)
-        outage = self.outages.get(shard)
+        shard = self.redis.shard(user_id) if self.outages else None  # where it lives matters only then
+        outage = self.outages.get(shard) if shard is not None else None
         if outage is not None:
             now = self.clock()
             if now < outage.retry_at:
@@ -3535,12 +3536,12 @@ class Limiter:
         try:
             result = remote()
         except Exception as exc:
-            return self._fall_back(shard, exc, local)
+            return self._fall_back(user_id, shard, exc, local)
         if inspect.isawaitable(result):
-            return self._bounded(shard, result, local)
-        return self._recovered(shard, result)
+            return self._bounded(user_id, shard, result, local)
+        return self._recovered(user_id, shard, result)
 
-    async def _bounded(self, shard: str, pending: Awaitable, local: Callable[[str], Any]) -> Any:
+    async def _bounded(self, user_id: str, shard: str | None, pending: Awaitable, local: Callable) -> Any:
         deadlines = task = None
         try:
             loop, deadlines = asyncio.get_running_loop(), self._deadlines
@@ -3551,42 +3552,49 @@ class Limiter:
         except asyncio.CancelledError:
             if deadlines is None or not deadlines.settle(task):
                 raise  # a cancelled request (the client left) propagates
-            return self._fall_back(shard, TimeoutError(f"no answer within {self.timeout:g} s"), local)
+            return self._fall_back(user_id, shard, TimeoutError(f"no answer within {self.timeout:g} s"), local)
         except Exception as exc:
             if inspect.iscoroutine(pending) and task is None:
                 pending.close()  # never awaited
-            return self._fall_back(shard, exc, local)
+            return self._fall_back(user_id, shard, exc, local)
         finally:
             if task is not None:
                 deadlines.settle(task)
-        return self._recovered(shard, result)
+        return self._recovered(user_id, shard, result)
 
-    def _fall_back(self, shard: str, exc: Exception, local: Callable[[str], Any]) -> Any:
+    def _fall_back(self, user_id: str, shard: str | None, exc: Exception, local: Callable[[str], Any]) -> Any:
         now, cause = self.clock(), redis_cause(exc)
-        outage = self.outages.setdefault(shard, Outage(now, cause))
-        outage.retry_at = now + self.retry_seconds
-        # One ERROR per part of Redis and cause: again only when the cause changes or a minute has passed.
-        if cause != outage.cause or outage.logged_at is None or now - outage.logged_at >= DEGRADED_LOG_SECONDS:
-            outage.logged_at = now
+        failed = self.redis.shard(user_id)  # asked again: this very call may have built the client
+        if shard == "" and failed != "":
+            self.outages.pop("", None)  # filed before the client knew its Cluster: it was this master
+        outage = self.outages.setdefault(failed, Outage(now + self.retry_seconds, cause))
+        outage.retry_at, outage.cause = now + self.retry_seconds, cause
+        # One ERROR per worker and cause (whichever master): again only after a minute.
+        logged = self._logged.get(cause)
+        if logged is None or now - logged >= DEGRADED_LOG_SECONDS:
+            self._logged[cause] = now
             detail = " ".join(str(exc).split())[:200]
             happened, fix = REDIS_CAUSES[cause]
             log.error(
                 "api_key_guard rate-limit counters degraded (cause=%s%s): %s (%s); counting per worker, "
                 "retrying Redis every %.0f s. Fix: %s",
                 cause,
-                f", Cluster master {log_field(shard, quote=False)}" if shard else "",
+                f", Cluster master {log_field(failed, quote=False)}" if failed else "",
                 happened,
                 f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
                 self.retry_seconds,
                 fix,
             )
-        outage.cause = cause
         return local(COUNTERS_DEGRADED)
 
-    def _recovered(self, shard: str, result: Any) -> Any:
-        if self.outages.pop(shard, None) is not None:
-            where = f" (Cluster master {log_field(shard, quote=False)})" if shard else ""
-            log.warning("api_key_guard rate-limit counters: Redis answers again%s; counting in Redis", where)
+    def _recovered(self, user_id: str, shard: str | None, result: Any) -> Any:
+        if self.outages:
+            for answered in {self.redis.shard(user_id), shard}:
+                if answered is not None and self.outages.pop(answered, None) is not None:
+                    where = f" (Cluster master {log_field(answered, quote=False)})" if answered else ""
+                    log.warning("api_key_guard rate-limit counters: Redis answers again%s; counting in Redis", where)
+            if not self.outages:
+                self._logged.clear()
         return result
 
 

@@ -1000,6 +1000,19 @@ def test_a_stalled_cluster_master_degrades_only_its_users(redis_cluster, asynchr
     }
 
 
+def test_a_prefix_with_a_hash_tag_keeps_every_user_on_one_master(redis_cluster):
+    """REDIS_KEY_PREFIX={owui} puts every key in one slot: the users' counters fail together, one outage."""
+    client = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    try:
+        tagged, plain = RedisCounters(lambda: client, "{owui}"), RedisCounters(lambda: client, "owui")
+        for counters in (tagged, plain):
+            counters.check("u1", RateLimit.parse("5/minute"))  # the client, resolved
+        users = two_users_on_two_masters(redis_cluster)
+        assert [len({c.shard(u) for u in users}) for c in (tagged, plain)] == [1, 2]
+    finally:
+        client.close()
+
+
 def degraded_by(client, user: str = "u1", asynchronous: bool = False, text: str = "1/minute") -> tuple[str, bool]:
     """(the counters header value, admitted) for one check through a limiter over `client`."""
     limiter = Limiter(RedisCounters(lambda: client, "open-webui"), MemoryCounters(clock=Clock()), clock=Clock())
