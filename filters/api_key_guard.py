@@ -3466,8 +3466,8 @@ class Limiter:
 
     @property
     def counters(self) -> str:
-        """This worker's state for status: redis, per-worker, or `degraded; cause=<code>` while any part
-        of Redis still serving users is skipped."""
+        """This worker's state (the benchmark, the e2e probe): redis, per-worker, or `degraded; cause=<code>`
+        while any part of Redis still serving users is skipped."""
         if self.redis is None:
             return COUNTERS_PER_WORKER
         serving = self.redis.shards()
@@ -3481,6 +3481,8 @@ class Limiter:
         """The X-API-Key-Guard-Counters value for a user's request."""
         if self.redis is None:
             return COUNTERS_PER_WORKER
+        if not self.outages:
+            return COUNTERS_REDIS
         outage = self.outages.get(self.redis.shard(user_id))
         return COUNTERS_REDIS if outage is None else f"{COUNTERS_DEGRADED}; cause={outage.cause}"
 
