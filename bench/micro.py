@@ -183,10 +183,10 @@ def round_trip_figures(g, suffix: str, sync_client, async_client, loop, limit, u
     (the round trip without the guard's Python) and the script's own time inside Redis."""
     sync = g.Limiter(g.RedisCounters(lambda: sync_client, "bench"))
     asynchronous = g.Limiter(g.RedisCounters(lambda: async_client, "bench"))
-    bare = g.RedisCounters(lambda: None, "bench")
+    base = g.redis_key_base("bench")
 
     def script_call(client):
-        keys = [f"{bare.base}{{{user()}}}{key_suffix}" for key_suffix in limit.key_suffixes]
+        keys = [f"{base}{{{user()}}}{key_suffix}" for key_suffix in limit.key_suffixes]
         return client.evalsha(g.RATE_LIMIT_SCRIPT.sha, len(keys), *keys, limit.redis_args)
 
     async def checks(n: int):

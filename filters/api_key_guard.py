@@ -3355,13 +3355,8 @@ class RedisCounters:
         return parse(reply)
 
     async def _settle(self, client: Any, script: Script, pending: Awaitable, keys: list, args: tuple, parse) -> Any:
-        try:  # run()'s two tries in one coroutine: each level of awaiting is paid again at every wake-up
-            try:
-                reply = await pending
-            except Exception as exc:
-                if not is_noscript(exc):
-                    raise
-                reply = await client.eval(script.text, len(keys), *keys, *args)
+        try:
+            reply = await settle_script(client, script, pending, keys, args)
         except Exception as exc:
             if not retried_at_once(client, exc):
                 raise

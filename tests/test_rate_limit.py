@@ -484,7 +484,14 @@ def test_redis_buckets_lowered_limit_waits_for_enough_buckets_to_leave(redis_url
 
 def test_redis_buckets_start_over_once_every_bucket_left(redis_url):
     full = sync_checks(redis_url, "u1", "61/second", 62)
-    time.sleep(1.1)  # the window (1 s) and its last bucket (17 ms) have passed
+    client = redis.Redis.from_url(redis_url)
+
+    def server_now() -> float:  # the clock the script reads
+        seconds, micros = client.time()
+        return seconds + micros / 1e6
+
+    filled = server_now()
+    wait_for(lambda: server_now() > filled + 1.05, "the window (1 s) and its last bucket (17 ms) passed on Redis")
     again = sync_checks(redis_url, "u1", "61/second", 1)[0]
     fields = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("t:api_key_guard:rl:{u1}:1:b60v2")
     assert {"full": full[-1].allowed, "again": (again.allowed, again.remaining), "fields": sorted(fields)} == {
@@ -754,12 +761,9 @@ def test_counters_awaited_outside_a_task_count_per_worker(caplog):
 def test_deadlines_follow_the_event_loop():
     """A limiter awaited from a second event loop (asyncio.run again) is bounded there too."""
 
-    class Stalled:  # an asyncio client whose scripts never answer
-        def evalsha(self, *args):
-            return asyncio.Event().wait()
-
     clock = Clock()
-    limiter = Limiter(RedisCounters(Stalled, "t"), MemoryCounters(clock=clock), clock=clock, timeout=0.05)
+    stalled = RedisCounters(lambda: Answering({"u1": None}), "t")
+    limiter = Limiter(stalled, MemoryCounters(clock=clock), clock=clock, timeout=0.05)
 
     def stalled_check() -> str:
         clock.now += block.REDIS_RETRY_SECONDS  # Redis is asked again
