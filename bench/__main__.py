@@ -171,7 +171,10 @@ def limiter_rows(m: dict) -> list[str]:
                     **(goal(name, ratio) if not suffix else {}),
                 )
             )
-            rows.append(row("  of it: the script called bare / PING", m[f"script_ratio_{mode}{suffix}"]))
+            rows.append(
+                row("  of it: the script alone, the guard's connections / PING", m[f"script_ratio_{mode}{suffix}"])
+            )
+            rows.append(row("  a PING on those connections / PING", m[f"line_ping_ratio_{mode}{suffix}"]))
             rows.append(row("  of it: the script's time inside Redis (us)", m[f"script_in_redis_us_{mode}{suffix}"]))
     rows += [
         row(f"Redis bytes per active user, {micro.SCALE_LIMIT}, full windows", float(m["bytes_per_user_buckets"])),

@@ -179,53 +179,56 @@ def guard_clients(g, redis_url: str):
 def round_trip_figures(g, suffix: str, sync_client, async_client, loop, limit, user) -> dict:
     """us per check and per bare PING of the same client, sync and asyncio, measured in alternating
     batches (loopback latency here moves with the machine's load by 4x: figures taken apart mislead),
-    and the median of the per-batch ratios. Where the difference goes: the same script called bare
-    (the round trip without the guard's Python) and the script's own time inside Redis."""
+    and the median of the per-batch ratios. Where the difference goes: the same script on the guard's
+    own connections without the guard's Python, a PING on those connections too (the round trip without
+    redis-py's command path, which the check skips and the goal's PING does not), and the script's own
+    time inside Redis."""
     sync = g.Limiter(g.RedisCounters(lambda: sync_client, "bench"))
     asynchronous = g.Limiter(g.RedisCounters(lambda: async_client, "bench"))
+    lines = {"sync": g.DirectLine.of(sync_client), "async": g.DirectLine.of(async_client)}
+    assert None not in lines.values(), "the guard goes through redis-py's command path for these clients"
     base = g.redis_key_base("bench")
 
-    def script_call(client):
+    def script_command() -> tuple:
         keys = [f"{base}{{{user()}}}{key_suffix}" for key_suffix in limit.key_suffixes]
-        return client.evalsha(g.RATE_LIMIT_SCRIPT.sha, len(keys), *keys, limit.redis_args)
-
-    async def checks(n: int):
-        for _ in range(n):
-            await asynchronous.check(user(), limit)
-
-    async def pings(n: int):
-        for _ in range(n):
-            await async_client.ping()
-
-    async def scripts(n: int):
-        for _ in range(n):
-            await script_call(async_client)
+        return ("EVALSHA", g.RATE_LIMIT_SCRIPT.sha, len(keys), *keys, limit.redis_args)
 
     def sync_batch(fn):
         return lambda n: [fn() for _ in range(n)]
+
+    def async_batch(fn):
+        async def batch(n: int):
+            for _ in range(n):
+                await fn()
+
+        return lambda n: loop.run_until_complete(batch(n))
 
     arms = {
         "sync": (
             sync_batch(lambda: sync.check(user(), limit)),
             sync_batch(sync_client.ping),
-            sync_batch(lambda: script_call(sync_client)),
+            sync_batch(lambda: lines["sync"].call(script_command())),
+            sync_batch(lambda: lines["sync"].call(("PING",))),
         ),
         "async": (
-            lambda n: loop.run_until_complete(checks(n)),
-            lambda n: loop.run_until_complete(pings(n)),
-            lambda n: loop.run_until_complete(scripts(n)),
+            async_batch(lambda: asynchronous.check(user(), limit)),
+            async_batch(async_client.ping),
+            async_batch(lambda: lines["async"].call_async(script_command())),
+            async_batch(lambda: lines["async"].call_async(("PING",))),
         ),
     }
     figures = {}
     sync_client.script_load(g.RATE_LIMIT_LUA)
-    for mode, (check, ping, script) in arms.items():
-        check(100), ping(100), script(100)  # warm the connection and the script cache
+    for mode, batches_of in arms.items():
+        for batch in batches_of:
+            batch(100)  # warm the connections and the script cache
         sync_client.config_resetstat()
-        batches = [(timed_us(check, 50), timed_us(ping, 50), timed_us(script, 50)) for _ in range(BATCHES)]
-        figures[f"ratelimit_redis_{mode}{suffix}"] = spread([c for c, _, _ in batches])
-        figures[f"redis_ping_{mode}{suffix}"] = spread([p for _, p, _ in batches])
-        figures[f"ratelimit_ratio_{mode}{suffix}"] = statistics.median(c / p for c, p, _ in batches)
-        figures[f"script_ratio_{mode}{suffix}"] = statistics.median(s / p for _, p, s in batches)
+        batches = [[timed_us(batch, 50) for batch in batches_of] for _ in range(BATCHES)]
+        figures[f"ratelimit_redis_{mode}{suffix}"] = spread([c for c, _, _, _ in batches])
+        figures[f"redis_ping_{mode}{suffix}"] = spread([p for _, p, _, _ in batches])
+        figures[f"ratelimit_ratio_{mode}{suffix}"] = statistics.median(c / p for c, p, _, _ in batches)
+        figures[f"script_ratio_{mode}{suffix}"] = statistics.median(s / p for _, p, s, _ in batches)
+        figures[f"line_ping_ratio_{mode}{suffix}"] = statistics.median(b / p for _, p, _, b in batches)
         figures[f"script_in_redis_us_{mode}{suffix}"] = sync_client.info("commandstats")["cmdstat_evalsha"][
             "usec_per_call"
         ]

@@ -3239,6 +3239,118 @@ def verdict_from_reply(limit: RateLimit, reply: bytes | str) -> Verdict:
     return weigh(limit, 0.0, [int(n) for n in fields[::2]], [float(m) / 1e6 for m in fields[1::2]], COUNTERS_REDIS)
 
 
+class DirectLine:
+    """The guard's scripts on connections of its own to one Redis server, so that what a script costs a
+    limited request is its round trip and its time in Redis. redis-py's path around each command (a pool
+    lock, a poll for stray bytes, retry and metrics wrappers; on asyncio a task per send and a timeout per
+    read) cost more than the script's own time in Redis (docs/performance.md).
+
+    Only for a plain client of one server speaking RESP2: a Sentinel's or a Cluster's client finds the
+    master and follows failovers in redis-py, and keeps its path. Connections are the client's own kind,
+    built from its settings (address, credentials, TLS, timeouts, health checks), except that on asyncio
+    no socket timeout is set: Deadlines bound every await of the counters (Limiter._bounded).
+
+    A connection is used again only after a whole reply was read from it: one that failed or was
+    cancelled halfway is closed, or the reply left on it would answer the next check. One that idled
+    while Redis restarted fails at once: the script goes once more, on a new connection (as Open
+    WebUI's own client does). Connections never cross processes or event loops."""
+
+    IDLE_MAX = 64  # kept for the next checks; beyond, a burst's connections are closed after their reply
+
+    def __init__(self, connection_class: type, kwargs: dict, asynchronous: bool):
+        self.connection_class = connection_class
+        self.kwargs = {**kwargs, "socket_timeout": None} if asynchronous else dict(kwargs)
+        self.asynchronous = asynchronous
+        self.idle: list = []
+        self.owner: tuple = (os.getpid(), None)  # the process and event loop the idle connections belong to
+
+    @classmethod
+    def of(cls, client: Any) -> DirectLine | None:
+        """The line for `client`, or None where redis-py's path must stay (read without asking a
+        Sentinel proxy for attributes it lacks)."""
+        attributes = getattr(client, "__dict__", {})
+        pool = attributes.get("connection_pool")
+        kind = type(pool)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        if (
+            kind.__name__ != "ConnectionPool"  # Sentinel's finds the master; a blocking pool caps connections
+            or not kind.__module__.startswith("redis.")
+            or attributes.get("connection") is not None  # a single-connection client
+            or not isinstance(kwargs, dict)
+            or str(kwargs.get("protocol") or 2) != "2"  # RESP3 may push messages between replies
+            or getattr(pool, "cache", None) is not None  # client-side caching
+        ):
+            return None
+        return cls(pool.connection_class, kwargs, kind.__module__.startswith("redis.asyncio"))
+
+    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
+        """EVALSHA, or EVAL where the server has not loaded the script (restarted, flushed); the parsed
+        reply, or with an asyncio client an awaitable of it."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        if self.asynchronous:
+            return self._run_async(script, command, parse)
+        try:
+            reply = self.call(command)
+        except Exception as exc:
+            if not is_noscript(exc):
+                raise
+            reply = self.call(("EVAL", script.text, *command[2:]))
+        return parse(reply)
+
+    async def _run_async(self, script: Script, command: tuple, parse: Callable[[Any], Any]) -> Any:
+        try:
+            reply = await self.call_async(command)
+        except Exception as exc:
+            if not is_noscript(exc):
+                raise
+            reply = await self.call_async(("EVAL", script.text, *command[2:]))
+        return parse(reply)
+
+    def take(self, loop: Any = None) -> tuple[Any, bool]:
+        """(an idle connection, True), or (a new one, False)."""
+        owner = (os.getpid(), loop)
+        if owner != self.owner:  # a forked child or another event loop: those sockets are not this one's
+            self.idle, self.owner = [], owner
+        try:
+            return self.idle.pop(), True
+        except IndexError:
+            return self.connection_class(**self.kwargs), False
+
+    def call(self, command: tuple) -> Any:
+        for last in (False, True):
+            connection, reused = self.take()
+            try:
+                connection.send_packed_command(connection.pack_command(*command))
+                reply = connection.read_response()
+            except BaseException as exc:
+                connection.disconnect()
+                if last or not reused or redis_cause(exc) != "unreachable":
+                    raise
+                continue
+            if len(self.idle) < self.IDLE_MAX:
+                self.idle.append(connection)
+            else:
+                connection.disconnect()
+            return reply
+
+    async def call_async(self, command: tuple) -> Any:
+        for last in (False, True):
+            connection, reused = self.take(asyncio.get_running_loop())
+            try:
+                await connection.send_packed_command(connection.pack_command(*command))
+                reply = await connection.read_response()
+            except BaseException as exc:
+                await connection.disconnect(nowait=True)  # closes without waiting: also right after a cancel
+                if last or not reused or redis_cause(exc) != "unreachable":
+                    raise
+                continue
+            if len(self.idle) < self.IDLE_MAX:
+                self.idle.append(connection)
+            else:
+                await connection.disconnect(nowait=True)
+            return reply
+
+
 # Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes
 # -> cause. First match wins: redis-py's AuthenticationError is a ConnectionError, MovedError a ResponseError.
 _CAUSE_BY_CLASS = (
@@ -3286,6 +3398,7 @@ class RedisCounters:
         self.root = self.base[: -len("rl:")]  # {prefix}:api_key_guard: (tq: token quotas, cc: leases)
         self._client = None
         self._cluster = False  # the client is a Cluster's: a user's counters live on one of its masters
+        self._line: DirectLine | None = None  # the client's server, where it is one
 
     def shard(self, user_id: str) -> str:
         """Where `user_id`'s counters live, to keep one failing part of Redis from degrading the rest:
@@ -3344,6 +3457,8 @@ class RedisCounters:
     def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
         """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
         client = self._client if self._client is not None else self._resolve()
+        if self._line is not None:
+            return self._line.run(script, keys, args, parse)
         try:
             reply = run_script(client, script, keys, args)
         except Exception as exc:
@@ -3370,6 +3485,7 @@ class RedisCounters:
         self._client = client
         # Open WebUI's Sentinel proxy asks the sentinels for any attribute it lacks: not asked here
         self._cluster = "_sentinel" not in getattr(client, "__dict__", {}) and hasattr(client, "nodes_manager")
+        self._line = DirectLine.of(client)
         return client
 
 

@@ -663,6 +663,101 @@ def test_stalled_redis_costs_one_bounded_wait_per_interval(redis_server, redis_u
     assert rest_wait < 0.1, "the 20 checks within the retry interval wait for nothing"
 
 
+# ---------------------------------------------------------------------------
+# DirectLine: the scripts on connections of the guard's own, to one server
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("build", "direct"),
+    [
+        pytest.param(lambda url: redis.Redis.from_url(url), True, id="sync"),
+        pytest.param(lambda url: aredis.Redis.from_url(url), True, id="async"),
+        pytest.param(lambda url: redis.Redis.from_url(url, protocol=3), False, id="resp3-pushes"),
+        pytest.param(lambda url: redis.Redis.from_url(url, single_connection_client=True), False, id="one-connection"),
+        pytest.param(
+            lambda url: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url)), False, id="capped-pool"
+        ),
+        pytest.param(lambda url: redis.sentinel.Sentinel([("127.0.0.1", 1)]).master_for("m"), False, id="sentinel"),
+        pytest.param(
+            lambda url: OpenWebUISentinelProxy(redis.sentinel.Sentinel([("127.0.0.1", 1)])),
+            False,
+            id="open-webui-sentinel-proxy",
+        ),
+        pytest.param(lambda url: Answering({}), False, id="not-redis-py"),
+    ],
+)
+def test_a_direct_line_only_to_one_server(redis_url, build, direct):
+    assert (block.DirectLine.of(build(redis_url)) is not None) == direct
+
+
+def test_a_cluster_client_keeps_redis_pys_path(redis_cluster):
+    assert block.DirectLine.of(redis.cluster.RedisCluster.from_url(redis_cluster.url)) is None
+
+
+def line_to(redis_url: str, asynchronous: bool, timeout: float = 0.3):
+    client = (aredis if asynchronous else redis).Redis.from_url(block.with_timeouts(redis_url, timeout))
+    return block.DirectLine.of(client)
+
+
+def test_a_reply_never_answers_the_next_call_after_a_timeout(redis_server, redis_url):
+    line = line_to(redis_url, asynchronous=False)
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(redis.TimeoutError):
+            line.call(("ECHO", "first"))
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert (line.call(("ECHO", "second")), len(line.idle)) == (b"second", 1)
+
+
+def test_a_reply_never_answers_the_next_call_after_a_cancel(redis_server, redis_url):
+    line = line_to(redis_url, asynchronous=True)
+
+    async def cancelled_then_next():
+        first = asyncio.ensure_future(line.call_async(("ECHO", "first")))
+        await asyncio.sleep(0.2)  # sent, its reply held by the stopped server
+        first.cancel()
+        redis_server.process.send_signal(signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await line.call_async(("ECHO", "second")), len(line.idle)
+
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert asyncio.run(cancelled_then_next()) == (b"second", 1)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_connections_idle_across_a_redis_restart_are_replaced_without_degrading(
+    redis_server, redis_url, caplog, asynchronous
+):
+    probe = Probe(redis_url, asynchronous)
+    try:
+        before = probe.check()
+        redis_server.stop()
+        redis_server.start()
+        after = probe.check()
+    finally:
+        probe.close()
+    assert ([before.counters, after.counters], errors(caplog)) == (["redis", "redis"], 0)
+
+
+def test_idle_connections_are_bounded(redis_url):
+    line = line_to(redis_url, asynchronous=True)
+
+    async def burst():
+        replies = await asyncio.gather(*(line.call_async(("PING",)) for _ in range(line.IDLE_MAX + 20)))
+        return set(replies), len(line.idle), redis.Redis.from_url(redis_url).info("clients")["connected_clients"]
+
+    assert asyncio.run(burst()) == ({b"PONG"}, line.IDLE_MAX, line.IDLE_MAX + 1)
+
+
+def test_connections_never_cross_event_loops(redis_url):
+    line = line_to(redis_url, asynchronous=True)
+    assert [asyncio.run(line.call_async(("ECHO", str(n)))) for n in range(3)] == [b"0", b"1", b"2"]
+
+
 # Deadlines: one timer per event loop bounds every await of the counters (asyncio.timeout made one per await)
 class Answering:
     """An asyncio client whose script answers user `name` after waits[name] seconds (None: never)."""
@@ -887,14 +982,14 @@ def test_redis_cause(exc, cause):
 
 
 class OpenWebUISentinelProxy:
-    """The shape of Open WebUI's SentinelRedisProxy that bound_waits reads: its Sentinel in `_sentinel`,
-    every other attribute looked up on the master (which asks the sentinels)."""
+    """The shape of Open WebUI's SentinelRedisProxy that bound_waits and DirectLine.of read: its Sentinel
+    in `_sentinel`, every other attribute looked up on the master (which asks the sentinels)."""
 
     def __init__(self, sentinel):
         self._sentinel = sentinel
 
     def __getattr__(self, item):
-        raise AssertionError(f"bound_waits asked the master for {item!r}")
+        raise AssertionError(f"the guard asked the master for {item!r}")
 
 
 def sentinel_settings(client) -> dict:
