@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -3245,24 +3246,30 @@ class DirectLine:
     lock, a poll for stray bytes, retry and metrics wrappers; on asyncio a task per send and a timeout per
     read) cost more than the script's own time in Redis (docs/performance.md).
 
-    Only for a plain client of one server speaking RESP2: a Sentinel's or a Cluster's client finds the
-    master and follows failovers in redis-py, and keeps its path. Connections are the client's own kind,
-    built from its settings (address, credentials, TLS, timeouts, health checks), except that on asyncio
-    no socket timeout is set: Deadlines bound every await of the counters (Limiter._bounded).
+    Only for a plain client of one server: a Sentinel's or a Cluster's client finds the master and
+    follows failovers in redis-py, and keeps its path. Connections are the client's own kind, built from
+    its pool's settings as they are when one is opened (address, credentials, TLS, protocol, timeouts,
+    health checks), except that on asyncio no socket timeout is set: Deadlines bound every await of the
+    counters (Limiter._bounded).
 
-    A connection is used again only after a whole reply was read from it: one that failed or was
-    cancelled halfway is closed, or the reply left on it would answer the next check. One that idled
-    while Redis restarted fails at once: the script goes once more, on a new connection (as Open
-    WebUI's own client does). Connections never cross processes or event loops."""
+    A reply must answer the command it was read for: a connection is used again only after a whole
+    reply (or error reply) was read from it, and only by the process and event loop that opened it; one
+    that failed or was cancelled halfway is closed. No command is sent twice (a script could count
+    twice): an idle connection Redis closed (a restart, its `timeout` setting, a proxy) is found closed
+    before use, without a round trip, and replaced. At most as many connections as the client's pool
+    allows, and OPEN_MAX: past that a check fails as redis-py's pool fails it (the worker degrades)."""
 
     IDLE_MAX = 64  # kept for the next checks; beyond, a burst's connections are closed after their reply
+    OPEN_MAX = 100  # open at once (idle or in use) per process: redis-py 8's default for a pool
 
-    def __init__(self, connection_class: type, kwargs: dict, asynchronous: bool):
-        self.connection_class = connection_class
-        self.kwargs = {**kwargs, "socket_timeout": None} if asynchronous else dict(kwargs)
+    def __init__(self, pool: Any, asynchronous: bool):
+        self.pool = pool
         self.asynchronous = asynchronous
+        self.most = min(getattr(pool, "max_connections", None) or self.OPEN_MAX, self.OPEN_MAX)
         self.idle: list = []
-        self.owner: tuple = (os.getpid(), None)  # the process and event loop the idle connections belong to
+        self.opened = 0  # idle and in use
+        self.owner: tuple = (os.getpid(), None)  # the process and event loop the connections belong to
+        self._lock = threading.Lock()  # opening and closing only: sync checks run in a threadpool on 0.6/0.8
 
     @classmethod
     def of(cls, client: Any) -> DirectLine | None:
@@ -3271,17 +3278,15 @@ class DirectLine:
         attributes = getattr(client, "__dict__", {})
         pool = attributes.get("connection_pool")
         kind = type(pool)
-        kwargs = getattr(pool, "connection_kwargs", None)
         if (
-            kind.__name__ != "ConnectionPool"  # Sentinel's finds the master; a blocking pool caps connections
+            kind.__name__ != "ConnectionPool"  # Sentinel's finds the master; a blocking pool makes callers wait
             or not kind.__module__.startswith("redis.")
             or attributes.get("connection") is not None  # a single-connection client
-            or not isinstance(kwargs, dict)
-            or str(kwargs.get("protocol") or 2) != "2"  # RESP3 may push messages between replies
-            or getattr(pool, "cache", None) is not None  # client-side caching
+            or not isinstance(getattr(pool, "connection_kwargs", None), dict)
+            or getattr(pool, "cache", None) is not None  # client-side caching answers some reads itself
         ):
             return None
-        return cls(pool.connection_class, kwargs, kind.__module__.startswith("redis.asyncio"))
+        return cls(pool, kind.__module__.startswith("redis.asyncio"))
 
     def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
         """EVALSHA, or EVAL where the server has not loaded the script (restarted, flushed); the parsed
@@ -3306,49 +3311,101 @@ class DirectLine:
             reply = await self.call_async(("EVAL", script.text, *command[2:]))
         return parse(reply)
 
-    def take(self, loop: Any = None) -> tuple[Any, bool]:
-        """(an idle connection, True), or (a new one, False)."""
-        owner = (os.getpid(), loop)
-        if owner != self.owner:  # a forked child or another event loop: those sockets are not this one's
-            self.idle, self.owner = [], owner
-        try:
-            return self.idle.pop(), True
-        except IndexError:
-            return self.connection_class(**self.kwargs), False
-
     def call(self, command: tuple) -> Any:
-        for last in (False, True):
-            connection, reused = self.take()
-            try:
-                connection.send_packed_command(connection.pack_command(*command))
-                reply = connection.read_response()
-            except BaseException as exc:
+        owner = (os.getpid(), None)
+        connection, closed = self.take(owner)
+        for dead in closed:
+            dead.disconnect()
+        try:
+            connection.send_packed_command(connection.pack_command(*command))
+            reply = connection.read_response()
+        except BaseException as exc:
+            if not self.kept(connection, owner, is_error_reply(exc)):
                 connection.disconnect()
-                if last or not reused or redis_cause(exc) != "unreachable":
-                    raise
-                continue
-            if len(self.idle) < self.IDLE_MAX:
-                self.idle.append(connection)
-            else:
-                connection.disconnect()
-            return reply
+            raise
+        if not self.kept(connection, owner, True):
+            connection.disconnect()
+        return reply
 
     async def call_async(self, command: tuple) -> Any:
-        for last in (False, True):
-            connection, reused = self.take(asyncio.get_running_loop())
+        owner = (os.getpid(), asyncio.get_running_loop())
+        connection, closed = self.take(owner)
+        for dead in closed:
+            await dead.disconnect(nowait=True)
+        try:
+            await connection.send_packed_command(connection.pack_command(*command))
+            reply = await connection.read_response()
+        except BaseException as exc:
+            if not self.kept(connection, owner, is_error_reply(exc)):
+                await connection.disconnect(nowait=True)  # nothing in it waits: also right after a cancel
+            raise
+        if not self.kept(connection, owner, True):
+            await connection.disconnect(nowait=True)
+        return reply
+
+    def take(self, owner: tuple) -> tuple[Any, list]:
+        """(an idle connection Redis has not closed, or a new one; the idle ones it had closed, to close)"""
+        if owner != self.owner:  # a forked child or another event loop: those sockets are not this one's
+            with self._lock:
+                self.idle, self.opened, self.owner = [], 0, owner
+        closed = []
+        while True:
             try:
-                await connection.send_packed_command(connection.pack_command(*command))
-                reply = await connection.read_response()
-            except BaseException as exc:
-                await connection.disconnect(nowait=True)  # closes without waiting: also right after a cancel
-                if last or not reused or redis_cause(exc) != "unreachable":
-                    raise
-                continue
-            if len(self.idle) < self.IDLE_MAX:
-                self.idle.append(connection)
-            else:
-                await connection.disconnect(nowait=True)
-            return reply
+                connection = self.idle.pop()
+            except IndexError:
+                break
+            if not closed_by_peer(connection):
+                return connection, closed
+            closed.append(connection)
+        with self._lock:
+            self.opened -= len(closed)
+            if self.opened >= self.most:
+                raise ConnectionError(f"{self.most} connections to Redis in use at once in this process")
+            self.opened += 1
+        kwargs = dict(self.pool.connection_kwargs)
+        if self.asynchronous:
+            kwargs["socket_timeout"] = None
+        return self.pool.connection_class(**kwargs), closed
+
+    def kept(self, connection: Any, owner: tuple, whole: bool) -> bool:
+        """Whether `connection` is kept for the next command: only after a whole reply, by its owner."""
+        reconnect = getattr(connection, "should_reconnect", None)  # redis-py 7+: the server announced a move
+        if whole and owner == self.owner and len(self.idle) < self.IDLE_MAX and not (reconnect and reconnect()):
+            self.idle.append(connection)
+            return True
+        if owner == self.owner:
+            with self._lock:
+                self.opened -= 1
+        return False
+
+
+def is_error_reply(exc: BaseException) -> bool:
+    """An error Redis answered (NOSCRIPT, NOPERM, READONLY, ...): read whole, the connection stays in step."""
+    return any(cls.__name__ == "ResponseError" for cls in type(exc).__mro__)
+
+
+def closed_by_peer(connection: Any) -> bool:
+    """Whether Redis closed an idle connection (or sent it bytes nobody asked for), seen without a round
+    trip: what the event loop read of it (asyncio), then whether its socket is readable."""
+    reader, writer = getattr(connection, "_reader", None), getattr(connection, "_writer", None)
+    try:
+        if reader is not None and writer is not None:  # asyncio
+            if reader.at_eof() or reader.exception() is not None:
+                return True
+            sock = writer.get_extra_info("socket")  # the loop may not have read it yet
+        else:
+            sock = getattr(connection, "_sock", None)
+            if hasattr(sock, "pending"):  # TLS: what makes it readable may be a session ticket; redis-py reads it
+                return bool(connection.can_read(timeout=0))
+        if sock is None:
+            return False  # not connected: it connects when used
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except Exception:
+        return True
 
 
 # Exception class names (redis-py's, matched by name: the guard never imports redis) and reply prefixes

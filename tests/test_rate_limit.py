@@ -7,6 +7,7 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -671,7 +672,12 @@ def test_stalled_redis_costs_one_bounded_wait_per_interval(redis_server, redis_u
     [
         pytest.param(lambda url: redis.Redis.from_url(url), True, id="sync"),
         pytest.param(lambda url: aredis.Redis.from_url(url), True, id="async"),
-        pytest.param(lambda url: redis.Redis.from_url(url, protocol=3), False, id="resp3-pushes"),
+        pytest.param(lambda url: redis.Redis.from_url(url, protocol=3), True, id="resp3"),
+        pytest.param(
+            lambda url: redis.Redis.from_url(url, protocol=3, cache_config=redis.cache.CacheConfig()),
+            False,
+            id="client-side-cache",
+        ),
         pytest.param(lambda url: redis.Redis.from_url(url, single_connection_client=True), False, id="one-connection"),
         pytest.param(
             lambda url: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url)), False, id="capped-pool"
@@ -728,19 +734,88 @@ def test_a_reply_never_answers_the_next_call_after_a_cancel(redis_server, redis_
         redis_server.process.send_signal(signal.SIGCONT)
 
 
+def busy_connections(line, n: int) -> list[bytes]:
+    """`n` calls at once on `line`, each holding its connection ~0.2 s: `n` connections opened."""
+    command = ("BLPOP", "nothing", "0.2")
+    if not line.asynchronous:
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda _: line.call(command), range(n)))
+
+    async def at_once():
+        return await asyncio.gather(*(line.call_async(command) for _ in range(n)), return_exceptions=True)
+
+    return line.runner.run(at_once())
+
+
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
 def test_connections_idle_across_a_redis_restart_are_replaced_without_degrading(
     redis_server, redis_url, caplog, asynchronous
 ):
     probe = Probe(redis_url, asynchronous)
+    line = probe.limiter.redis._line if probe.check() else None
+    line.runner = probe.runner
     try:
-        before = probe.check()
+        busy_connections(line, 3)
+        idle = len(line.idle)
         redis_server.stop()
         redis_server.start()
-        after = probe.check()
+        after = [probe.check().counters for _ in range(4)]
     finally:
         probe.close()
-    assert ([before.counters, after.counters], errors(caplog)) == (["redis", "redis"], 0)
+    assert (idle, after, errors(caplog), line.opened) == (3, ["redis"] * 4, 0, 1)
+
+
+class Refusing:
+    """A connection that sends and then loses the connection before the reply, counting what it sent."""
+
+    sent = 0
+
+    def __init__(self, **kwargs):
+        pass
+
+    def pack_command(self, *args):
+        return args
+
+    def send_packed_command(self, command, check_health=True):
+        Refusing.sent += 1
+
+    def read_response(self):
+        raise ConnectionError("Connection closed by server.")
+
+    def disconnect(self):
+        pass
+
+
+def test_no_command_is_sent_twice():
+    pool = type("ConnectionPool", (), {"connection_class": Refusing, "connection_kwargs": {}, "max_connections": 9})
+    line = block.DirectLine(pool, asynchronous=False)
+    with pytest.raises(ConnectionError):
+        line.call(("EVALSHA", "sha", 0))
+    assert (Refusing.sent, line.opened, line.idle) == (1, 0, [])
+
+
+def test_an_error_reply_keeps_its_connection(redis_url):
+    line = line_to(redis_url, asynchronous=False)
+    first = line.call(("CLIENT", "ID"))
+    with pytest.raises(redis.exceptions.NoScriptError):
+        line.call(("EVALSHA", "0" * 40, 0))
+    assert (line.call(("CLIENT", "ID")), line.opened) == (first, 1)
+
+
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_connections_are_capped_by_the_clients_pool(redis_url, asynchronous):
+    client = (aredis if asynchronous else redis).Redis.from_url(redis_url, max_connections=3)
+    line = block.DirectLine.of(client)
+    line.runner = asyncio.Runner()
+    try:
+        replies = busy_connections(line, 4) if asynchronous else None
+        if not asynchronous:
+            with pytest.raises(ConnectionError, match="3 connections to Redis in use"):
+                busy_connections(line, 4)
+    finally:
+        line.runner.close()
+    refused = [r for r in replies or [] if isinstance(r, ConnectionError)]
+    assert (len(refused) if asynchronous else 1, line.opened, len(line.idle)) == (1, 3, 3)
 
 
 def test_idle_connections_are_bounded(redis_url):
