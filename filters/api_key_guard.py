@@ -3255,21 +3255,23 @@ class DirectLine:
     A reply must answer the command it was read for: a connection is used again only after a whole
     reply (or error reply) was read from it, and only by the process and event loop that opened it; one
     that failed or was cancelled halfway is closed. No command is sent twice (a script could count
-    twice): an idle connection Redis closed (a restart, its `timeout` setting, a proxy) is found closed
-    before use, without a round trip, and replaced. At most as many connections as the client's pool
-    allows, and OPEN_MAX: past that a check fails as redis-py's pool fails it (the worker degrades)."""
+    twice): an idle connection whose server closed it (a restart, its `timeout` setting) is found closed
+    before use, without a round trip, and replaced. At most the pool's max_connections, and IN_USE_MAX,
+    are in use at once: further checks wait for one to come back (a round trip), within the deadline,
+    first come first served, rather than fail another user's check or release."""
 
+    IN_USE_MAX = 100  # per process and event loop: redis-py 8's default for a pool
     IDLE_MAX = 64  # kept for the next checks; beyond, a burst's connections are closed after their reply
-    OPEN_MAX = 100  # open at once (idle or in use) per process: redis-py 8's default for a pool
 
     def __init__(self, pool: Any, asynchronous: bool):
         self.pool = pool
         self.asynchronous = asynchronous
-        self.most = min(getattr(pool, "max_connections", None) or self.OPEN_MAX, self.OPEN_MAX)
+        self.most = min(getattr(pool, "max_connections", None) or self.IN_USE_MAX, self.IN_USE_MAX)
+        self.owner: tuple = ()  # the process and event loop the connections and the gate belong to
         self.idle: list = []
-        self.opened = 0  # idle and in use
-        self.owner: tuple = (os.getpid(), None)  # the process and event loop the connections belong to
-        self._lock = threading.Lock()  # opening and closing only: sync checks run in a threadpool on 0.6/0.8
+        self.gate: Any = None
+        if not asynchronous:
+            self.own((os.getpid(), None))  # here, not on the first check: threads would race to set it up
 
     @classmethod
     def of(cls, client: Any) -> DirectLine | None:
@@ -3281,7 +3283,8 @@ class DirectLine:
         if (
             kind.__name__ != "ConnectionPool"  # Sentinel's finds the master; a blocking pool makes callers wait
             or not kind.__module__.startswith("redis.")
-            or attributes.get("connection") is not None  # a single-connection client
+            or attributes.get("connection") is not None  # a single-connection client (sync)
+            or attributes.get("single_connection_client")  # (asyncio: its connection comes with the first command)
             or not isinstance(getattr(pool, "connection_kwargs", None), dict)
             or getattr(pool, "cache", None) is not None  # client-side caching answers some reads itself
         ):
@@ -3311,43 +3314,60 @@ class DirectLine:
             reply = await self.call_async(("EVAL", script.text, *command[2:]))
         return parse(reply)
 
+    def own(self, owner: tuple) -> Any:
+        """The gate of `owner`; a forked child or another event loop starts anew (those sockets and that
+        gate are not its own; the old idle connections are dropped, not closed: a child shares them)."""
+        if owner != self.owner:
+            self.owner, self.idle = owner, []
+            self.gate = asyncio.Semaphore(self.most) if self.asynchronous else Gate(self.most)
+        return self.gate
+
     def call(self, command: tuple) -> Any:
         owner = (os.getpid(), None)
-        connection, closed = self.take(owner)
-        for dead in closed:
-            dead.disconnect()
+        gate = self.own(owner)
+        # a sync check has no deadline of its own: it waits for a connection as long as for a reply
+        if not gate.enter(self.pool.connection_kwargs.get("socket_timeout") or REDIS_TIMEOUT_SECONDS):
+            raise TimeoutError(f"all {self.most} connections to Redis stayed in use")
         try:
-            connection.send_packed_command(connection.pack_command(*command))
-            reply = connection.read_response()
-        except BaseException as exc:
-            if not self.kept(connection, owner, is_error_reply(exc)):
+            connection, closed = self.take()
+            for dead in closed:
+                dead.disconnect()
+            try:
+                connection.send_packed_command([resp_command(command)])
+                reply = connection.read_response()
+            except BaseException as exc:
+                if not self.kept(connection, owner, is_error_reply(exc)):
+                    connection.disconnect()
+                raise
+            if not self.kept(connection, owner, True):
                 connection.disconnect()
-            raise
-        if not self.kept(connection, owner, True):
-            connection.disconnect()
-        return reply
+            return reply
+        finally:
+            gate.leave()
 
     async def call_async(self, command: tuple) -> Any:
         owner = (os.getpid(), asyncio.get_running_loop())
-        connection, closed = self.take(owner)
-        for dead in closed:
-            await dead.disconnect(nowait=True)
+        gate = self.own(owner)
+        await gate.acquire()
         try:
-            await connection.send_packed_command(connection.pack_command(*command))
-            reply = await connection.read_response()
-        except BaseException as exc:
-            if not self.kept(connection, owner, is_error_reply(exc)):
-                await connection.disconnect(nowait=True)  # nothing in it waits: also right after a cancel
-            raise
-        if not self.kept(connection, owner, True):
-            await connection.disconnect(nowait=True)
-        return reply
+            connection, closed = self.take()
+            for dead in closed:
+                await dead.disconnect(nowait=True)
+            try:
+                await connection.send_packed_command([resp_command(command)])
+                reply = await connection.read_response()
+            except BaseException as exc:
+                if not self.kept(connection, owner, is_error_reply(exc)):
+                    await connection.disconnect(nowait=True)  # nothing in it waits: also right after a cancel
+                raise
+            if not self.kept(connection, owner, True):
+                await connection.disconnect(nowait=True)
+            return reply
+        finally:
+            gate.release()
 
-    def take(self, owner: tuple) -> tuple[Any, list]:
-        """(an idle connection Redis has not closed, or a new one; the idle ones it had closed, to close)"""
-        if owner != self.owner:  # a forked child or another event loop: those sockets are not this one's
-            with self._lock:
-                self.idle, self.opened, self.owner = [], 0, owner
+    def take(self) -> tuple[Any, list]:
+        """(an idle connection its server has not closed, or a new one; the idle ones it closed, to close)"""
         closed = []
         while True:
             try:
@@ -3357,11 +3377,6 @@ class DirectLine:
             if not closed_by_peer(connection):
                 return connection, closed
             closed.append(connection)
-        with self._lock:
-            self.opened -= len(closed)
-            if self.opened >= self.most:
-                raise ConnectionError(f"{self.most} connections to Redis in use at once in this process")
-            self.opened += 1
         kwargs = dict(self.pool.connection_kwargs)
         if self.asynchronous:
             kwargs["socket_timeout"] = None
@@ -3369,14 +3384,54 @@ class DirectLine:
 
     def kept(self, connection: Any, owner: tuple, whole: bool) -> bool:
         """Whether `connection` is kept for the next command: only after a whole reply, by its owner."""
-        reconnect = getattr(connection, "should_reconnect", None)  # redis-py 7+: the server announced a move
-        if whole and owner == self.owner and len(self.idle) < self.IDLE_MAX and not (reconnect and reconnect()):
+        if whole and owner == self.owner and len(self.idle) < min(self.IDLE_MAX, self.most):
             self.idle.append(connection)
             return True
-        if owner == self.owner:
-            with self._lock:
-                self.opened -= 1
         return False
+
+
+def resp_command(parts: tuple) -> bytes:
+    """A command as Redis reads it (RESP: an array of length-prefixed strings, nothing in a part can end
+    it early), in a third of redis-py's time. The guard's parts are str (UTF-8, as redis-py's default
+    encoding), int or bytes."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class Gate:
+    """At most `free` threads inside; others wait, up to a timeout, first come first served. As a
+    threading.Semaphore, in a third of its time where nobody waits (every check passes it)."""
+
+    def __init__(self, free: int):
+        self.free = free
+        self.lock = threading.Lock()
+        self.waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def enter(self, timeout: float) -> bool:
+        with self.lock:
+            if self.free > 0 and not self.waiters:
+                self.free -= 1
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self.waiters.append(waiter)
+        if waiter.acquire(timeout=timeout):
+            return True  # handed over by leave(): the place is ours
+        with self.lock:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+                return False
+        return True  # handed over between the timeout and the lock
+
+    def leave(self) -> None:
+        with self.lock:
+            if self.waiters:
+                self.waiters.popleft().release()  # the place goes to the oldest waiter
+            else:
+                self.free += 1
 
 
 def is_error_reply(exc: BaseException) -> bool:

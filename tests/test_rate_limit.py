@@ -695,8 +695,27 @@ def test_a_direct_line_only_to_one_server(redis_url, build, direct):
     assert (block.DirectLine.of(build(redis_url)) is not None) == direct
 
 
+@pytest.mark.parametrize(
+    "parts",
+    [
+        pytest.param(("PING",), id="one-word"),
+        pytest.param(("EVALSHA", "0" * 40, 2, "rl:{u1}:60", "rl:{u1}:86400", "[5,60000000,0]"), id="a-check"),
+        pytest.param(("ECHO", "line\r\n$3\r\nend"), id="protocol-bytes-inside-a-part"),
+        pytest.param(("ECHO", "gr\u00fc\u00df \u2603"), id="utf-8"),
+        pytest.param(("ECHO", b"\x00\xff", "", -7), id="bytes-empty-negative"),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(parts):
+    assert block.resp_command(parts) == b"".join(redis.connection.Connection().pack_command(*parts))
+
+
 def test_a_cluster_client_keeps_redis_pys_path(redis_cluster):
     assert block.DirectLine.of(redis.cluster.RedisCluster.from_url(redis_cluster.url)) is None
+
+
+def connections_named(redis_url: str, name: str) -> int:
+    """How many connections Redis has open under the client name `name`."""
+    return sum(c["name"] == name for c in redis.Redis.from_url(redis_url).client_list())
 
 
 def line_to(redis_url: str, asynchronous: bool, timeout: float = 0.3):
@@ -760,9 +779,11 @@ def test_connections_idle_across_a_redis_restart_are_replaced_without_degrading(
         redis_server.stop()
         redis_server.start()
         after = [probe.check().counters for _ in range(4)]
+        connected = redis.Redis.from_url(redis_url).info("clients")["connected_clients"] - 1
     finally:
         probe.close()
-    assert (idle, after, errors(caplog), line.opened) == (3, ["redis"] * 4, 0, 1)
+    # a restart closed every other connection: the one left is the line's
+    assert (idle, after, errors(caplog), len(line.idle), connected) == (3, ["redis"] * 4, 0, 1, 1)
 
 
 class Refusing:
@@ -791,7 +812,7 @@ def test_no_command_is_sent_twice():
     line = block.DirectLine(pool, asynchronous=False)
     with pytest.raises(ConnectionError):
         line.call(("EVALSHA", "sha", 0))
-    assert (Refusing.sent, line.opened, line.idle) == (1, 0, [])
+    assert (Refusing.sent, line.idle) == (1, [])
 
 
 def test_an_error_reply_keeps_its_connection(redis_url):
@@ -799,33 +820,44 @@ def test_an_error_reply_keeps_its_connection(redis_url):
     first = line.call(("CLIENT", "ID"))
     with pytest.raises(redis.exceptions.NoScriptError):
         line.call(("EVALSHA", "0" * 40, 0))
-    assert (line.call(("CLIENT", "ID")), line.opened) == (first, 1)
+    assert (line.call(("CLIENT", "ID")), len(line.idle)) == (first, 1)
 
 
 @pytest.mark.parametrize("asynchronous", [pytest.param(False, id="sync"), pytest.param(True, id="async")])
-def test_connections_are_capped_by_the_clients_pool(redis_url, asynchronous):
-    client = (aredis if asynchronous else redis).Redis.from_url(redis_url, max_connections=3)
+def test_calls_past_the_pools_max_connections_wait_for_one(redis_url, asynchronous):
+    name = f"capped-{asynchronous}"
+    client = (aredis if asynchronous else redis).Redis.from_url(redis_url, max_connections=3, client_name=name)
     line = block.DirectLine.of(client)
     line.runner = asyncio.Runner()
     try:
-        replies = busy_connections(line, 4) if asynchronous else None
-        if not asynchronous:
-            with pytest.raises(ConnectionError, match="3 connections to Redis in use"):
-                busy_connections(line, 4)
+        started = time.monotonic()
+        replies = busy_connections(line, 5)
+        waited = time.monotonic() - started
     finally:
         line.runner.close()
-    refused = [r for r in replies or [] if isinstance(r, ConnectionError)]
-    assert (len(refused) if asynchronous else 1, line.opened, len(line.idle)) == (1, 3, 3)
+    assert (replies, len(line.idle), connections_named(redis_url, name)) == ([None] * 5, 3, 3)
+    assert waited >= 0.4, "two of the five waited for a connection to come back"
+
+
+def test_a_sync_call_waits_for_a_connection_no_longer_than_for_a_reply(redis_url):
+    line = block.DirectLine.of(redis.Redis.from_url(block.with_timeouts(redis_url, 0.3), max_connections=1))
+    line.gate.enter(1)  # the one connection, in use by another thread
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="all 1 connections to Redis stayed in use"):
+        line.call(("PING",))
+    waited = time.monotonic() - started
+    line.gate.leave()
+    assert (0.3 <= waited < 1.3, line.call(("PING",))) == (True, b"PONG")
 
 
 def test_idle_connections_are_bounded(redis_url):
-    line = line_to(redis_url, asynchronous=True)
+    line = block.DirectLine.of(aredis.Redis.from_url(redis_url, client_name="burst"))
 
     async def burst():
-        replies = await asyncio.gather(*(line.call_async(("PING",)) for _ in range(line.IDLE_MAX + 20)))
-        return set(replies), len(line.idle), redis.Redis.from_url(redis_url).info("clients")["connected_clients"]
+        return set(await asyncio.gather(*(line.call_async(("PING",)) for _ in range(line.IDLE_MAX + 20))))
 
-    assert asyncio.run(burst()) == ({b"PONG"}, line.IDLE_MAX, line.IDLE_MAX + 1)
+    assert (asyncio.run(burst()), len(line.idle)) == ({b"PONG"}, line.IDLE_MAX)
+    wait_for(lambda: connections_named(redis_url, "burst") == line.IDLE_MAX, "the burst's other connections closed")
 
 
 def test_connections_never_cross_event_loops(redis_url):
