@@ -3,8 +3,9 @@ Python (`python redis_probe.py GUARD_FILE sync|async`) with Open WebUI's Redis s
 
 It imports the release's open_webui.env and open_webui.utils.redis (whose helper builds the client from
 those settings, with the release's redis-py), runs the guard file, and answers one JSON line per
-`check <user id> <limit>` line on stdin: whether it was admitted, where it was counted, and how long the
-check took. The test drives faults (stall, crash, failover) between checks. Standard library only."""
+`check <user id> <limit>` line on stdin: whether it was admitted, where it was counted, how long the
+check took, and whether it went over the guard's own connections (DirectLine). The test drives faults
+(stall, crash, failover) between checks. Standard library only."""
 
 import asyncio
 import inspect
@@ -35,6 +36,7 @@ def main(guard_file: str, mode: str) -> None:
             started = time.monotonic()
             verdict = runner.run(settled(limiter.check(user_id, guard.RateLimit.parse(text))))
             answer = {"allowed": verdict.allowed, "counters": limiter.counters, "seconds": time.monotonic() - started}
+            answer["direct line"] = limiter.redis._line is not None  # one server: the guard's own connections
             print(json.dumps(answer), flush=True)
 
 

@@ -178,6 +178,9 @@ class Redis:
     def openwebui_env(self) -> dict[str, str]:
         return {"REDIS_URL": self.url}
 
+    def wait_healthy(self) -> None:
+        ready_when(lambda: self.ping() == "PONG", f"Redis {self.address} answering")
+
 
 def fields(text: str) -> dict[str, str]:
     """`key:value` lines (INFO, CLUSTER INFO) as a dict."""

@@ -128,6 +128,13 @@ def sentinels(request, tmp_path_factory) -> Sentinels:
     return start_sentinels(tmp_path_factory.mktemp("sentinel"), request)
 
 
+@pytest.fixture(scope="module")
+def one_server(request, tmp_path_factory) -> Redis:
+    server = Redis(tmp_path_factory.mktemp("one-server"))
+    request.addfinalizer(server.stop)
+    return server.start()
+
+
 @dataclass
 class Releases:
     """One server per release, started on the store of its first stage and stopped when the next release
@@ -657,6 +664,8 @@ class ReleaseClient:
 
 
 def stalled_node(store, user: str, stalled: str) -> Redis:
+    if isinstance(store, Redis):
+        return store
     if stalled == "first-sentinel":
         return store.sentinels[0]
     if isinstance(store, Cluster):
@@ -667,6 +676,7 @@ def stalled_node(store, user: str, stalled: str) -> Redis:
 def probe_outcome(warm: list, checks: list, errors: int) -> dict:
     return {
         "warm": sorted({c["counters"] for c in warm}),
+        "direct line": sorted({c["direct line"] for c in warm + checks}),
         "longest within the bound": max(c["seconds"] for c in checks) <= PROBE_BOUND_SECONDS,
         "all admitted": all(c["allowed"] for c in checks),
         "ERROR lines": errors,
@@ -674,6 +684,7 @@ def probe_outcome(warm: list, checks: list, errors: int) -> dict:
 
 
 CLIENT_FAULTS = [
+    pytest.param("one", "master", 1, id="one-server-stalled"),  # the guard's own connections (DirectLine)
     pytest.param("cluster", "master", 1, id="cluster-stalled-master"),
     pytest.param("sentinel", "master", 1, id="sentinel-stalled-master"),
     # a stalled sentinel costs one lookup of a quarter timeout, then redis-py asks the next sentinel first
@@ -682,9 +693,12 @@ CLIENT_FAULTS = [
 
 
 @pytest.mark.parametrize(("kind", "stalled", "errors"), CLIENT_FAULTS)
-def test_the_guards_own_client_is_bounded_on_every_release(kind, stalled, errors, cluster, sentinels, tmp_path, capsys):
-    """All four releases' stacks at once, each in its own process, against one stalled node."""
-    store = {"cluster": cluster, "sentinel": sentinels}[kind]
+def test_the_guards_own_client_is_bounded_on_every_release(
+    kind, stalled, errors, one_server, cluster, sentinels, tmp_path, capsys
+):
+    """All four releases' stacks at once, each in its own process, against one stalled node. With one
+    server the scripts go over the guard's own connections on every release, not through redis-py's path."""
+    store = {"one": one_server, "cluster": cluster, "sentinel": sentinels}[kind]
     store.wait_healthy()
     user = f"probe-{kind}-{stalled}"
     clients = {v: ReleaseClient(v, store, tmp_path / v) for v in VERSIONS}
@@ -707,7 +721,13 @@ def test_the_guards_own_client_is_bounded_on_every_release(kind, stalled, errors
     longest = {v: round(max(c["seconds"] for c in checks[v]), 3) for v in VERSIONS}
     report(capsys, f"{kind}, {stalled} stalled {PROBE_STALL_SECONDS:g} s: longest check per release {longest}")
     assert {v: probe_outcome(warm[v], checks[v], clients[v].errors()) for v in VERSIONS} == {
-        v: {"warm": ["redis"], "longest within the bound": True, "all admitted": True, "ERROR lines": errors}
+        v: {
+            "warm": ["redis"],
+            "direct line": [kind == "one"],
+            "longest within the bound": True,
+            "all admitted": True,
+            "ERROR lines": errors,
+        }
         for v in VERSIONS
     }
 
