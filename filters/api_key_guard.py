@@ -3291,28 +3291,16 @@ class DirectLine:
             return None
         return cls(pool, kind.__module__.startswith("redis.asyncio"))
 
-    def run(self, script: Script, keys: list, args: tuple, parse: Callable[[Any], Any]) -> Any:
-        """EVALSHA, or EVAL where the server has not loaded the script (restarted, flushed); the parsed
-        reply, or with an asyncio client an awaitable of it."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        if self.asynchronous:
-            return self._run_async(script, command, parse)
-        try:
-            reply = self.call(command)
-        except Exception as exc:
-            if not is_noscript(exc):
-                raise
-            reply = self.call(("EVAL", script.text, *command[2:]))
-        return parse(reply)
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """As redis-py's client: run_script and settle_script call the line as they call a client."""
+        return self.command("EVALSHA", sha, numkeys, *keys_and_args)
 
-    async def _run_async(self, script: Script, command: tuple, parse: Callable[[Any], Any]) -> Any:
-        try:
-            reply = await self.call_async(command)
-        except Exception as exc:
-            if not is_noscript(exc):
-                raise
-            reply = await self.call_async(("EVAL", script.text, *command[2:]))
-        return parse(reply)
+    def eval(self, text: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self.command("EVAL", text, numkeys, *keys_and_args)
+
+    def command(self, *parts: Any) -> Any:
+        """The reply, or with an asyncio client an awaitable of it."""
+        return self.call_async(parts) if self.asynchronous else self.call(parts)
 
     def own(self, owner: tuple) -> Any:
         """The gate of `owner`; a forked child or another event loop starts anew (those sockets and that
@@ -3570,7 +3558,7 @@ class RedisCounters:
         """One script, one round trip; with an asyncio client an awaitable of the parsed reply."""
         client = self._client if self._client is not None else self._resolve()
         if self._line is not None:
-            return self._line.run(script, keys, args, parse)
+            client = self._line  # one server: the guard's own connections
         try:
             reply = run_script(client, script, keys, args)
         except Exception as exc:
