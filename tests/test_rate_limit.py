@@ -725,6 +725,7 @@ def line_to(redis_url: str, asynchronous: bool, timeout: float = 0.3):
 
 def test_a_reply_never_answers_the_next_call_after_a_timeout(redis_server, redis_url):
     line = line_to(redis_url, asynchronous=False)
+    line.call(("PING",))  # connected: the next command is sent at once, its reply is what times out
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
         with pytest.raises(redis.TimeoutError):
@@ -738,15 +739,17 @@ def test_a_reply_never_answers_the_next_call_after_a_cancel(redis_server, redis_
     line = line_to(redis_url, asynchronous=True)
 
     async def cancelled_then_next():
+        await line.call_async(("PING",))  # connected: the next command is sent as its connection is taken
+        redis_server.process.send_signal(signal.SIGSTOP)
         first = asyncio.ensure_future(line.call_async(("ECHO", "first")))
-        await asyncio.sleep(0.2)  # sent, its reply held by the stopped server
+        while line.idle and not first.done():  # until it took the connection and sent: its reply is held
+            await asyncio.sleep(0)
         first.cancel()
         redis_server.process.send_signal(signal.SIGCONT)
         with pytest.raises(asyncio.CancelledError):
             await first
         return await line.call_async(("ECHO", "second")), len(line.idle)
 
-    redis_server.process.send_signal(signal.SIGSTOP)
     try:
         assert asyncio.run(cancelled_then_next()) == (b"second", 1)
     finally:
